@@ -1,0 +1,28 @@
+"""The plain-PyTorch reference as a backend: broadcast distances, N x K in memory."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+
+
+def availability(device: torch.device) -> tuple[bool, str]:
+    return True, "plain PyTorch runs on every device"
+
+
+def search(z, codebook, indices, distances, quantized) -> None:
+    idx = ref.nearest_code(z, codebook)
+    chosen = codebook[idx]
+    indices.copy_(idx)
+    distances.copy_(((z.float() - chosen.float()) ** 2).sum(dim=1))
+    quantized.copy_(chosen)
+
+
+def grad_z(grad_quantized, z, codebook, indices, scale, out) -> None:
+    out.copy_(grad_quantized.float() + scale * (z.float() - codebook[indices].float()))
+
+
+def segment_sum(indices, values, counts, sums, deterministic) -> None:
+    one_hot = torch.nn.functional.one_hot(indices, counts.shape[0]).float()
+    counts.add_(one_hot.sum(dim=0))
+    sums.add_(one_hot.t() @ values.float())
