@@ -24,13 +24,16 @@ class ReferenceOutput(NamedTuple):
 
 
 def distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Squared L2 distances (N, K) in float64: |z|^2 - 2 z.e + |e|^2.
+    """Squared L2 distances (N, K) in float64, by broadcasting the residual z_i - e_k.
 
-    float64 keeps the expansion's cancellation error near 1e-16 relative, so the
-    argmin is the true nearest code except for exact ties.
+    float64 and the residual form make the argmin the true nearest code, with
+    identical codes giving identical distances (so ties go to the lowest index).
+    Rows are taken a chunk at a time only to bound the (chunk, K, D) temporary.
     """
     z64, e64 = z.double(), codebook.double()
-    return (z64 * z64).sum(1, keepdim=True) - 2.0 * z64 @ e64.t() + (e64 * e64).sum(1)
+    rows = max(1, (64 * 2**20) // (8 * max(1, e64.numel())))
+    chunks = [((z64[i:i + rows, None, :] - e64[None]) ** 2).sum(-1) for i in range(0, z64.shape[0], rows)]
+    return torch.cat(chunks) if chunks else z64.new_zeros((0, e64.shape[0]))
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -51,12 +51,15 @@ def availability(name: str, device: torch.device | str) -> tuple[bool, str]:
     if name not in _MODULES:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     try:
-        module = _load(name)
-    except Exception as exc:  # an import failure is a reason, reported, never swallowed
-        return False, f"backend {name!r} failed to import: {type(exc).__name__}: {exc}"
-    return module.availability(torch.device(device))
+        return _load(name).availability(torch.device(device))
+    except Exception as exc:  # a failure to load is the reason, reported, never swallowed
+        return False, f"backend {name!r} failed to load: {type(exc).__name__}: {exc}"
 
 
+
+# Under torch.compile the choice is made once at trace time and kept as a constant
+# (import machinery and os.environ cannot be traced).
+@torch.compiler.assume_constant_result
 def resolve(name: str, device: torch.device | str) -> str:
     """Turn ``"auto"`` (or ``VQKERN_BACKEND``) into a concrete backend name.
 

@@ -1,0 +1,36 @@
+"""Test set-up: without CUDA, the Triton kernels run in the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton (and so vqkern) is imported.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import vqkern  # noqa: E402
+from vqkern import backends  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_params(names=backends.BACKENDS):
+    """pytest params for every backend, skipped with the reason where it cannot run."""
+    params = []
+    for name in names:
+        ok, reason = backends.availability(name, DEVICE)
+        params.append(pytest.param(name, id=name, marks=() if ok else pytest.mark.skip(reason=f"{name}: {reason}")))
+    return params
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,214 @@
+"""nearest_code / quantize / segment_sum on every backend against the fp64 reference."""
+import pytest
+import torch
+
+import vqkern
+from vqkern import reference
+
+from conftest import backend_params
+from helpers import assert_nearest, exact_distances
+
+BACKENDS = backend_params()
+# Shapes off every block size: D = 1, 3, 65; K = 1, 7, 1000; N not a multiple of 16.
+SHAPES = [(37, 1, 1), (130, 7, 3), (200, 1000, 16), (77, 65, 65), (64, 129, 32)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(n, k, d, dtype, cb_dtype=None, device="cpu"):
+    z = torch.randn(n, d, device=device).to(dtype)
+    codebook = torch.randn(k, d, device=device).to(cb_dtype or dtype)
+    return z, codebook
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,d", SHAPES)
+def test_nearest_code_fp32(backend, n, k, d, device):
+    z, codebook = _inputs(n, k, d, torch.float32, device=device)
+    idx, dist = vqkern.nearest_code(z, codebook, backend=backend)
+    assert_nearest(z, codebook, idx, dist)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,cb_dtype", [(torch.float16, None), (torch.bfloat16, None),
+                                            (torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_quantize_dtypes(backend, dtype, cb_dtype, device):
+    z, codebook = _inputs(150, 300, 24, dtype, cb_dtype, device)
+    out = vqkern.quantize(z, codebook, backend=backend)
+    assert out.quantized.dtype == dtype and out.quantized.shape == z.shape
+    assert_nearest(z, codebook, out.indices)
+    # quantized is exactly the chosen code in z's dtype.
+    assert torch.equal(out.quantized, codebook[out.indices].to(dtype))
+    exact = exact_distances(z, codebook).gather(1, out.indices.view(-1, 1)).mean().item() / z.shape[1]
+    for loss in (out.commitment_loss, out.codebook_loss):
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(exact, rel=1e-5)
+    assert out.loss.item() == pytest.approx(1.25 * exact, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_indices_on_separated_codes(backend, device):
+    # Codes far apart and inputs close to them: no near-ties, so indices must match exactly.
+    codebook = torch.randn(100, 32, device=device) * 10
+    truth = torch.randint(100, (333,), device=device)
+    z = codebook[truth] + 0.01 * torch.randn(333, 32, device=device)
+    idx, _ = vqkern.nearest_code(z, codebook, backend=backend)
+    assert torch.equal(idx, truth)
+    assert torch.equal(idx, reference.nearest_code(z, codebook))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_lowest_index(backend, device):
+    base = torch.randn(5, 16, device=device)
+    codebook = torch.cat([base, base, base])  # codes i, i+5, i+10 are identical
+    z = base[torch.arange(40, device=device) % 5] + 0.001 * torch.randn(40, 16, device=device)
+    idx, _ = vqkern.nearest_code(z, codebook, backend=backend)
+    assert torch.equal(idx, torch.arange(40, device=device) % 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_equals_one_and_leading_shape(backend, device):
+    z = torch.randn(3, 4, 5, 8, device=device)
+    codebook = torch.randn(1, 8, device=device)
+    out = vqkern.quantize(z, codebook, backend=backend)
+    assert out.indices.shape == (3, 4, 5) and bool((out.indices == 0).all())
+    assert torch.equal(out.quantized, codebook.expand(3, 4, 5, 8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend, device):
+    z = torch.randn(0, 7, 16, device=device, requires_grad=True)
+    codebook = torch.randn(10, 16, device=device, requires_grad=True)
+    out = vqkern.quantize(z, codebook, backend=backend)
+    assert out.quantized.shape == (0, 7, 16) and out.indices.shape == (0, 7)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert codebook.grad is not None and bool((codebook.grad == 0).all())
+    idx, dist = vqkern.nearest_code(z.detach(), codebook.detach(), backend=backend)
+    assert idx.shape == (0, 7) and dist.shape == (0, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend, device):
+    z = torch.randn(16, 50, 12, device=device).transpose(0, 1)[:, ::2]  # (50, 8, 12), strided
+    assert not z.is_contiguous()
+    codebook = torch.randn(40, 12, device=device)
+    out = vqkern.quantize(z, codebook, backend=backend)
+    assert_nearest(z.reshape(-1, 12), codebook, out.indices.reshape(-1))
+    assert torch.equal(out.quantized, codebook[out.indices])
+
+
+def _grad_errors(z, codebook, backend, beta=0.25):
+    """(vqkern error, plain PyTorch error) of dz and dE against the fp64 reference."""
+    g = torch.randn_like(z)
+
+    def grads(fn, zz, cb):
+        zz = zz.detach().requires_grad_()
+        cb = cb.detach().requires_grad_()
+        out = fn(zz, cb)
+        ((out.quantized.float() * g.float()).sum() + out.loss).backward()
+        return zz.grad, cb.grad, out.indices
+
+    gz64, gc64, idx64 = grads(lambda a, b: reference.quantize(a, b, beta), z.double(), codebook.double())
+    gz32, gc32, idx32 = grads(lambda a, b: reference.quantize(a, b, beta), z, codebook)
+    gzk, gck, idxk = grads(lambda a, b: vqkern.quantize(a, b, beta=beta, backend=backend), z, codebook)
+    assert torch.equal(idxk, idx64) and torch.equal(idx32, idx64), "gradient data must have no near-ties"
+    err = lambda a, b: (a.double() - b).abs().max().item()  # noqa: E731
+    return (err(gzk, gz64), err(gz32, gz64)), (err(gck, gc64), err(gc32, gc64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradients_against_reference(backend, dtype, device):
+    z, codebook = _inputs(190, 70, 20, dtype, device=device)
+    (ez, ez_ref), (ec, ec_ref) = _grad_errors(z, codebook, backend)
+    # flash-attention's rule: at most twice the plain PyTorch error in the same precision
+    # (plus a floor for the case where the plain computation happens to be exact).
+    floor = {torch.float32: 1e-7, torch.float16: 1e-3}[dtype]
+    assert ez <= 2 * ez_ref + floor, (ez, ez_ref)
+    assert ec <= 2 * ec_ref + floor, (ec, ec_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_terms_route_gradients(backend, device):
+    z = torch.randn(60, 8, device=device, requires_grad=True)
+    codebook = torch.randn(9, 8, device=device, requires_grad=True)
+    out = vqkern.quantize(z, codebook, backend=backend)
+    out.commitment_loss.backward(retain_graph=True)
+    assert codebook.grad is None or bool((codebook.grad == 0).all())
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    z.grad = None
+    out.codebook_loss.backward()
+    assert z.grad is None or bool((z.grad == 0).all())
+    assert codebook.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosine_metric(backend, device):
+    z = torch.randn(120, 16, device=device) * 3
+    codebook = torch.randn(50, 16, device=device)
+    idx, dist = vqkern.nearest_code(z, codebook, metric="cosine", backend=backend)
+    cos = torch.nn.functional.normalize(z.double(), dim=1) @ torch.nn.functional.normalize(codebook.double(), dim=1).t()
+    chosen = cos.gather(1, idx.view(-1, 1)).squeeze(1)
+    assert (cos.max(1).values - chosen).max().item() <= 1e-5
+    torch.testing.assert_close(dist.double(), 1 - chosen, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_input_gives_nan_loss(backend, device):
+    z = torch.randn(50, 8, device=device)
+    z[7, 3] = float("nan")
+    out = vqkern.quantize(z, torch.randn(20, 8, device=device), backend=backend)
+    assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_segment_sum(backend, deterministic, device):
+    n, k, d = 500, 37, 19
+    idx = torch.randint(k, (n,), device=device)
+    idx[:100] = 3  # one heavy segment
+    values = torch.randn(n, d, device=device)
+    counts, sums = vqkern.segment_sum(idx, values, k, backend=backend, deterministic=deterministic)
+    ref_counts = torch.bincount(idx, minlength=k).double()
+    ref_sums = torch.zeros(k, d, dtype=torch.float64, device=device).index_add_(0, idx, values.double())
+    assert counts.dtype == sums.dtype == torch.float32
+    assert torch.equal(counts.double(), ref_counts)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
+    if deterministic:
+        again = vqkern.segment_sum(idx, values, k, backend=backend, deterministic=True)
+        assert torch.equal(again[1], sums) and torch.equal(again[0], counts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_codebook_gradient_bitwise(backend, device):
+    z = torch.randn(400, 16, device=device)
+    codebook = torch.randn(6, 16, device=device)  # few codes: long segments, many colliding adds
+    grads = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            cb = codebook.clone().requires_grad_()
+            vqkern.quantize(z, cb, backend=backend).loss.backward()
+            grads.append(cb.grad)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_auto_backend_and_environment(monkeypatch, device):
+    z, codebook = torch.randn(10, 4, device=device), torch.randn(3, 4, device=device)
+    expected = vqkern.backends.resolve("auto", device)
+    assert expected in vqkern.backends.BACKENDS
+    monkeypatch.setenv("VQKERN_BACKEND", "reference")
+    assert vqkern.backends.resolve("auto", device) == "reference"
+    idx, _ = vqkern.nearest_code(z, codebook)
+    assert_nearest(z, codebook, idx)
+
+
+def test_explicit_backend_that_cannot_run_raises(device):
+    unavailable = [n for n, (ok, _) in vqkern.backends.report(device).items() if not ok]
+    if not unavailable:
+        pytest.skip("every backend can run on this device")
+    name = unavailable[0]
+    with pytest.raises(RuntimeError, match=name):
+        vqkern.nearest_code(torch.randn(4, 4, device=device), torch.randn(2, 4, device=device), backend=name)

@@ -1,0 +1,163 @@
+"""VectorQuantizer against ReferenceVectorQuantizer; EMA, dead codes, channel-first, compile."""
+import pytest
+import torch
+from torch import nn
+
+import vqkern
+from vqkern.reference import ReferenceVectorQuantizer
+
+from conftest import backend_params
+
+BACKENDS = backend_params()
+
+
+def _pair(backend, **kw):
+    """A vqkern layer and a reference layer with identical state."""
+    layer = vqkern.VectorQuantizer(50, 12, backend=backend, **kw)
+    ref = ReferenceVectorQuantizer(50, 12, **kw)
+    ref.load_state_dict(layer.state_dict())
+    return layer, ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_backward_matches_reference(backend, device):
+    layer, ref = _pair(backend)
+    layer, ref = layer.to(device), ref.to(device)
+    z = torch.randn(4, 9, 12, device=device) * 0.05
+    outs = []
+    for module in (layer, ref):
+        zz = z.clone().requires_grad_()
+        out = module(zz)
+        (out.loss + out.quantized.square().sum()).backward()
+        outs.append((out, zz.grad, module.codebook.grad))
+    (o1, gz1, gc1), (o2, gz2, gc2) = outs
+    assert torch.equal(o1.indices, o2.indices)
+    assert torch.equal(o1.quantized, o2.quantized)
+    torch.testing.assert_close(o1.loss, o2.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(o1.perplexity, o2.perplexity)
+    torch.testing.assert_close(gz1, gz2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gc1, gc2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ema_buffers_follow_reference(backend, device):
+    layer, ref = _pair(backend, ema=True, decay=0.9)
+    layer, ref = layer.to(device), ref.to(device)
+    for step in range(5):
+        z = torch.randn(64, 12, device=device) + step * 0.1
+        o1, o2 = layer(z), ref(z)
+        assert torch.equal(o1.indices, o2.indices), f"step {step}"
+        torch.testing.assert_close(o1.loss, o2.loss, rtol=1e-5, atol=0)
+    for name in ("codebook", "cluster_size", "embed_avg"):
+        torch.testing.assert_close(getattr(layer, name), getattr(ref, name), rtol=1e-5, atol=1e-6, msg=name)
+    assert not isinstance(layer.codebook, nn.Parameter)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ema", [False, True])
+def test_dead_codes_are_reseeded_from_the_batch(backend, ema, device):
+    layer, ref = _pair(backend, ema=ema, decay=0.5, dead_code_threshold=0.9)
+    with torch.no_grad():
+        for m in (layer, ref):
+            m.codebook[10:] = 1e3  # unreachable codes: their usage decays below the threshold
+    layer, ref = layer.to(device), ref.to(device)
+    z = torch.randn(40, 12, device=device)
+    for step in range(2):
+        torch.manual_seed(step)
+        layer(z)
+        torch.manual_seed(step)
+        ref(z)
+        if step == 0:  # usage 1 -> 0.5 < 0.9: every unreachable code is re-seeded now
+            rows = {tuple(r.tolist()) for r in z}
+            assert all(tuple(c.tolist()) in rows for c in layer.codebook[10:].float())
+    torch.testing.assert_close(layer.codebook, ref.codebook)
+    torch.testing.assert_close(layer.cluster_size, ref.cluster_size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channel_first_feature_maps(backend, device):
+    layer = vqkern.VectorQuantizer(30, 6, channel_dim=1, backend=backend).to(device).eval()
+    z = torch.randn(2, 6, 5, 7, device=device) * 0.05
+    out = layer(z)
+    assert out.quantized.shape == z.shape and out.indices.shape == (2, 5, 7)
+    flat = vqkern.quantize(z.movedim(1, -1), layer.codebook, backend=backend)
+    assert torch.equal(out.indices, flat.indices)
+    assert torch.equal(out.quantized, flat.quantized.movedim(-1, 1))
+
+
+def test_perplexity_and_usage(device):
+    layer = vqkern.VectorQuantizer(8, 4, backend="torch").to(device)
+    with torch.no_grad():
+        layer.codebook.copy_(torch.eye(8, 4, device=device) * 10)
+    z = layer.codebook[torch.arange(4, device=device).repeat(25)].detach().clone()  # 4 codes used evenly
+    out = layer(z)
+    assert out.perplexity.item() == pytest.approx(4.0, rel=1e-5)
+    usage = layer.codebook_usage()
+    assert usage.shape == (8,)
+    assert bool((usage[:4] > usage[4:].max()).all())
+    collapsed = layer(layer.codebook[:1].detach().expand(50, 4))
+    assert collapsed.perplexity.item() == pytest.approx(1.0)
+    assert "num_embeddings=8" in repr(layer) and "backend='torch'" in repr(layer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_input_poisons_loss_not_codebook(backend, device):
+    layer = vqkern.VectorQuantizer(20, 4, ema=True, dead_code_threshold=2.0, backend=backend).to(device)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    z = torch.randn(30, 4, device=device)
+    z[5, 1] = float("nan")
+    out = layer(z)
+    assert torch.isnan(out.loss)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed on a non-finite batch"
+
+
+def test_failed_call_leaves_module_untouched(device):
+    layer = vqkern.VectorQuantizer(20, 4, ema=True, backend="torch").to(device)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for bad in (torch.randn(10, 5, device=device), torch.randint(3, (10, 4), device=device)):
+        with pytest.raises((ValueError, TypeError)):
+            layer(bad)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+class TinyVQVAE(nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.enc = nn.Conv2d(1, 8, 4, stride=2, padding=1)
+        self.vq = vqkern.VectorQuantizer(16, 8, channel_dim=1, backend=backend)
+        self.dec = nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        out = self.vq(self.enc(x))
+        recon = self.dec(out.quantized)
+        return ((recon - x) ** 2).mean() + out.loss, out.perplexity
+
+
+def _train(model, step, x, steps=4):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for _ in range(steps):
+        loss, _ = step(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("use_compile", [True])
+def test_small_vqvae_trains_under_compile(use_compile, device):
+    """torch.compile(fullgraph=True) of forward+backward follows eager step for step."""
+    torch.manual_seed(0)
+    eager = TinyVQVAE("torch").to(device)
+    compiled = TinyVQVAE("torch").to(device)
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.rand(8, 1, 8, 8, device=device)
+    expected = _train(eager, eager, x)
+    step = torch.compile(compiled, fullgraph=True) if use_compile else compiled
+    got = _train(compiled, step, x)
+    assert got == pytest.approx(expected, rel=1e-4)
+    torch.testing.assert_close(compiled.vq.codebook, eager.vq.codebook, rtol=1e-4, atol=1e-6)
+    assert compiled.vq.codebook.grad.abs().sum() > 0
