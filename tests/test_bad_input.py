@@ -1,0 +1,86 @@
+"""Bad input: a clear error naming the argument, raised before any kernel runs."""
+import math
+
+import pytest
+import torch
+
+import vqkern
+
+Z = torch.randn(10, 4)
+CB = torch.randn(6, 4)
+
+
+@pytest.mark.parametrize("z,codebook,match", [
+    (torch.tensor(1.0), CB, "z must have shape"),
+    (Z, torch.randn(6, 4, 1), "codebook must have shape"),
+    (Z, torch.randn(24), "codebook must have shape"),
+    (Z, torch.randn(6, 5), "z's last dimension"),
+    (Z, torch.randn(0, 4), "K >= 1"),
+    (torch.randint(5, (10, 4)), CB, "z must have a floating dtype"),
+    (Z, torch.randint(5, (6, 4)), "codebook must have a floating dtype"),
+    (torch.randn(10, 4, dtype=torch.complex64), CB, "z must have a floating dtype"),
+    ([[1.0] * 4], CB, "z must be a torch.Tensor"),
+])
+@pytest.mark.parametrize("fn", ["nearest_code", "quantize"])
+def test_bad_tensors(fn, z, codebook, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        getattr(vqkern, fn)(z, codebook)
+
+
+def test_devices_must_match():
+    meta = torch.randn(6, 4, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        vqkern.quantize(Z, meta)
+
+
+@pytest.mark.parametrize("beta", [math.nan, math.inf, "a lot"])
+def test_beta_must_be_finite(beta):
+    with pytest.raises((ValueError, TypeError), match="beta"):
+        vqkern.quantize(Z, CB, beta=beta)
+
+
+def test_unknown_metric_and_backend():
+    with pytest.raises(ValueError, match="metric"):
+        vqkern.nearest_code(Z, CB, metric="manhattan")
+    with pytest.raises(ValueError, match="backend"):
+        vqkern.nearest_code(Z, CB, backend="numpy")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(decay=math.nan), "decay"),
+    (dict(decay=1.5), "decay"),
+    (dict(commitment_cost=math.inf), "commitment_cost"),
+    (dict(eps=0.0), "eps"),
+    (dict(metric="dot"), "metric"),
+    (dict(backend="opencl"), "backend"),
+    (dict(channel_dim=1.5), "channel_dim"),
+])
+def test_module_constructor(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        vqkern.VectorQuantizer(8, 4, **kwargs)
+    with pytest.raises(ValueError, match="num_embeddings"):
+        vqkern.VectorQuantizer(0, 4)
+
+
+def test_channel_dim_out_of_range():
+    layer = vqkern.VectorQuantizer(8, 4, channel_dim=5)
+    with pytest.raises(ValueError, match="channel_dim"):
+        layer(torch.randn(2, 4, 3, 3))
+
+
+def test_segment_sum_arguments():
+    idx = torch.randint(5, (10,))
+    with pytest.raises(TypeError, match="indices"):
+        vqkern.segment_sum(idx.int(), Z, 5)
+    with pytest.raises(ValueError, match="values"):
+        vqkern.segment_sum(idx, torch.randn(9, 4), 5)
+    with pytest.raises(ValueError, match="indices must lie"):
+        vqkern.segment_sum(idx + 10, Z, 5)
+    with pytest.raises(ValueError, match="num_codes"):
+        vqkern.segment_sum(idx, Z, 0)
+
+
+def test_inputs_are_not_modified():
+    z, codebook = Z.clone(), CB.clone()
+    vqkern.quantize(z, codebook)
+    assert torch.equal(z, Z) and torch.equal(codebook, CB)

@@ -1,0 +1,44 @@
+"""torch.library.opcheck on every registered op, for every backend that can run here."""
+import pytest
+import torch
+
+import vqkern  # noqa: F401  (registers the ops)
+
+from conftest import backend_params
+
+BACKENDS = backend_params()
+
+
+def _samples(device):
+    z = torch.randn(45, 10, device=device)
+    codebook = torch.randn(13, 10, device=device)
+    return z, codebook
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_search(backend, device):
+    z, codebook = _samples(device)
+    torch.library.opcheck(torch.ops.vqkern.search.default, (z, codebook, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_quantize(backend, device):
+    z, codebook = _samples(device)
+    torch.library.opcheck(torch.ops.vqkern.quantize.default,
+                          (z.requires_grad_(), codebook.requires_grad_(), backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_grad_z(backend, device):
+    z, codebook = _samples(device)
+    indices = torch.randint(13, (45,), device=device)
+    args = (torch.randn_like(z), z, codebook, indices, torch.tensor(0.25, device=device), backend)
+    torch.library.opcheck(torch.ops.vqkern.grad_z.default, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_segment_sum(backend, deterministic, device):
+    z, _ = _samples(device)
+    indices = torch.randint(13, (45,), device=device)
+    torch.library.opcheck(torch.ops.vqkern.segment_sum.default, (indices, z, 13, backend, deterministic))
