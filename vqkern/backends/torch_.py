@@ -1,10 +1,18 @@
 """Chunked PyTorch backend: any device, bounded memory.
 
-The distance block is computed for a chunk of rows at a time so that it stays
-under ``VQKERN_TORCH_BLOCK_BYTES`` (64 MB by default) whatever N and K are.
 The search ranks codes with the expansion ``|e|^2 - 2 z.e`` (|z|^2 is constant
-per row and does not change the argmin), then recomputes the chosen code's
-distance exactly from the residual, as the op contract requires.
+per row and does not change the argmin) one (rows x codes) tile at a time, then
+recomputes the chosen code's distance exactly from the residual, as the op
+contract requires. Peak extra memory is one tile plus O(N) vectors, whatever
+N x K is (benchmarks/NOTES.md has the measurements behind the tile sizes).
+
+On CPU the tile is small enough to stay in cache and lives in one preallocated
+buffer (a fresh 64 MB block per chunk cost page faults on every chunk), and the
+per-row argmin is done in two levels, because ``argmin(dim=1)`` runs at about
+1 G elements/s on 2 cores while ``amin`` runs at about 10 G elements/s: ``amin``
+over groups of ``G`` codes, ``argmin`` over the group minima, then ``argmin``
+inside the winning group. The first minimal group holds the first minimal code,
+so ties still go to the lowest index.
 """
 from __future__ import annotations
 
@@ -12,7 +20,13 @@ import os
 
 import torch
 
+# Non-CPU devices: one (rows x K) block of at most this many bytes per step.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+# CPU tile, rows x codes (fp32): 1024 x 1024 = 4 MB stays in L2+L3 and keeps
+# MKL's GEMM near its large-matrix rate (benchmarks/NOTES.md, step 2).
+CPU_TILE_ROWS = 1024
+CPU_TILE_CODES = 1024
+CPU_GROUP = 32
 
 
 def availability(device: torch.device) -> tuple[bool, str]:
@@ -21,6 +35,15 @@ def availability(device: torch.device) -> tuple[bool, str]:
 
 def _block_bytes() -> int:
     return int(os.environ.get("VQKERN_TORCH_BLOCK_BYTES", DEFAULT_BLOCK_BYTES))
+
+
+def _cpu_tile() -> tuple[int, int, int]:
+    rows = int(os.environ.get("VQKERN_TORCH_TILE_ROWS", CPU_TILE_ROWS))
+    codes = int(os.environ.get("VQKERN_TORCH_TILE_CODES", CPU_TILE_CODES))
+    group = int(os.environ.get("VQKERN_TORCH_GROUP", CPU_GROUP))
+    if min(rows, codes, group) < 1:
+        raise ValueError("VQKERN_TORCH_TILE_ROWS, _TILE_CODES and _GROUP must be >= 1")
+    return rows, codes, group
 
 
 def _compute_dtype(z: torch.Tensor, codebook: torch.Tensor) -> torch.dtype:
@@ -34,20 +57,69 @@ def residual_distance(z: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return (diff * diff).sum(dim=1)
 
 
-def search(z, codebook, indices, distances, quantized) -> None:
-    n, _ = z.shape
-    k = codebook.shape[0]
-    dtype = _compute_dtype(z, codebook)
-    cb = codebook.to(dtype)
-    cb_norm = (cb.float() * cb.float()).sum(dim=1).to(dtype)
+def _row_argmin(scores: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min value, first index of it) along dim 1 of a (r, c) float tensor."""
+    r, c = scores.shape
+    main = (c // group) * group
+    if main == 0:
+        return scores.min(dim=1)
+    grouped = scores[:, :main].view(r, main // group, group) if main < c else scores.view(r, c // group, group)
+    gmin = grouped.amin(dim=2)
+    gidx = gmin.argmin(dim=1)
+    value = gmin.gather(1, gidx.view(r, 1)).view(r)
+    inner = grouped.gather(1, gidx.view(r, 1, 1).expand(r, 1, group)).view(r, group).argmin(dim=1)
+    index = gidx * group + inner
+    if main < c:
+        # The tail's indices are all higher: it wins only when strictly smaller.
+        tval, tidx = scores[:, main:].min(dim=1)
+        better = tval < value
+        value = torch.where(better, tval, value)
+        index = torch.where(better, tidx + main, index)
+    return value, index
+
+
+def _search_cpu(z, cb, cb_norm, indices) -> None:
+    n, k = z.shape[0], cb.shape[0]
+    tile_rows, tile_codes, group = _cpu_tile()
+    tile_rows, tile_codes = min(tile_rows, n), min(tile_codes, k)
+    buffer = torch.empty(tile_rows * tile_codes, dtype=cb.dtype)
+    for start in range(0, n, tile_rows):
+        stop = min(n, start + tile_rows)
+        zc = z[start:stop]
+        best_val = best_idx = None
+        for k0 in range(0, k, tile_codes):
+            k1 = min(k, k0 + tile_codes)
+            scores = buffer[: (stop - start) * (k1 - k0)].view(stop - start, k1 - k0)
+            torch.addmm(cb_norm[k0:k1], zc, cb[k0:k1].t(), beta=1.0, alpha=-2.0, out=scores)
+            val, idx = _row_argmin(scores, group)
+            if best_val is None:
+                best_val, best_idx = val, idx
+            else:
+                # Earlier code blocks win ties: replace only on a strictly smaller score.
+                better = val < best_val
+                best_val = torch.where(better, val, best_val)
+                best_idx = torch.where(better, idx + k0, best_idx)
+        indices[start:stop] = best_idx
+
+
+def _search_blocked(z, cb, cb_norm, indices) -> None:
+    n, k = z.shape[0], cb.shape[0]
     rows = max(1, min(n, _block_bytes() // (4 * k)))
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        zc = z[start:stop].to(dtype)
-        # |e|^2 - 2 z.e in one addmm; ties resolve to the lowest index (torch.argmin).
-        scores = torch.addmm(cb_norm, zc, cb.t(), beta=1.0, alpha=-2.0)
-        idx = scores.argmin(dim=1)
-        indices[start:stop] = idx
+        scores = torch.addmm(cb_norm, z[start:stop], cb.t(), beta=1.0, alpha=-2.0)
+        indices[start:stop] = scores.argmin(dim=1)
+
+
+def search(z, codebook, indices, distances, quantized) -> None:
+    dtype = _compute_dtype(z, codebook)
+    cb = codebook.to(dtype)
+    cb_norm = (cb.float() * cb.float()).sum(dim=1).to(dtype)
+    zs = z.to(dtype)
+    if z.device.type == "cpu":
+        _search_cpu(zs, cb, cb_norm, indices)
+    else:
+        _search_blocked(zs, cb, cb_norm, indices)
     chosen = codebook.index_select(0, indices)
     distances.copy_(residual_distance(z, chosen))
     quantized.copy_(chosen)
