@@ -156,13 +156,15 @@ class VectorQuantize(nn.Module):
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """(B, N, H*D) -> (C, rows, N, D): (H, B, N, D) for separate codebooks, (1, B*H, N, D) shared."""
-        b, n, _ = x.shape
+        b, n, features = x.shape
         if self.heads == 1:
             return x.unsqueeze(0)
-        x = x.reshape(b, n, self.heads, -1)
+        # Explicit sizes, not -1: a batch with no rows must still reshape.
+        d = features // self.heads
+        x = x.reshape(b, n, self.heads, d)
         if self.separate_codebook_per_head:
             return x.permute(2, 0, 1, 3)
-        return x.permute(0, 2, 1, 3).reshape(1, b * self.heads, n, -1)
+        return x.permute(0, 2, 1, 3).reshape(1, b * self.heads, n, d)
 
     def _merge_heads(self, t: Tensor, b: int) -> Tensor:
         """Inverse of _split_heads for (C, rows, N, ...) -> (B, N, heads, ...)."""
@@ -245,7 +247,7 @@ class VectorQuantize(nn.Module):
         if need_transpose:
             quantize = quantize.transpose(1, 2)
         if self.accept_image_fmap:
-            quantize = quantize.transpose(1, 2).reshape(batch, -1, height, width)
+            quantize = quantize.transpose(1, 2).reshape(batch, quantize.shape[-1], height, width)
         if only_one:
             quantize = quantize[:, 0]
 

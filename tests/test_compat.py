@@ -1,0 +1,294 @@
+"""vqkern.compat against vector-quantize-pytorch: same outputs, buffers, gradients, checkpoints."""
+import pytest
+import torch
+
+import vqkern
+from vqkern.compat import ResidualVQ, VectorQuantize
+
+vqp = pytest.importorskip("vector_quantize_pytorch")
+
+# (constructor options, how to lay out x)
+OPTIONS = {
+    "default": dict(),
+    "codebook_dim": dict(codebook_dim=8),
+    "heads_shared": dict(heads=2),
+    "heads_separate": dict(heads=2, separate_codebook_per_head=True),
+    "heads_projected": dict(heads=2, codebook_dim=4, separate_codebook_per_head=True),
+    "decay_eps": dict(decay=0.95, eps=1e-3),
+    "kmeans_init": dict(kmeans_init=True, kmeans_iters=4),
+    "kmeans_init_cosine": dict(kmeans_init=True, kmeans_iters=3, use_cosine_sim=True),
+    "cosine": dict(use_cosine_sim=True),
+    "dead_code": dict(threshold_ema_dead_code=2),
+    "dead_code_heads": dict(threshold_ema_dead_code=1.5, heads=2, separate_codebook_per_head=True),
+    "channel_first": dict(channel_last=False),
+    "image_fmap": dict(accept_image_fmap=True),
+    "commitment_weight": dict(commitment_weight=0.25),
+    "no_commitment": dict(commitment_weight=0.0),
+    "straight_through": dict(rotation_trick=False),
+    "learnable": dict(learnable_codebook=True, ema_update=False),
+    "learnable_dead_code": dict(learnable_codebook=True, ema_update=False, threshold_ema_dead_code=1.0),
+    "no_ema": dict(ema_update=False),
+    "sync_codebook_off": dict(sync_codebook=False),
+}
+DIM, K = 16, 24
+
+
+def make_pair(cls_ref=None, cls_ours=None, **kw):
+    """Both classes from the same seed, then ours loads the reference's weights."""
+    cls_ref = cls_ref or vqp.VectorQuantize
+    cls_ours = cls_ours or VectorQuantize
+    torch.manual_seed(1)
+    ref = cls_ref(**kw)
+    torch.manual_seed(1)
+    ours = cls_ours(**kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def make_input(kw, batch=3, n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kw.get("accept_image_fmap"):
+        return torch.randn(batch, DIM, 2, n // 2, generator=g)
+    if kw.get("channel_last") is False:
+        return torch.randn(batch, DIM, n, generator=g)
+    return torch.randn(batch, n, DIM, generator=g)
+
+
+def run_step(module, x, seed):
+    """One forward/backward; the seed makes dead-code and k-means draws match."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    quantized, indices, loss = module(x)
+    (quantized.square().mean() + loss).backward()
+    return quantized.detach(), indices, loss.detach(), x.grad
+
+
+def assert_states_close(ref, ours, atol=1e-5, rtol=1e-4):
+    sr, so = ref.state_dict(), ours.state_dict()
+    assert list(sr) == list(so)
+    for key in sr:
+        assert sr[key].shape == so[key].shape and sr[key].dtype == so[key].dtype, key
+        if sr[key].is_floating_point():
+            torch.testing.assert_close(so[key], sr[key], atol=atol, rtol=rtol, msg=key)
+        else:
+            assert torch.equal(so[key], sr[key]), key
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_matches_vector_quantize_pytorch(name):
+    kw = dict(dim=DIM, codebook_size=K, **OPTIONS[name])
+    ref, ours = make_pair(**kw)
+    for step in range(4):
+        x = make_input(kw, seed=step)
+        q_ref, i_ref, l_ref, g_ref = run_step(ref, x, seed=100 + step)
+        q_our, i_our, l_our, g_our = run_step(ours, x, seed=100 + step)
+        assert i_our.shape == i_ref.shape and i_our.dtype == i_ref.dtype == torch.int64
+        assert torch.equal(i_our, i_ref), f"step {step}: {(i_our != i_ref).sum()} indices differ"
+        assert q_our.shape == q_ref.shape and q_our.dtype == q_ref.dtype
+        torch.testing.assert_close(q_our, q_ref, atol=1e-5, rtol=1e-5)
+        assert l_our.shape == l_ref.shape and l_our.dtype == l_ref.dtype
+        torch.testing.assert_close(l_our, l_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g_our, g_ref, atol=1e-5, rtol=1e-4)
+        if OPTIONS[name].get("learnable_codebook"):
+            torch.testing.assert_close(ours._codebook.embed.grad, ref._codebook.embed.grad, atol=1e-6, rtol=1e-5)
+            ref.zero_grad(), ours.zero_grad()
+    assert_states_close(ref, ours)
+
+    ref.eval(), ours.eval()
+    x = make_input(kw, seed=99)
+    q_ref, i_ref, l_ref = ref(x)
+    q_our, i_our, l_our = ours(x)
+    assert torch.equal(i_our, i_ref)
+    torch.testing.assert_close(q_our, q_ref, atol=1e-6, rtol=1e-6)
+    assert float(l_our.detach()) == float(l_ref.detach()) == 0.0 and l_our.dtype == l_ref.dtype
+
+
+def test_ema_actually_moves_the_codebook():
+    # Guards the comparison above: after training steps the codebook must differ from its start.
+    kw = dict(dim=DIM, codebook_size=K)
+    _, ours = make_pair(**kw)
+    start = ours.codebook.clone()
+    for step in range(3):
+        run_step(ours, make_input(kw, seed=step), seed=step)
+    assert (ours.codebook - start).abs().max() > 1e-3
+
+
+def test_single_vector_input_shapes():
+    kw = dict(dim=DIM, codebook_size=K, heads=2, separate_codebook_per_head=True)
+    ref, ours = make_pair(**kw)
+    x = torch.randn(5, DIM)
+    q_ref, i_ref, _ = ref(x)
+    q_our, i_our, _ = ours(x)
+    assert q_our.shape == q_ref.shape == (5, DIM) and i_our.shape == i_ref.shape == (5, 2)
+    assert torch.equal(i_our, i_ref)
+
+
+def test_rotation_trick_gradient_matches_and_differs_from_straight_through():
+    kw = dict(dim=DIM, codebook_size=K, codebook_dim=6)
+    ref, ours = make_pair(**kw)
+    ref_st, ours_st = make_pair(rotation_trick=False, **kw)
+    x = make_input(kw, seed=5)
+    w = torch.randn(x.shape)  # a non-trivial upstream gradient
+
+    def grads(module):
+        xx = x.clone().requires_grad_()
+        q, _, loss = module(xx)
+        ((q * w).sum() + loss).backward()
+        return xx.grad, module.project_in.weight.grad
+
+    gx_ref, gw_ref = grads(ref)
+    gx_our, gw_our = grads(ours)
+    torch.testing.assert_close(gx_our, gx_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw_our, gw_ref, atol=1e-5, rtol=1e-4)
+    gx_st, _ = grads(ours_st)
+    assert (gx_st - gx_our).abs().max() > 1e-2, "rotation trick gradient should differ from straight-through"
+
+
+def test_rotation_trick_forward_value_is_the_code():
+    from vqkern.compat.rotation import rotate_to
+
+    src, tgt = torch.randn(50, 7, dtype=torch.float64), torch.randn(50, 7, dtype=torch.float64)
+    torch.testing.assert_close(rotate_to(src, tgt), tgt)
+
+
+@pytest.mark.parametrize("direction", ["ref_to_ours", "ours_to_ref"])
+def test_checkpoints_load_both_ways(direction):
+    kw = dict(dim=DIM, codebook_size=K, codebook_dim=8, heads=2, separate_codebook_per_head=True,
+              kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=1)
+    torch.manual_seed(3)
+    trained = (vqp.VectorQuantize if direction == "ref_to_ours" else VectorQuantize)(**kw)
+    for step in range(3):
+        run_step(trained, make_input(kw, seed=step), seed=step)
+    fresh = (VectorQuantize if direction == "ref_to_ours" else vqp.VectorQuantize)(**kw)
+    missing = fresh.load_state_dict(trained.state_dict(), strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    assert bool(fresh._codebook.initted)
+    trained.eval(), fresh.eval()
+    x = make_input(kw, seed=50)
+    q_t, i_t, _ = trained(x)
+    q_f, i_f, _ = fresh(x)
+    assert torch.equal(i_f, i_t)
+    torch.testing.assert_close(q_f, q_t, atol=1e-6, rtol=1e-6)
+
+
+def test_loading_uninitialized_checkpoint_runs_kmeans_again():
+    kw = dict(dim=DIM, codebook_size=K, kmeans_init=True, kmeans_iters=2)
+    ours = VectorQuantize(**kw)
+    run_step(ours, make_input(kw), seed=0)
+    assert bool(ours._codebook.initted)
+    ours.load_state_dict(vqp.VectorQuantize(**kw).state_dict())
+    assert not bool(ours._codebook.initted)
+    run_step(ours, make_input(kw), seed=0)
+    assert bool(ours._codebook.initted) and ours.codebook.abs().sum() > 0
+
+
+def test_codes_from_indices_match():
+    for kw in (dict(dim=DIM, codebook_size=K), dict(dim=DIM, codebook_size=K, heads=2, separate_codebook_per_head=True),
+               dict(dim=DIM, codebook_size=K, codebook_dim=8)):
+        kw = dict(kw)
+        ref, ours = make_pair(**kw)
+        ref.eval(), ours.eval()
+        _, idx, _ = ours(make_input(kw))
+        torch.testing.assert_close(ours.get_codes_from_indices(idx), ref.get_codes_from_indices(idx))
+        torch.testing.assert_close(ours.get_output_from_indices(idx), ref.get_output_from_indices(idx))
+
+
+def test_loss_breakdown():
+    kw = dict(dim=DIM, codebook_size=K, commitment_weight=0.5)
+    ref, ours = make_pair(**kw)
+    x = make_input(kw)
+    *_, loss_ref, br_ref = ref(x, return_loss_breakdown=True)
+    *_, loss_our, br_our = ours(x, return_loss_breakdown=True)
+    torch.testing.assert_close(br_our.commitment, br_ref.commitment)
+    torch.testing.assert_close(loss_our, loss_ref)
+
+
+def test_search_and_statistics_go_through_vqkern(monkeypatch):
+    calls = {"nearest_code": 0, "segment_sum": 0}
+    for name in calls:
+        original = getattr(vqkern, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(vqkern, name, counted)
+    ours = VectorQuantize(dim=DIM, codebook_size=K, kmeans_init=True, kmeans_iters=3)
+    run_step(ours, make_input({}), seed=0)
+    # 3 k-means assignments + 1 search; 3 k-means updates + 1 EMA update.
+    assert calls == {"nearest_code": 4, "segment_sum": 4}
+
+
+@pytest.mark.parametrize("arg,value", [("orthogonal_reg_weight", 0.1), ("straight_through", True),
+                                       ("sync_kmeans", False), ("affine_param", True),
+                                       ("layernorm_after_project_in", True), ("freeze_codebook", True)])
+def test_unsupported_arguments_are_named(arg, value):
+    with pytest.raises(NotImplementedError, match=arg):
+        VectorQuantize(dim=DIM, codebook_size=K, **{arg: value})
+
+
+@pytest.mark.parametrize("arg,value", [("mask", torch.ones(3, 10, dtype=torch.bool)), ("topk", 2),
+                                       ("freeze_codebook", True)])
+def test_unsupported_forward_arguments_are_named(arg, value):
+    with pytest.raises(NotImplementedError, match=arg):
+        VectorQuantize(dim=DIM, codebook_size=K)(make_input({}), **{arg: value})
+
+
+def test_bad_arguments_raise_clearly():
+    with pytest.raises(ValueError, match="learnable_codebook"):
+        VectorQuantize(dim=DIM, codebook_size=K, learnable_codebook=True)  # EMA is on by default
+    with pytest.raises(ValueError, match="codebook_size"):
+        VectorQuantize(dim=DIM, codebook_size=0)
+    with pytest.raises(ValueError, match="dim"):
+        VectorQuantize(dim=DIM, codebook_size=K)(torch.randn(2, 3, DIM + 1))
+    with pytest.raises(NotImplementedError, match="shared_codebook"):
+        ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K, shared_codebook=True)
+    with pytest.raises(ValueError, match="heads"):
+        ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K, heads=2)
+
+
+RVQ_OPTIONS = {
+    "default": dict(num_quantizers=3, codebook_size=K),
+    # Fewer codes than rows: with K close to N, k-means leaves singleton clusters whose
+    # residuals are ~0, and vector_quantize_pytorch's cdist clamps those distances
+    # to one value (a tie it breaks by index, not by distance).
+    "projected_kmeans": dict(num_quantizers=2, codebook_size=8, codebook_dim=8, kmeans_init=True, kmeans_iters=2),
+    "sizes_dead_code": dict(codebook_size=(K, 16, 8), threshold_ema_dead_code=1, rotation_trick=False),
+    "cosine": dict(num_quantizers=2, codebook_size=K, use_cosine_sim=True, decay=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(RVQ_OPTIONS))
+def test_residual_vq_matches(name):
+    kw = dict(dim=DIM, **RVQ_OPTIONS[name])
+    ref, ours = make_pair(vqp.ResidualVQ, ResidualVQ, **kw)
+    for step in range(3):
+        x = make_input({}, batch=4, n=16, seed=step)
+        q_ref, i_ref, l_ref, g_ref = run_step_rvq(ref, x, 10 + step)
+        q_our, i_our, l_our, g_our = run_step_rvq(ours, x, 10 + step)
+        assert i_our.shape == i_ref.shape == (*x.shape[:-1], ref.num_quantizers)
+        assert torch.equal(i_our, i_ref)
+        torch.testing.assert_close(q_our, q_ref, atol=1e-5, rtol=1e-5)
+        assert l_our.shape == l_ref.shape and l_our.dtype == l_ref.dtype
+        torch.testing.assert_close(l_our, l_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g_our, g_ref, atol=1e-5, rtol=1e-4)
+    assert_states_close(ref, ours)
+    ref.eval(), ours.eval()
+    x = make_input({}, seed=7)
+    out_ref, out_our = ref(x, return_all_codes=True), ours(x, return_all_codes=True)
+    for a, b in zip(out_our, out_ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # checkpoints, the other way round
+    fresh = vqp.ResidualVQ(**kw)
+    fresh.load_state_dict(ours.state_dict())
+    fresh.eval()
+    assert torch.equal(fresh(x)[1], out_our[1])
+
+
+def run_step_rvq(module, x, seed):
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    quantized, indices, losses = module(x)
+    (quantized.square().mean() + losses.sum()).backward()
+    return quantized.detach(), indices, losses.detach(), x.grad
