@@ -1,0 +1,47 @@
+// Host entry points of the vqkern CUDA kernels, called from bindings.cpp.
+// Pointers are device pointers; every buffer is contiguous row-major; sizes and
+// offsets are 64-bit. Each function enqueues on `stream` and returns without
+// synchronizing; failures throw std::runtime_error naming the CUDA call.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace vqkern {
+
+// Rows of z per block of the search kernels (the split-K decision uses it).
+constexpr int kSearchRows = 64;
+// Sorted rows per block of the deterministic segment sum.
+constexpr int kSegmentChunkRows = 256;
+
+// Nearest code of each row of z (n, d) among codebook (k, d).
+// Workspaces: norms (k,) fp32; part_scores/part_index (splits, n) fp32/int32.
+// splits >= 1 divides the codes among blocks (split-K) for small n; a second
+// kernel reduces the splits, gathers the code into quantized (z's dtype), and
+// writes the exact residual distance sum((z - e)^2) in fp32.
+// use_tensor_cores: fp16/bf16 z and codebook of the same dtype go through
+// tensor-core MMA (fp32 accumulate); otherwise an fp32 FMA kernel runs.
+void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k,
+            int64_t d, float* norms, float* part_scores, int32_t* part_index, int splits,
+            bool use_tensor_cores, int64_t* indices, float* distances, void* quantized,
+            cudaStream_t stream);
+
+// out (n, d) in z's dtype = grad_q + scale * (z - codebook[indices]), in fp32.
+void grad_z(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook,
+            int cb_dtype, const int64_t* indices, int64_t n, int64_t d, float scale, void* out,
+            cudaStream_t stream);
+
+// counts[idx[i]] += 1, sums[idx[i], :] += values[i, :] with fp32 atomics.
+void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype, int64_t n,
+                        int64_t d, float* counts, float* sums, cudaStream_t stream);
+
+// Deterministic segment sum over rows sorted by code: sorted_idx (n,) ascending,
+// perm (n,) the row of values for each sorted position. Fixed-order reduction:
+// chunks of kSegmentChunkRows sorted rows, then the pieces of codes that span
+// chunks summed in chunk order. partial: (2 * ceil(n / kSegmentChunkRows), d) fp32.
+void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const void* values,
+                        int v_dtype, int64_t n, int64_t d, int64_t k, float* counts, float* sums,
+                        float* partial, cudaStream_t stream);
+
+}  // namespace vqkern
