@@ -1,0 +1,32 @@
+"""Triton backend: fused search, straight-through backward and segment sum.
+
+Runs on CUDA tensors; on CPU tensors only under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported), which is how the test
+suite exercises these kernels on a machine without a GPU. Nothing here touches
+the GPU or builds an autotuning config at import.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .backward import grad_z
+from .search import launch_search, search
+from .segment_sum import segment_sum
+
+__all__ = ["availability", "search", "launch_search", "grad_z", "segment_sum"]
+
+
+def availability(device: torch.device) -> tuple[bool, str]:
+    """(True, reason) when the Triton kernels can run on tensors of ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is present"
+        return True, "Triton kernels compiled for the CUDA device"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)"
+        return False, "Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1"
+    return False, f"Triton runs on CUDA tensors, not on {device.type}"

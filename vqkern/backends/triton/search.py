@@ -1,0 +1,260 @@
+"""Fused nearest-code search: distance, argmin and gather without an N x K matrix.
+
+Each program owns BLOCK_M rows of z and streams the codebook in BLOCK_N-code
+tiles. A tile's scores ``|e|^2 - 2 z.e`` come from ``tl.dot`` with fp32
+accumulation (|z|^2 is constant per row and cannot change the argmin); each row
+keeps a running (min, argmin), replaced only on a strictly smaller score so the
+lowest index wins ties, across tiles as inside one. The epilogue gathers the
+chosen code, writes it in z's dtype and recomputes the distance exactly from the
+residual ``sum((z - e)^2)`` in fp32.
+
+When there are too few row blocks to fill the GPU (small N, huge K), the codes
+are split across NUM_SPLITS programs per row block; each writes a partial
+(min score, argmin) per row and a second small kernel reduces the partials (the
+lowest split wins ties, and splits cover increasing code ranges, so the lowest
+index still wins) and runs the same epilogue.
+
+Precision: fp16/bf16 operands of one dtype go to ``tl.dot`` as they are (their
+products are exact in fp32, accumulated in fp32); mixed dtypes are upcast to
+fp32. fp32 dots use ``input_precision="ieee"`` by default, so the fp32 search
+ranks codes as exactly as an fp32 reference; ``VQKERN_TRITON_FP32_PRECISION=tf32``
+trades that for tensor-core speed (no re-check yet: a near-tie may then pick a
+code whose distance exceeds the nearest by ~1e-3 of |z|^2 + |e|^2).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._cast import cast_to
+
+
+@triton.jit
+def _code_norms_kernel(cb_ptr, norms_ptr, K, D, stride_k,
+                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # |e|^2 once per call, in fp32: the search kernels read it per tile.
+    pid = tl.program_id(0).to(tl.int64)
+    codes = pid * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    code_mask = codes < K
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = code_mask[:, None] & (cols[None, :] < D)
+        e = tl.load(cb_ptr + codes[:, None] * stride_k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(e * e, axis=1)
+    tl.store(norms_ptr + codes, acc, mask=code_mask)
+
+
+@triton.jit
+def _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
+              stride_zm, stride_k, stride_qm, INTERPRET: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Gather the chosen codes, write them in z's dtype, and the residual distance in fp32.
+    dist = tl.zeros_like(best_idx).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols[None, :] < D)
+        z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :], mask=mask, other=0.0)
+        e = tl.load(cb_ptr + best_idx[:, None] * stride_k + cols[None, :], mask=mask, other=0.0)
+        diff = z.to(tl.float32) - e.to(tl.float32)
+        dist += tl.sum(diff * diff, axis=1)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], cast_to(e, q_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(idx_out_ptr + rows, best_idx, mask=row_mask)
+    tl.store(dist_ptr + rows, dist, mask=row_mask)
+
+
+@triton.jit
+def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_val_ptr, part_idx_ptr,
+                   N, K, D, stride_zm, stride_k, stride_qm,
+                   NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < N
+    # Split boundaries fall on tile boundaries, so a split scores exactly the tiles
+    # the unsplit loop would.
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_N), NUM_SPLITS)
+    k_start = split * tiles_per_split * BLOCK_N
+    k_stop = tl.minimum(K, k_start + tiles_per_split * BLOCK_N)
+    best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    # Index 0 is a valid code: a row whose scores are all NaN or +inf keeps it.
+    best_idx = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    if ONE_CHUNK:
+        # D <= BLOCK_D: the z tile is loaded once and stays in registers for every tile.
+        cols = tl.arange(0, BLOCK_D)
+        z_tile = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :],
+                         mask=row_mask[:, None] & (cols[None, :] < D), other=0.0)
+        if DOT_FP32:
+            z_tile = z_tile.to(tl.float32)
+    for k0 in range(k_start, k_stop, BLOCK_N):
+        codes = k0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        code_mask = codes < k_stop
+        if ONE_CHUNK:
+            e = tl.load(cb_ptr + codes[None, :] * stride_k + cols[:, None],
+                        mask=code_mask[None, :] & (cols[:, None] < D), other=0.0)
+            if DOT_FP32:
+                e = e.to(tl.float32)
+            acc = tl.dot(z_tile, e, input_precision=INPUT_PRECISION)
+        else:
+            # Large D: BLOCK_D chunks keep the register tiles bounded; the z chunks
+            # are re-read per tile (from L1/L2, they were read by the previous tile).
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                cols_d = d0 + tl.arange(0, BLOCK_D)
+                col_mask = cols_d < D
+                z = tl.load(z_ptr + rows[:, None] * stride_zm + cols_d[None, :],
+                            mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+                e = tl.load(cb_ptr + codes[None, :] * stride_k + cols_d[:, None],
+                            mask=code_mask[None, :] & col_mask[:, None], other=0.0)
+                if DOT_FP32:
+                    z = z.to(tl.float32)
+                    e = e.to(tl.float32)
+                acc = tl.dot(z, e, acc, input_precision=INPUT_PRECISION)
+        norms = tl.load(norms_ptr + codes, mask=code_mask, other=float("inf"))
+        scores = norms[None, :] - 2.0 * acc
+        scores = tl.where(code_mask[None, :], scores, float("inf"))
+        tile_min, tile_arg = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        # Strictly smaller only: earlier tiles keep ties, and NaN never replaces.
+        better = tile_min < best
+        best = tl.where(better, tile_min, best)
+        best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
+    if NUM_SPLITS == 1:
+        _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
+                  stride_zm, stride_k, stride_qm, INTERPRET, BLOCK_D)
+    else:
+        part = rows * NUM_SPLITS + split
+        tl.store(part_val_ptr + part, best, mask=row_mask)
+        tl.store(part_idx_ptr + part, best_idx, mask=row_mask)
+
+
+@triton.jit
+def _split_reduce_kernel(z_ptr, cb_ptr, part_val_ptr, part_idx_ptr, idx_out_ptr, dist_ptr, q_ptr,
+                         N, D, stride_zm, stride_k, stride_qm,
+                         NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < N
+    splits = tl.arange(0, BLOCK_S)
+    mask = row_mask[:, None] & (splits[None, :] < NUM_SPLITS)
+    part = rows[:, None] * NUM_SPLITS + splits[None, :]
+    vals = tl.load(part_val_ptr + part, mask=mask, other=float("inf"))
+    idxs = tl.load(part_idx_ptr + part, mask=mask, other=0)
+    # Split s covers lower codes than split s + 1: the leftmost minimal split holds
+    # the lowest minimal index. Partials are never NaN (NaN never replaces +inf).
+    _, which = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    best_idx = tl.sum(tl.where(splits[None, :] == which[:, None], idxs, 0), axis=1)
+    _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
+              stride_zm, stride_k, stride_qm, INTERPRET, BLOCK_D)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# GPU tile shapes, built on the first GPU launch (nothing at import). tl.dot needs
+# M, N, K >= 16; 128 x 128 fp32 accumulators are 64 registers per thread at 8 warps.
+def _search_configs():
+    configs = []
+    for bm, bn, warps, stages in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+                                  (64, 64, 4, 4), (128, 128, 4, 4), (64, 256, 8, 3)]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_search_kernel():
+    key = ["K", "D", "NUM_SPLITS", "DOT_FP32", "INPUT_PRECISION"]
+    return triton.autotune(configs=_search_configs(), key=key)(_search_kernel)
+
+
+# Under the interpreter: one config; cost there is per program and per op, so big tiles.
+INTERPRET_BLOCK_M = 64
+INTERPRET_BLOCK_N = 64
+# Nominal row block used to decide on split-K (the tuned BLOCK_M is not known yet).
+SPLIT_BLOCK_M = 64
+# A split scans at least this many codes, so the partials stay small beside the codebook.
+MIN_CODES_PER_SPLIT = 2048
+
+
+def _pow2_at_least_16(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _choose_splits(z: torch.Tensor, n: int, k: int) -> int:
+    forced = os.environ.get("VQKERN_TRITON_NUM_SPLITS")
+    if forced:
+        return max(1, int(forced))
+    if z.device.type != "cuda":
+        return 1
+    row_blocks = triton.cdiv(n, SPLIT_BLOCK_M)
+    target = 2 * _sm_count(z.device.index if z.device.index is not None else torch.cuda.current_device())
+    if row_blocks >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, row_blocks), k // MIN_CODES_PER_SPLIT))
+
+
+def _fp32_precision() -> str:
+    mode = os.environ.get("VQKERN_TRITON_FP32_PRECISION", "ieee").lower()
+    if mode not in ("ieee", "tf32"):
+        raise ValueError(f"VQKERN_TRITON_FP32_PRECISION must be 'ieee' or 'tf32', got {mode!r}")
+    return mode
+
+
+def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None, block_d=None):
+    """Search with explicit knobs: ``num_splits`` forces the split-K path (> 1) and
+    ``block_d`` the D chunk (a power of two >= 16), so tests reach every path."""
+    n, d = z.shape
+    k = codebook.shape[0]
+    interpreting = _interpreting()
+    # Operands of one 16-bit dtype go to tl.dot as they are; mixed dtypes meet in
+    # fp32, and the interpreter multiplies bf16 bits as integers, so it gets fp32.
+    dot_fp32 = (z.dtype != codebook.dtype or z.dtype == torch.float32
+                or (interpreting and torch.bfloat16 in (z.dtype, codebook.dtype)))
+    if block_d is None:
+        block_d = min(_pow2_at_least_16(d), 64 if dot_fp32 else 128)
+    one_chunk = d <= block_d
+    splits = _choose_splits(z, n, k) if num_splits is None else max(1, int(num_splits))
+
+    norms = torch.empty(k, dtype=torch.float32, device=z.device)
+    norm_block_d = min(_pow2_at_least_16(d), 128)
+    _code_norms_kernel[(triton.cdiv(k, 64),)](codebook, norms, k, d, codebook.stride(0),
+                                              BLOCK_K=64, BLOCK_D=norm_block_d)
+    if splits > 1:
+        part_val = torch.empty((n, splits), dtype=torch.float32, device=z.device)
+        part_idx = torch.empty((n, splits), dtype=torch.int64, device=z.device)
+    else:
+        part_val, part_idx = distances, indices  # unused by the kernel when NUM_SPLITS == 1
+    args = (z, codebook, norms, indices, distances, quantized, part_val, part_idx,
+            n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0))
+    meta = dict(NUM_SPLITS=splits, INTERPRET=interpreting, ONE_CHUNK=one_chunk, DOT_FP32=dot_fp32,
+                INPUT_PRECISION=_fp32_precision() if not interpreting else "ieee", BLOCK_D=block_d)
+    if interpreting:
+        grid = (triton.cdiv(n, INTERPRET_BLOCK_M), splits)
+        _search_kernel[grid](*args, **meta, BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N)
+    else:
+        def grid(m):
+            return (triton.cdiv(n, m["BLOCK_M"]), splits)
+        _tuned_search_kernel()[grid](*args, **meta)
+    if splits > 1:
+        reduce_block_m = 64
+        _split_reduce_kernel[(triton.cdiv(n, reduce_block_m),)](
+            z, codebook, part_val, part_idx, indices, distances, quantized,
+            n, d, z.stride(0), codebook.stride(0), quantized.stride(0),
+            NUM_SPLITS=splits, INTERPRET=interpreting, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_M=reduce_block_m, BLOCK_D=min(_pow2_at_least_16(d), 64), num_warps=4)
+
+
+def search(z, codebook, indices, distances, quantized) -> None:
+    """Launcher of the backend interface: z (N, D), codebook (K, D) contiguous floats;
+    writes indices (N,) int64, distances (N,) fp32, quantized (N, D) in z's dtype."""
+    launch_search(z, codebook, indices, distances, quantized)
