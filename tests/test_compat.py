@@ -292,3 +292,30 @@ def run_step_rvq(module, x, seed):
     quantized, indices, losses = module(x)
     (quantized.square().mean() + losses.sum()).backward()
     return quantized.detach(), indices, losses.detach(), x.grad
+
+
+@pytest.mark.parametrize("training", [False, pytest.param(True, marks=pytest.mark.slow)])  # ~12 s each on CPU
+def test_torch_compile_fullgraph(training):
+    # Training with EMA updates is not one graph (host-side dead-code and k-means
+    # decisions); eval, and training with a learnable codebook, are.
+    kw = dict(dim=DIM, codebook_size=K, codebook_dim=8)
+    if training:
+        kw.update(learnable_codebook=True, ema_update=False)
+    torch.manual_seed(0)
+    eager = VectorQuantize(**kw).train(training)
+    torch.manual_seed(0)
+    compiled_module = VectorQuantize(**kw).train(training)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x = make_input(kw)
+    outs = []
+    for fn, module in ((eager, eager), (compiled, compiled_module)):
+        xx = x.clone().requires_grad_()
+        q, i, loss = fn(xx)
+        (q.square().sum() + loss).backward()
+        outs.append((q.detach(), i, loss.detach(), xx.grad, module.project_in.weight.grad))
+    (q_e, i_e, l_e, gx_e, gw_e), (q_c, i_c, l_c, gx_c, gw_c) = outs
+    assert torch.equal(i_c, i_e)
+    torch.testing.assert_close(q_c, q_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l_c, l_e, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gx_c, gx_e, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw_c, gw_e, atol=1e-5, rtol=1e-4)

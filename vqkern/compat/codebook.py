@@ -54,12 +54,13 @@ class Codebook(nn.Module):
         else:
             self.register_buffer("embed", embed)
         # Host-side copy of ``initted``: reading the buffer on every forward would
-        # synchronize a GPU stream each step. Reset whenever a state dict is loaded.
-        self._initted_host: bool | None = None
+        # synchronize a GPU stream each step (and break torch.compile's graph).
+        # Refreshed whenever a state dict is loaded.
+        self._initted_host = not kmeans_init
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._initted_host = None
         super()._load_from_state_dict(*args, **kwargs)
+        self._initted_host = bool(self.initted)
 
     @property
     def has_dead_code_replacement(self) -> bool:
@@ -91,8 +92,6 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def init_embed_(self, flatten: Tensor) -> None:
-        if self._initted_host is None:
-            self._initted_host = bool(self.initted)
         if self._initted_host:
             return
         # Every rank learns the total row count, so all of them skip or all initialize.

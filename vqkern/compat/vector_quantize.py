@@ -235,7 +235,11 @@ class VectorQuantize(nn.Module):
             embed_ind = embed_ind[:, 0]
 
         if self.training:
-            loss = self.zero.clone().requires_grad_()
+            loss = self.zero
+            if not torch.compiler.is_compiling():
+                # vector_quantize_pytorch's training loss always requires grad, even
+                # with no loss term; dynamo cannot return such a fresh leaf.
+                loss = loss.clone().requires_grad_()
             if self.has_commitment_loss:
                 commit_loss = F.mse_loss(commit_quantize, x)
                 loss = loss + commit_loss * self.commitment_weight
