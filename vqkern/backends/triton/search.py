@@ -50,6 +50,19 @@ def _code_norms_kernel(cb_ptr, norms_ptr, K, D, stride_k,
 
 
 @triton.jit
+def _dot(a, b, acc, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # acc + a @ b in fp32. The interpreter's tl.dot is a BLAS sgemm whose rounding
+    # depends on a column's position in the tile, so identical codes could score
+    # differently; a broadcast product summed over D in order is the same for every
+    # column, as the compiled dot is.
+    if INTERPRET:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
               stride_zm, stride_k, stride_qm, INTERPRET: tl.constexpr, BLOCK_D: tl.constexpr):
     # Gather the chosen codes, write them in z's dtype, and the residual distance in fp32.
@@ -98,7 +111,7 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                         mask=code_mask[None, :] & (cols[:, None] < D), other=0.0)
             if DOT_FP32:
                 e = e.to(tl.float32)
-            acc = tl.dot(z_tile, e, input_precision=INPUT_PRECISION)
+            acc = _dot(z_tile, e, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET, INPUT_PRECISION)
         else:
             # Large D: BLOCK_D chunks keep the register tiles bounded; the z chunks
             # are re-read per tile (from L1/L2, they were read by the previous tile).
@@ -113,7 +126,7 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                 if DOT_FP32:
                     z = z.to(tl.float32)
                     e = e.to(tl.float32)
-                acc = tl.dot(z, e, acc, input_precision=INPUT_PRECISION)
+                acc = _dot(z, e, acc, INTERPRET, INPUT_PRECISION)
         norms = tl.load(norms_ptr + codes, mask=code_mask, other=float("inf"))
         scores = norms[None, :] - 2.0 * acc
         scores = tl.where(code_mask[None, :], scores, float("inf"))
@@ -217,9 +230,8 @@ def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None
     k = codebook.shape[0]
     interpreting = _interpreting()
     # Operands of one 16-bit dtype go to tl.dot as they are; mixed dtypes meet in
-    # fp32, and the interpreter multiplies bf16 bits as integers, so it gets fp32.
-    dot_fp32 = (z.dtype != codebook.dtype or z.dtype == torch.float32
-                or (interpreting and torch.bfloat16 in (z.dtype, codebook.dtype)))
+    # fp32 (the interpreter's product is fp32 whatever the dtypes).
+    dot_fp32 = z.dtype != codebook.dtype or z.dtype == torch.float32
     if block_d is None:
         block_d = min(_pow2_at_least_16(d), 64 if dot_fp32 else 128)
     one_chunk = d <= block_d
