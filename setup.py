@@ -1,5 +1,92 @@
-"""vqkern build. The CUDA C++ extension build is added by the CUDA backend work."""
-from setuptools import find_packages, setup
+"""vqkern build.
+
+The CUDA C++ extension ``vqkern._C`` (csrc/, CMakeLists.txt) is built by CMake
+when ``nvcc`` is found (on PATH, or under CUDA_HOME / CUDA_PATH / /usr/local/cuda).
+``VQKERN_SKIP_CUDA_BUILD=1`` skips it and vqkern installs as pure Python (the
+"cuda" backend then reports itself unavailable with the reason). The decision
+never looks at ``torch.cuda.is_available()``: build hosts often have no GPU.
+
+Environment: ``VQKERN_CUDA_ARCHS`` (default ``80;90a``), ``VQKERN_PTXAS_VERBOSE=1``
+(register/spill report per kernel), ``MAX_JOBS`` (parallel compile jobs).
+With nvcc present, a failing build fails the install loudly.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_nvcc() -> str | None:
+    """Path of nvcc, or None. PATH first, then the usual CUDA homes."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, source_dir: Path):
+        super().__init__(name, sources=[])
+        self.source_dir = str(source_dir)
+
+
+class CMakeBuild(build_ext):
+    """Configure and build with CMake; the module lands where setuptools expects it
+    (build/lib... for a wheel, copied into the source vqkern/ for an editable install)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        try:
+            import pybind11
+        except ImportError as exc:  # nvcc is here, so a missing build tool is an error
+            raise RuntimeError(
+                "building vqkern._C needs pybind11 (pip install pybind11), or set "
+                "VQKERN_SKIP_CUDA_BUILD=1 for a pure-Python install") from exc
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError("building vqkern._C needs cmake on PATH, or set VQKERN_SKIP_CUDA_BUILD=1")
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            f"-DVQKERN_OUTPUT_DIR={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
+            args.append("-GNinja")
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run([cmake, "-S", ext.source_dir, "-B", str(build_dir), *args], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+
+
+def ext_modules() -> list[Extension]:
+    if _truthy("VQKERN_SKIP_CUDA_BUILD"):
+        print("vqkern: VQKERN_SKIP_CUDA_BUILD is set, installing without vqkern._C", file=sys.stderr)
+        return []
+    if find_nvcc() is None:
+        print("vqkern: nvcc not found (PATH, CUDA_HOME), installing without vqkern._C", file=sys.stderr)
+        return []
+    return [CMakeExtension("vqkern._C", ROOT)]
+
 
 setup(
     name="vqkern",
@@ -8,4 +95,6 @@ setup(
     packages=find_packages(include=["vqkern", "vqkern.*"]),
     python_requires=">=3.10",
     install_requires=["numpy"],
+    ext_modules=ext_modules(),
+    cmdclass={"build_ext": CMakeBuild},
 )

@@ -1,0 +1,277 @@
+"""The CUDA C++ backend (vqkern._C).
+
+Without a GPU: the extension was built and imports, reports why it cannot run
+on CPU, and refuses CPU tensors with a clear error. With a GPU: the kernels
+against fp64 ground truth, split-K, grad_z, both segment-sum paths, agreement
+with the Triton backend, and 64-bit offsets past 2^31 elements (slow).
+"""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import vqkern
+from vqkern import backends
+from vqkern.backends import cuda as cuda_backend
+
+from helpers import assert_nearest, exact_distances
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _nvcc_present() -> bool:
+    if shutil.which("nvcc"):
+        return True
+    homes = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda")
+    return any(h and (Path(h) / "bin" / "nvcc").is_file() for h in homes)
+
+
+def _ext():
+    ext = cuda_backend._load()
+    if ext is None:
+        pytest.skip(f"vqkern._C is not available: {cuda_backend._ext_error}")
+    return ext
+
+
+# ---------------------------------------------------------------- any machine
+
+def test_extension_builds_and_imports():
+    if os.environ.get("VQKERN_SKIP_CUDA_BUILD", "") == "1":
+        pytest.skip("VQKERN_SKIP_CUDA_BUILD=1: installed without vqkern._C")
+    if not _nvcc_present():
+        pytest.skip("nvcc not found: setup.py installed without vqkern._C")
+    import vqkern._C as ext  # a failure here is the build or load error, shown in full
+
+    for name in ("search", "grad_z", "segment_sum_atomic", "segment_sum_sorted"):
+        assert callable(getattr(ext, name))
+    assert ext.SEARCH_ROWS == 64 and ext.SEGMENT_CHUNK_ROWS > 0 and ext.CUDA_VERSION >= 11000
+
+
+def test_not_imported_with_vqkern():
+    import subprocess
+    import sys
+    code = "import sys, vqkern; assert 'vqkern._C' not in sys.modules, 'imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def test_availability_on_cpu_says_why():
+    ok, reason = backends.availability("cuda", "cpu")
+    assert not ok
+    if cuda_backend._load() is None:
+        assert "vqkern._C" in reason and ("not built" in reason or "failed to load" in reason)
+    else:
+        assert reason == "the CUDA backend takes CUDA tensors, got cpu"
+
+
+def test_explicit_cuda_backend_on_cpu_raises_with_reason():
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
+        vqkern.nearest_code(torch.randn(4, 3), torch.randn(5, 3), backend="cuda")
+
+
+def test_launchers_refuse_cpu_tensors():
+    _ext()
+    z, cb = torch.randn(6, 3), torch.randn(5, 3)
+    idx = torch.zeros(6, dtype=torch.int64)
+    msg = "must be a CUDA tensor, got a tensor on cpu"
+    with pytest.raises(ValueError, match="z " + msg):
+        cuda_backend.search(z, cb, idx, torch.empty(6), torch.empty(6, 3))
+    with pytest.raises(ValueError, match="grad_quantized " + msg):
+        cuda_backend.grad_z(torch.randn(6, 3), z, cb, idx, 0.5, torch.empty(6, 3))
+    with pytest.raises(ValueError, match="values " + msg):
+        cuda_backend.segment_sum(idx, z, torch.zeros(5), torch.zeros(5, 3), True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_binding_without_gpu_raises_naming_the_call():
+    ext = _ext()
+    # Null pointers never reach a kernel: the device query fails first, and the error
+    # names the CUDA call instead of crashing the interpreter.
+    with pytest.raises(RuntimeError, match=r"vqkern\._C: cudaGetDevice failed"):
+        ext.grad_z(0, 0, 0, 0, 0, 0, 0, 0, 4, 3, 1.0, 0, 0)
+
+
+def test_split_choice():
+    assert cuda_backend.choose_splits(65536, 16384, 132) == 1  # rows alone fill the GPU
+    assert cuda_backend.choose_splits(256, 2**20, 132) == 66  # 4 row blocks x 66 splits
+    assert cuda_backend.choose_splits(10, 100, 132) == 1  # 2 code tiles: nothing to split
+    assert cuda_backend.choose_splits(1, 10**6, 132) == 264
+
+
+# ---------------------------------------------------------------- GPU only
+
+def _poisoned(n, d, dtype, device="cuda"):
+    return (torch.full((n,), -7, dtype=torch.int64, device=device),
+            torch.full((n,), float("nan"), device=device),
+            torch.full((n, d), float("nan"), dtype=dtype, device=device))
+
+
+def _run_search(z, cb, **kw):
+    idx, dist, q = _poisoned(z.shape[0], z.shape[1], z.dtype, z.device)
+    cuda_backend.search(z, cb, idx, dist, q, **kw)
+    return idx, dist, q
+
+
+CASES = [(1, 1, 1), (37, 7, 3), (130, 1000, 65), (300, 70001, 16), (65, 129, 1000)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("n,k,d", CASES)
+@pytest.mark.parametrize("z_dtype,cb_dtype", [
+    (torch.float32, torch.float32), (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_search_against_fp64(n, k, d, z_dtype, cb_dtype):
+    _ext()
+    z = torch.randn(n, d, device="cuda").to(z_dtype)
+    cb = torch.randn(k, d, device="cuda").to(cb_dtype)
+    idx, dist, q = _run_search(z, cb)
+    assert_nearest(z, cb, idx, dist)
+    assert torch.equal(q, cb[idx].to(z_dtype))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_split_k_matches_single_pass(dtype):
+    _ext()
+    # Each code's score is computed the same way whatever split holds it, so the
+    # chosen indices must be identical, not merely close.
+    z = torch.randn(50, 64, device="cuda").to(dtype)
+    cb = torch.randn(5000, 64, device="cuda").to(dtype)
+    runs = [_run_search(z, cb, splits=s) for s in (1, 2, 7, 79, 1000)]
+    assert_nearest(z, cb, runs[0][0], runs[0][1])
+    for idx, dist, q in runs[1:]:
+        assert torch.equal(idx, runs[0][0]) and torch.equal(dist, runs[0][1]) and torch.equal(q, runs[0][2])
+
+
+@needs_gpu
+@pytest.mark.parametrize("tensor_cores", [False, True])
+@pytest.mark.parametrize("splits", [1, 5])
+def test_ties_lowest_index_across_tiles_and_splits(tensor_cores, splits):
+    _ext()
+    base = torch.randn(70, 32, device="cuda").half()
+    cb = torch.cat([base] * 4)  # copies 70 apart: in other tiles and other splits
+    z = base[torch.arange(300, device="cuda") % 70]
+    idx, _, _ = _run_search(z, cb, splits=splits, tensor_cores=tensor_cores)
+    assert torch.equal(idx, torch.arange(300, device="cuda") % 70)
+
+
+@needs_gpu
+def test_exact_indices_and_triton_agreement():
+    _ext()
+    cb = torch.randn(3000, 48, device="cuda") * 10
+    truth = torch.randint(3000, (2000,), device="cuda")
+    z = cb[truth] + 0.01 * torch.randn(2000, 48, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        idx, dist, _ = _run_search(z.to(dtype), cb.to(dtype))
+        assert torch.equal(idx, truth)
+    ok, reason = backends.availability("triton", "cuda")
+    if not ok:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        zz, cc = torch.randn(999, 40, device="cuda").to(dtype), torch.randn(777, 40, device="cuda").to(dtype)
+        ic, dc = vqkern.nearest_code(zz, cc, backend="cuda")
+        it, dt = vqkern.nearest_code(zz, cc, backend="triton")
+        exact = exact_distances(zz, cc)
+        # Where the two differ, both choices must be (near-)ties in fp64.
+        gap = (exact.gather(1, ic[:, None]) - exact.gather(1, it[:, None])).abs()
+        assert (gap.squeeze(1)[ic != it] <= 1e-4 * exact.max()).all()
+        same = ic == it
+        torch.testing.assert_close(dc[same], dt[same], rtol=1e-5, atol=1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("z_dtype,cb_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float16, torch.float32)])
+def test_grad_z_against_fp64(z_dtype, cb_dtype):
+    _ext()
+    n, k, d = 513, 97, 67
+    z = torch.randn(n, d, device="cuda").to(z_dtype)
+    cb = torch.randn(k, d, device="cuda").to(cb_dtype)
+    g = torch.randn(n, d, device="cuda").to(z_dtype)
+    idx = torch.randint(k, (n,), device="cuda")
+    out = torch.full_like(z, float("nan"))
+    cuda_backend.grad_z(g, z, cb, idx, 0.375, out)
+    ref = g.double() + 0.375 * (z.double() - cb.double()[idx])
+    plain = (g.float() + 0.375 * (z.float() - cb[idx].float())).to(z_dtype)
+    err, plain_err = (out.double() - ref).abs().max(), (plain.double() - ref).abs().max()
+    assert out.dtype == z_dtype and err <= 2 * plain_err + 1e-6
+
+
+@needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("n,k,d,heavy", [(1, 1, 1, 0), (1000, 37, 19, 300), (5000, 3, 130, 5000),
+                                         (777, 5000, 8, 0), (4096, 64, 256, 2000)])
+def test_segment_sum_paths(deterministic, n, k, d, heavy):
+    _ext()
+    idx = torch.randint(k, (n,), device="cuda")
+    idx[:heavy] = k // 2  # one code spanning many chunks of sorted rows
+    idx = idx[torch.randperm(n, device="cuda")]
+    values = torch.randn(n, d, device="cuda").bfloat16()
+    counts, sums = torch.zeros(k, device="cuda"), torch.zeros(k, d, device="cuda")
+    cuda_backend.segment_sum(idx, values, counts, sums, deterministic)
+    ref_sums = torch.zeros(k, d, dtype=torch.float64, device="cuda").index_add_(0, idx, values.double())
+    assert torch.equal(counts.double(), torch.bincount(idx, minlength=k).double())
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-4)
+    if deterministic:
+        again_c, again_s = torch.zeros_like(counts), torch.zeros_like(sums)
+        cuda_backend.segment_sum(idx, values, again_c, again_s, True)
+        assert torch.equal(again_c, counts) and torch.equal(again_s, sums)
+
+
+@needs_gpu
+def test_segment_sum_adds_into_given_outputs():
+    _ext()
+    idx = torch.randint(10, (600,), device="cuda")
+    values = torch.randn(600, 4, device="cuda")
+    for deterministic in (False, True):
+        counts, sums = torch.ones(10, device="cuda"), torch.ones(10, 4, device="cuda")
+        cuda_backend.segment_sum(idx, values, counts, sums, deterministic)
+        ref = torch.ones(10, 4, device="cuda").index_add_(0, idx, values)
+        torch.testing.assert_close(sums, ref)
+        assert torch.equal(counts, 1 + torch.bincount(idx, minlength=10).float())
+
+
+@needs_gpu
+def test_quantize_backward_through_public_api():
+    z = torch.randn(333, 24, device="cuda", requires_grad=True)
+    cb = torch.randn(50, 24, device="cuda", requires_grad=True)
+    out = vqkern.quantize(z, cb, backend="cuda")
+    (out.quantized.square().sum() + out.loss).backward()
+    z_ref, cb_ref = z.detach().double().requires_grad_(), cb.detach().double().requires_grad_()
+    ref = vqkern.reference.quantize(z_ref, cb_ref, 0.25)
+    (ref.quantized.square().sum() + ref.loss).backward()
+    assert torch.equal(out.indices, ref.indices)
+    torch.testing.assert_close(z.grad.double(), z_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cb.grad.double(), cb_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_gpu
+@pytest.mark.slow
+def test_offsets_past_2_to_31_elements():
+    _ext()
+    # N * D = 2^31 + 192 elements of fp16: a 32-bit element offset would wrap.
+    n, d, k = 2**25 + 3, 64, 96
+    cb = torch.randn(k, d, device="cuda").half()
+    truth = torch.randint(k, (n,), device="cuda")
+    z = cb[truth]
+    z[-5:] += 0.01 * torch.randn(5, d, device="cuda").half()
+    idx, dist, q = _run_search(z, cb)
+    assert torch.equal(idx, truth) and torch.equal(q[:-5], z[:-5])
+    assert bool((dist[:-5] == 0).all()) and bool((dist[-5:] > 0).all())
+    del q, dist
+    out = torch.full_like(z, float("nan"))
+    cuda_backend.grad_z(z, z, cb, idx, 1.0, out)
+    tail = slice(n - 1000, n)
+    assert torch.equal(out[tail], (z[tail].float() + (z[tail].float() - cb[idx[tail]].float())).half())
+    del out
+    ref = torch.zeros(k, d, dtype=torch.float64, device="cuda")
+    for start in range(0, n, 2**20):
+        ref.index_add_(0, idx[start:start + 2**20], z[start:start + 2**20].double())
+    for deterministic in (False, True):
+        counts, sums = torch.zeros(k, device="cuda"), torch.zeros(k, d, device="cuda")
+        cuda_backend.segment_sum(idx, z, counts, sums, deterministic)
+        assert torch.equal(counts.double(), torch.bincount(idx, minlength=k).double())
+        # ~350k fp32 additions per code of values ~1: rounding stays far below the
+        # error a wrapped offset would make (rows read from the wrong place).
+        torch.testing.assert_close(sums.double(), ref, rtol=1e-4, atol=1.0)

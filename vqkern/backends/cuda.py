@@ -1,0 +1,178 @@
+"""CUDA C++ backend: a thin wrapper over the compiled extension ``vqkern._C``.
+
+The extension is imported lazily, on the first availability check or launch,
+never when vqkern is imported; a failed import is kept and reported as the
+availability reason. The kernels (csrc/) take raw device pointers, sizes, dtype
+codes and the current stream, so this module allocates the small workspaces
+(code norms, split-K partials, the deterministic segment-sum pieces) with torch
+and passes pointers. Launchers check only what would otherwise crash the
+process (device, contiguity, dtype): argument validation proper happens once in
+``vqkern.functional``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+# Shared with csrc/common.cuh (enum DType).
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_HALF = (torch.float16, torch.bfloat16)
+_MIN_CAPABILITY = (8, 0)  # bf16 tensor-core MMA; CMake targets sm_80 and sm_90a
+
+_ext: ModuleType | None = None
+_ext_error: str | None = None
+
+
+def _load() -> ModuleType | None:
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            _ext = importlib.import_module("vqkern._C")
+        except ModuleNotFoundError as exc:
+            if exc.name != "vqkern._C":
+                _ext_error = f"vqkern._C failed to load: {type(exc).__name__}: {exc}"
+            else:
+                _ext_error = (f"vqkern._C not built: {exc} (install with nvcc on PATH, "
+                              "without VQKERN_SKIP_CUDA_BUILD=1)")
+        except Exception as exc:  # e.g. an undefined symbol or a driver too old
+            _ext_error = f"vqkern._C failed to load: {type(exc).__name__}: {exc}"
+    return _ext
+
+
+def availability(device: torch.device) -> tuple[bool, str]:
+    """(True, reason) on a CUDA device of compute capability >= 8.0 with vqkern._C loaded."""
+    device = torch.device(device)
+    if _load() is None:
+        return False, str(_ext_error)
+    if device.type != "cuda":
+        return False, f"the CUDA backend takes CUDA tensors, got {device.type}"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < _MIN_CAPABILITY:
+        return False, f"vqkern._C targets sm_80 and newer, got sm_{capability[0]}{capability[1]}"
+    return True, f"vqkern._C loaded (CUDA runtime {_ext.CUDA_VERSION})"
+
+
+def _require() -> ModuleType:
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"cuda backend: {_ext_error}")
+    return ext
+
+
+def _check(name: str, t: torch.Tensor, device: torch.device, dtypes=None) -> None:
+    if t.device.type != "cuda":
+        raise ValueError(f"cuda backend: {name} must be a CUDA tensor, got a tensor on {t.device} "
+                         "(the CUDA backend takes CUDA tensors; use backend='torch' or 'triton' on CPU)")
+    if t.device != device:
+        raise ValueError(f"cuda backend: {name} is on {t.device}, expected {device} like z")
+    if not t.is_contiguous():
+        raise ValueError(f"cuda backend: {name} must be contiguous")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"cuda backend: {name} must have dtype in {[str(x) for x in dtypes]}, got {t.dtype}")
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_splits(n: int, k: int, sm_count: int, rows_per_block: int = 64, codes_per_tile: int = 64) -> int:
+    """Split-K factor: divide the codes among blocks when the row blocks alone
+    cannot fill the GPU (about two blocks per SM), keeping >= 4 code tiles per split."""
+    row_blocks = -(-n // rows_per_block)
+    tiles = -(-k // codes_per_tile)
+    target = 2 * sm_count
+    if row_blocks >= target:
+        return 1
+    return max(1, min(-(-target // row_blocks), tiles // 4, 65535))
+
+
+def search(z, codebook, indices, distances, quantized, *, splits: int | None = None,
+           tensor_cores: bool | None = None) -> None:
+    """Nearest code per row. z (N, D), codebook (K, D) float32/float16/bfloat16 (may differ);
+    writes indices (N,) int64, distances (N,) float32, quantized (N, D) in z's dtype.
+    ``splits`` forces the split-K factor; ``tensor_cores`` (default: z and codebook both
+    fp16 or both bf16) picks the WMMA kernel over the fp32 FMA kernel."""
+    ext = _require()
+    device = z.device
+    _check("z", z, device, _DTYPE_CODES)
+    _check("codebook", codebook, device, _DTYPE_CODES)
+    _check("indices", indices, device, (torch.int64,))
+    _check("distances", distances, device, (torch.float32,))
+    _check("quantized", quantized, device, (z.dtype,))
+    n, d = z.shape
+    k = codebook.shape[0]
+    if k >= 2**31:
+        raise ValueError(f"cuda backend: codebook has {k} codes; at most 2^31 - 1 are supported")
+    if n == 0:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if splits is None:
+        splits = choose_splits(n, k, _sm_count(index), ext.SEARCH_ROWS)
+    if splits < 1:
+        raise ValueError(f"cuda backend: splits must be >= 1, got {splits}")
+    if tensor_cores is None:
+        tensor_cores = z.dtype == codebook.dtype and z.dtype in _HALF
+    norms = torch.empty(k, dtype=torch.float32, device=device)
+    part_scores = torch.empty((splits, n), dtype=torch.float32, device=device)
+    part_index = torch.empty((splits, n), dtype=torch.int32, device=device)
+    ext.search(index, z.data_ptr(), _DTYPE_CODES[z.dtype], codebook.data_ptr(),
+               _DTYPE_CODES[codebook.dtype], n, k, d, norms.data_ptr(), part_scores.data_ptr(),
+               part_index.data_ptr(), splits, bool(tensor_cores), indices.data_ptr(),
+               distances.data_ptr(), quantized.data_ptr(), _stream(device))
+
+
+def grad_z(grad_quantized, z, codebook, indices, scale, out) -> None:
+    """out (N, D) in z's dtype = grad_quantized + scale * (z - codebook[indices]), in fp32."""
+    ext = _require()
+    device = z.device
+    _check("grad_quantized", grad_quantized, device, _DTYPE_CODES)
+    _check("z", z, device, _DTYPE_CODES)
+    _check("codebook", codebook, device, _DTYPE_CODES)
+    _check("indices", indices, device, (torch.int64,))
+    _check("out", out, device, (z.dtype,))
+    n, d = z.shape
+    if n == 0:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ext.grad_z(index, grad_quantized.data_ptr(), _DTYPE_CODES[grad_quantized.dtype], z.data_ptr(),
+               _DTYPE_CODES[z.dtype], codebook.data_ptr(), _DTYPE_CODES[codebook.dtype],
+               indices.data_ptr(), n, d, float(scale), out.data_ptr(), _stream(device))
+
+
+def segment_sum(indices, values, counts, sums, deterministic) -> None:
+    """counts (K,) f32 += per-code row counts; sums (K, D) f32 += per-code sums of values (N, D).
+
+    deterministic=False: fp32 atomics. deterministic=True: a stable torch.sort of the
+    indices, then a fixed-order reduction (bitwise-identical across runs)."""
+    ext = _require()
+    device = values.device
+    _check("values", values, device, _DTYPE_CODES)
+    _check("indices", indices, device, (torch.int64,))
+    _check("counts", counts, device, (torch.float32,))
+    _check("sums", sums, device, (torch.float32,))
+    n, d = values.shape
+    k = counts.shape[0]
+    if n == 0:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    code = _DTYPE_CODES[values.dtype]
+    if not deterministic:
+        ext.segment_sum_atomic(index, indices.data_ptr(), values.data_ptr(), code, n, d,
+                               counts.data_ptr(), sums.data_ptr(), _stream(device))
+        return
+    sorted_idx, perm = torch.sort(indices, stable=True)
+    chunks = -(-n // ext.SEGMENT_CHUNK_ROWS)
+    partial = torch.empty((2 * chunks, d), dtype=torch.float32, device=device)
+    ext.segment_sum_sorted(index, sorted_idx.data_ptr(), perm.data_ptr(), values.data_ptr(), code,
+                           n, d, k, counts.data_ptr(), sums.data_ptr(), partial.data_ptr(),
+                           _stream(device))
