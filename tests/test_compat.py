@@ -319,3 +319,19 @@ def test_torch_compile_fullgraph(training):
     torch.testing.assert_close(l_c, l_e, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gx_c, gx_e, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gw_c, gw_e, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_cosine_sim=True, heads=2, codebook_dim=DIM // 2)], ids=["l2", "cosine_heads"])
+def test_bfloat16_input(kw):
+    # Both search in fp32 and cast back; the rotation trick then runs in bf16,
+    # where the two implementations round differently (by at most an ulp or two).
+    ref, ours = make_pair(dim=DIM, codebook_size=K, **kw)
+    x = make_input({}, seed=4).bfloat16()
+    q_ref, i_ref, l_ref, g_ref = run_step(ref, x, seed=0)
+    q_our, i_our, l_our, g_our = run_step(ours, x, seed=0)
+    assert q_our.dtype == q_ref.dtype == torch.bfloat16 and l_our.dtype == l_ref.dtype == torch.float32
+    assert torch.equal(i_our, i_ref)
+    torch.testing.assert_close(q_our, q_ref, atol=2e-2, rtol=1.6e-2)
+    torch.testing.assert_close(l_our, l_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g_our.float(), g_ref.float(), atol=2e-2, rtol=1.6e-2)
+    assert_states_close(ref, ours)
