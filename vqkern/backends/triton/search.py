@@ -50,19 +50,6 @@ def _code_norms_kernel(cb_ptr, norms_ptr, K, D, stride_k,
 
 
 @triton.jit
-def _dot(a, b, acc, INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # acc + a @ b in fp32. The interpreter's tl.dot is a BLAS sgemm whose rounding
-    # depends on a column's position in the tile, so identical codes could score
-    # differently; a broadcast product summed over D in order is the same for every
-    # column, as the compiled dot is.
-    if INTERPRET:
-        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
               stride_zm, stride_k, stride_qm, INTERPRET: tl.constexpr, BLOCK_D: tl.constexpr):
     # Gather the chosen codes, write them in z's dtype, and the residual distance in fp32.
@@ -103,6 +90,11 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                          mask=row_mask[:, None] & (cols[None, :] < D), other=0.0)
         if DOT_FP32:
             z_tile = z_tile.to(tl.float32)
+    # Under the interpreter tl.dot is a BLAS sgemm whose rounding depends on a
+    # column's position in the tile, so identical codes could score differently;
+    # there the product is a broadcast summed over D in order, the same for every
+    # column, as the compiled dot is. (Written inline: a nested jit call costs the
+    # interpreter milliseconds per tile.)
     for k0 in range(k_start, k_stop, BLOCK_N):
         codes = k0 + tl.arange(0, BLOCK_N).to(tl.int64)
         code_mask = codes < k_stop
@@ -111,7 +103,10 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                         mask=code_mask[None, :] & (cols[:, None] < D), other=0.0)
             if DOT_FP32:
                 e = e.to(tl.float32)
-            acc = _dot(z_tile, e, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET, INPUT_PRECISION)
+            if INTERPRET:
+                acc = tl.sum(z_tile.to(tl.float32)[:, :, None] * e.to(tl.float32)[None, :, :], axis=1)
+            else:
+                acc = tl.dot(z_tile, e, input_precision=INPUT_PRECISION)
         else:
             # Large D: BLOCK_D chunks keep the register tiles bounded; the z chunks
             # are re-read per tile (from L1/L2, they were read by the previous tile).
@@ -126,7 +121,10 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                 if DOT_FP32:
                     z = z.to(tl.float32)
                     e = e.to(tl.float32)
-                acc = _dot(z, e, acc, INTERPRET, INPUT_PRECISION)
+                if INTERPRET:
+                    acc += tl.sum(z.to(tl.float32)[:, :, None] * e.to(tl.float32)[None, :, :], axis=1)
+                else:
+                    acc = tl.dot(z, e, acc, input_precision=INPUT_PRECISION)
         norms = tl.load(norms_ptr + codes, mask=code_mask, other=float("inf"))
         scores = norms[None, :] - 2.0 * acc
         scores = tl.where(code_mask[None, :], scores, float("inf"))
@@ -190,9 +188,14 @@ def _tuned_search_kernel():
     return triton.autotune(configs=_search_configs(), key=key)(_search_kernel)
 
 
-# Under the interpreter: one config; cost there is per program and per op, so big tiles.
+# Under the interpreter: one config; its cost is milliseconds per program and per
+# block op, almost nothing per element, so the tiles are big.
+# Every tl.sum / tl.min there is a nested jit call costing ~8 ms, paid per tile.
 INTERPRET_BLOCK_M = 64
-INTERPRET_BLOCK_N = 64
+INTERPRET_BLOCK_N = 1024
+# Triton caps a block at 2^20 elements; the interpreter's (M, D, N) product is one.
+INTERPRET_MAX_PRODUCT = 2**20
+INTERPRET_NORM_BLOCK_K = 1024
 # Nominal row block used to decide on split-K (the tuned BLOCK_M is not known yet).
 SPLIT_BLOCK_M = 64
 # A split scans at least this many codes, so the partials stay small beside the codebook.
@@ -223,9 +226,11 @@ def _fp32_precision() -> str:
     return mode
 
 
-def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None, block_d=None):
-    """Search with explicit knobs: ``num_splits`` forces the split-K path (> 1) and
-    ``block_d`` the D chunk (a power of two >= 16), so tests reach every path."""
+def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None, block_d=None,
+                  block_n=None):
+    """Search with explicit knobs, so tests reach every path: ``num_splits`` > 1
+    forces the split-K path, ``block_d`` the D chunk and ``block_n`` the code tile
+    (powers of two >= 16; a given ``block_n`` bypasses autotuning, BLOCK_M = 64)."""
     n, d = z.shape
     k = codebook.shape[0]
     interpreting = _interpreting()
@@ -239,8 +244,9 @@ def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None
 
     norms = torch.empty(k, dtype=torch.float32, device=z.device)
     norm_block_d = min(_pow2_at_least_16(d), 128)
-    _code_norms_kernel[(triton.cdiv(k, 64),)](codebook, norms, k, d, codebook.stride(0),
-                                              BLOCK_K=64, BLOCK_D=norm_block_d)
+    norm_block_k = INTERPRET_NORM_BLOCK_K if interpreting else 64
+    _code_norms_kernel[(triton.cdiv(k, norm_block_k),)](codebook, norms, k, d, codebook.stride(0),
+                                                        BLOCK_K=norm_block_k, BLOCK_D=norm_block_d)
     if splits > 1:
         part_val = torch.empty((n, splits), dtype=torch.float32, device=z.device)
         part_idx = torch.empty((n, splits), dtype=torch.int64, device=z.device)
@@ -250,9 +256,12 @@ def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None
             n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0))
     meta = dict(NUM_SPLITS=splits, INTERPRET=interpreting, ONE_CHUNK=one_chunk, DOT_FP32=dot_fp32,
                 INPUT_PRECISION=_fp32_precision() if not interpreting else "ieee", BLOCK_D=block_d)
-    if interpreting:
-        grid = (triton.cdiv(n, INTERPRET_BLOCK_M), splits)
-        _search_kernel[grid](*args, **meta, BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N)
+    if interpreting or block_n is not None:
+        block_m = INTERPRET_BLOCK_M if interpreting else 64
+        grid = (triton.cdiv(n, block_m), splits)
+        if block_n is None:
+            block_n = min(INTERPRET_BLOCK_N, INTERPRET_MAX_PRODUCT // (block_m * block_d))
+        _search_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     else:
         def grid(m):
             return (triton.cdiv(n, m["BLOCK_M"]), splits)

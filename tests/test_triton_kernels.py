@@ -1,0 +1,241 @@
+"""Triton kernels called through their launchers, against plain fp64 computations.
+
+Without CUDA these run in the Triton interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET=1 before vqkern is imported); with CUDA, compiled. Shapes
+stay small because the interpreter executes every block operation in numpy.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # also when this file is collected without conftest.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import vqkern  # noqa: E402
+from vqkern import backends  # noqa: E402
+
+from helpers import assert_nearest, dist_rtol, exact_distances  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_OK, _WHY = backends.availability("triton", DEVICE)
+pytestmark = [
+    pytest.mark.skipif(not _OK, reason=f"triton: {_WHY}"),
+    # The interpreter turns runtime loop bounds into 1-element arrays and numpy warns.
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+]
+
+if _OK:
+    from vqkern.backends import triton as tk
+
+
+def _poisoned(n, d, dtype):
+    return (torch.full((n,), -1, dtype=torch.int64, device=DEVICE),
+            torch.full((n,), float("nan"), dtype=torch.float32, device=DEVICE),
+            torch.full((n, d), float("nan"), dtype=dtype, device=DEVICE))
+
+
+def _search(z, codebook, **knobs):
+    indices, distances, quantized = _poisoned(z.shape[0], z.shape[1], z.dtype)
+    tk.launch_search(z, codebook, indices, distances, quantized, **knobs)
+    return indices, distances, quantized
+
+
+def _check(z, codebook, indices, distances, quantized):
+    assert_nearest(z, codebook, indices, distances)
+    # quantized is the chosen code converted (round to nearest even) to z's dtype.
+    assert quantized.dtype == z.dtype
+    assert torch.equal(quantized, codebook[indices].to(z.dtype))
+
+
+# D = 1, 3, 65 and K = 1, 7, 1000: off every block size; block_d=16 forces the
+# chunked-D loop (65 = 5 chunks, the last one 1 column wide); block_n=64 makes
+# several code tiles with a partial last one (the interpreter's default tile is big).
+@pytest.mark.parametrize("n,k,d,block_d,block_n", [
+    (37, 1, 1, None, None), (130, 7, 3, None, None), (200, 1000, 16, None, None),
+    (200, 1000, 16, None, 64), (77, 65, 65, None, 16), (100, 300, 65, 16, 64),
+    (64, 129, 32, 16, None), (1, 5, 8, None, None),
+])
+def test_search_fp32(n, k, d, block_d, block_n):
+    z = torch.randn(n, d, device=DEVICE)
+    codebook = torch.randn(k, d, device=DEVICE)
+    _check(z, codebook, *_search(z, codebook, block_d=block_d, block_n=block_n))
+
+
+@pytest.mark.parametrize("zt,ct", [
+    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
+])
+def test_search_dtypes(zt, ct):
+    z = torch.randn(150, 24, device=DEVICE).to(zt)
+    codebook = torch.randn(300, 24, device=DEVICE).to(ct)
+    _check(z, codebook, *_search(z, codebook))
+
+
+def test_search_exact_indices_well_separated():
+    # Codes far apart, inputs close to them: no near-ties, so indices are exact.
+    codebook = torch.randn(200, 32, device=DEVICE) * 10
+    truth = torch.randint(200, (333,), device=DEVICE)
+    z = codebook[truth] + 0.01 * torch.randn(333, 32, device=DEVICE)
+    for splits in (1, 3):
+        indices, distances, _ = _search(z, codebook, num_splits=splits, block_n=32)
+        assert torch.equal(indices, truth)
+        expected = ((z.double() - codebook[truth].double()) ** 2).sum(1)
+        torch.testing.assert_close(distances.double(), expected, rtol=dist_rtol(32), atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_ties_lowest_index_across_tiles_and_splits(splits):
+    # Codes i, i+50, i+100 are identical and fall in different 32-code tiles
+    # (and in the same tile with the default tile size).
+    base = torch.randn(50, 16, device=DEVICE)
+    codebook = torch.cat([base, base, base])
+    want = torch.arange(90, device=DEVICE) % 50
+    z = base[want] + 0.001 * torch.randn(90, 16, device=DEVICE)
+    for block_n in (None, 32):
+        indices, _, _ = _search(z, codebook, num_splits=splits, block_n=block_n)
+        assert torch.equal(indices, want)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7, 40])
+def test_split_k_equals_single_pass(splits):
+    # Split boundaries fall on tile boundaries, so the scores are the same numbers
+    # and every output must be bitwise equal; 40 splits of 16 tiles leave some empty.
+    z = torch.randn(50, 20, device=DEVICE)
+    codebook = torch.randn(1000, 20, device=DEVICE)
+    single = _search(z, codebook, num_splits=1, block_n=64)
+    split = _search(z, codebook, num_splits=splits, block_n=64)
+    _check(z, codebook, *split)
+    for a, b in zip(single, split):
+        assert torch.equal(a, b)
+
+
+def test_split_k_env_reaches_public_api(monkeypatch):
+    z = torch.randn(40, 12, device=DEVICE)
+    codebook = torch.randn(500, 12, device=DEVICE)
+    monkeypatch.setenv("VQKERN_TRITON_NUM_SPLITS", "5")
+    indices, distances = vqkern.nearest_code(z, codebook, backend="triton")
+    assert_nearest(z, codebook, indices, distances)
+    assert torch.equal(indices, _search(z, codebook, num_splits=1)[0])
+
+
+def test_search_large_k():
+    # K = 70001: many tiles and a partial last one; split so each program scans fewer.
+    z = torch.randn(20, 4, device=DEVICE)
+    codebook = torch.randn(70001, 4, device=DEVICE)
+    indices, distances, quantized = _search(z, codebook, num_splits=4)
+    _check(z, codebook, indices, distances, quantized)
+
+
+def test_nan_row_gives_valid_index_and_nan_distance():
+    z = torch.randn(70, 8, device=DEVICE)
+    z[3, 2] = float("nan")
+    codebook = torch.randn(100, 8, device=DEVICE)
+    for splits in (1, 3):
+        indices, distances, quantized = _search(z, codebook, num_splits=splits)
+        assert 0 <= int(indices[3]) < 100
+        assert torch.isnan(distances[3])
+        keep = torch.arange(70, device=DEVICE) != 3
+        _check(z[keep], codebook, indices[keep], distances[keep], quantized[keep])
+
+
+def _grad_ref(gq, z, codebook, indices, scale, dtype):
+    return gq.to(dtype) + scale * (z.to(dtype) - codebook[indices].to(dtype))
+
+
+@pytest.mark.parametrize("zt,ct", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                   (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("n,d", [(129, 3), (64, 65)])
+def test_grad_z(zt, ct, n, d):
+    z = torch.randn(n, d, device=DEVICE).to(zt)
+    gq = torch.randn(n, d, device=DEVICE).to(zt)
+    codebook = torch.randn(57, d, device=DEVICE).to(ct)
+    indices = torch.randint(57, (n,), device=DEVICE)
+    scale = 2 * 0.25 / (n * d) * 1000.0
+    out = torch.full((n, d), float("nan"), dtype=zt, device=DEVICE)
+    tk.grad_z(gq, z, codebook, indices, scale, out)
+    exact = _grad_ref(gq, z, codebook, indices, scale, torch.float64)
+    # The kernel (fp32 math, one rounding to zt) against torch in zt's precision.
+    plain = _grad_ref(gq, z, codebook, indices, scale, zt).double()
+    torch_err = (plain - exact).abs().max().item()
+    err = (out.double() - exact).abs().max().item()
+    assert out.dtype == zt
+    assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+def test_grad_z_strided_grad():
+    z = torch.randn(40, 24, device=DEVICE)
+    gq = torch.randn(24, 40, device=DEVICE).t()  # column stride != 1
+    codebook = torch.randn(9, 24, device=DEVICE)
+    indices = torch.randint(9, (40,), device=DEVICE)
+    out = torch.full_like(z, float("nan"))
+    tk.grad_z(gq, z, codebook, indices, 0.5, out)
+    exact = _grad_ref(gq, z, codebook, indices, 0.5, torch.float64)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def _segment_ref(indices, values, k):
+    counts = torch.zeros(k, dtype=torch.float64, device=values.device).index_add_(
+        0, indices, torch.ones_like(indices, dtype=torch.float64))
+    sums = torch.zeros(k, values.shape[1], dtype=torch.float64, device=values.device).index_add_(
+        0, indices, values.double())
+    return counts, sums
+
+
+def _segment(indices, values, k, deterministic):
+    counts = torch.zeros(k, dtype=torch.float32, device=DEVICE)
+    sums = torch.zeros(k, values.shape[1], dtype=torch.float32, device=DEVICE)
+    tk.segment_sum(indices, values, counts, sums, deterministic)
+    return counts, sums
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("n,k,d,dtype,skew", [
+    (300, 40, 65, torch.float32, False), (257, 130, 3, torch.float32, False),
+    (200, 7, 16, torch.bfloat16, False), (150, 30, 8, torch.float16, False),
+    (500, 20, 33, torch.float32, True),
+])
+def test_segment_sum(deterministic, n, k, d, dtype, skew):
+    values = torch.randn(n, d, device=DEVICE).to(dtype)
+    # skew: every row to one code (the deterministic path's longest segment).
+    indices = torch.full((n,), 7, device=DEVICE) if skew else torch.randint(k, (n,), device=DEVICE)
+    counts, sums = _segment(indices, values, k, deterministic)
+    ref_counts, ref_sums = _segment_ref(indices, values, k)
+    assert torch.equal(counts.double(), ref_counts)
+    # fp32 sums of up to n terms of size ~1: n * 2^-24 relative to the sum of |v|.
+    atol = n * 2.0 ** -24 * 4
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=atol)
+
+
+def test_segment_sum_deterministic_is_bitwise_reproducible():
+    values = torch.randn(2000, 40, device=DEVICE)
+    indices = torch.randint(25, (2000,), device=DEVICE)
+    first = _segment(indices, values, 25, True)
+    second = _segment(indices, values, 25, True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    # Rows reach each code in the stable-sorted order: the sum is independent of
+    # how the rows were laid out, as long as each code's rows keep their order.
+    perm = torch.argsort(indices, stable=True)
+    third = _segment(indices[perm], values[perm], 25, True)
+    assert torch.equal(first[1], third[1])
+
+
+def test_segment_sum_adds_into_outputs_and_strided_values():
+    values = torch.randn(16, 90, device=DEVICE).t()  # (90, 16), column stride != 1
+    indices = torch.randint(5, (90,), device=DEVICE)
+    ref_counts, ref_sums = _segment_ref(indices, values, 5)
+    for deterministic in (False, True):
+        counts = torch.ones(5, device=DEVICE)
+        sums = torch.ones(5, 16, device=DEVICE)
+        tk.segment_sum(indices, values, counts, sums, deterministic)
+        assert torch.equal(counts.double(), ref_counts + 1)
+        torch.testing.assert_close(sums.double(), ref_sums + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_availability_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, reason = tk.availability(torch.device("cpu"))
+    assert not ok and reason == "Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tk.availability(torch.device("cpu"))[0]
+    assert tk.availability(torch.device("cuda"))[0] == torch.cuda.is_available()
