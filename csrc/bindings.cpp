@@ -53,6 +53,13 @@ PYBIND11_MODULE(_C, m) {
   m.attr("SEGMENT_CHUNK_ROWS") = vqkern::kSegmentChunkRows;
   m.attr("CUDA_VERSION") = CUDART_VERSION;
 
+  m.def("probe",
+        [](int device) {
+          DeviceGuard guard(device);
+          return vqkern::probe();
+        },
+        py::arg("device"), "Raise unless the kernels can run on `device`; describe their image.");
+
   m.def("search",
         [](int device, std::uintptr_t z, int z_dtype, std::uintptr_t codebook, int cb_dtype,
            int64_t n, int64_t k, int64_t d, std::uintptr_t norms, std::uintptr_t part_scores,

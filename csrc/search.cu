@@ -8,6 +8,7 @@
 
 #include <climits>
 #include <stdexcept>
+#include <string>
 
 #include "common.cuh"
 #include "vqkern.h"
@@ -18,6 +19,8 @@ namespace {
 constexpr int kRows = kSearchRows;  // rows of z per block
 constexpr int kCodes = 64;          // codes per tile
 constexpr int kThreads = 256;       // 16 x 16 threads, each owning 4 rows x 4 codes
+// The tile loaders index rows of z and codes of the codebook with the same counter.
+static_assert(kRows == kCodes, "search tiles are square");
 
 // |e_k|^2 in fp32, once per call: one warp per code.
 __global__ void code_norms_kernel(const void* __restrict__ codebook, int cb_dtype, int64_t k,
@@ -216,6 +219,18 @@ void launch_search_epilogue(const void* z, int z_dtype, const void* codebook, in
                             int64_t n, int64_t k, int64_t d, const float* part_scores,
                             const int32_t* part_index, int splits, int64_t* indices,
                             float* distances, void* quantized, cudaStream_t stream);
+
+std::string probe() {
+  // cudaFuncGetAttributes fails when the binary holds no image (SASS or PTX) that
+  // this device can run, so availability can say so before any launch.
+  cudaFuncAttributes fma{}, mma_half{}, mma_bf16{};
+  VQ_CUDA_CHECK(cudaFuncGetAttributes(&fma, search_fma_kernel));
+  VQ_CUDA_CHECK(cudaFuncGetAttributes(&mma_half, search_mma_kernel<__half>));
+  VQ_CUDA_CHECK(cudaFuncGetAttributes(&mma_bf16, search_mma_kernel<__nv_bfloat16>));
+  return "search kernels: binary sm_" + std::to_string(fma.binaryVersion) + ", ptx " +
+         std::to_string(fma.ptxVersion) + ", registers fma/mma " + std::to_string(fma.numRegs) +
+         "/" + std::to_string(mma_half.numRegs);
+}
 
 void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k,
             int64_t d, float* norms, float* part_scores, int32_t* part_index, int splits,

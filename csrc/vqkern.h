@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <string>
 
 namespace vqkern {
 
@@ -14,6 +15,10 @@ namespace vqkern {
 constexpr int kSearchRows = 64;
 // Sorted rows per block of the deterministic segment sum.
 constexpr int kSegmentChunkRows = 256;
+
+// Checks that the current device can run the kernels (an image for its architecture
+// is in the binary, the driver is new enough); throws naming the failing call.
+std::string probe();
 
 // Nearest code of each row of z (n, d) among codebook (k, d).
 // Workspaces: norms (k,) fp32; part_scores/part_index (splits, n) fp32/int32.

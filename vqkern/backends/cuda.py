@@ -54,7 +54,21 @@ def availability(device: torch.device) -> tuple[bool, str]:
     capability = torch.cuda.get_device_capability(device)
     if capability < _MIN_CAPABILITY:
         return False, f"vqkern._C targets sm_80 and newer, got sm_{capability[0]}{capability[1]}"
-    return True, f"vqkern._C loaded (CUDA runtime {_ext.CUDA_VERSION})"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok, detail = _probe(index)
+    if not ok:
+        return False, f"vqkern._C cannot run on {device}: {detail}"
+    return True, f"vqkern._C loaded (CUDA runtime {_ext.CUDA_VERSION}; {detail})"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(index: int) -> tuple[bool, str]:
+    # Once per device: a binary without an image for this GPU, or a driver older than
+    # the toolkit that built it, shows here rather than at the first launch.
+    try:
+        return True, _ext.probe(index)
+    except RuntimeError as exc:
+        return False, str(exc)
 
 
 def _require() -> ModuleType:
