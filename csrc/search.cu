@@ -92,9 +92,10 @@ search_fma_kernel(const void* __restrict__ z, int z_dtype, const void* __restric
                   int cb_dtype, int64_t n, int64_t k, int64_t d, const float* __restrict__ norms,
                   int tiles_per_split, float* __restrict__ part_scores,
                   int32_t* __restrict__ part_index) {
-  // Transposed tiles ([depth][row]) so the inner loop reads 16 consecutive codes per half-warp.
-  __shared__ float zs[kDepthF32][kRows];
-  __shared__ float es[kDepthF32][kCodes];
+  // Transposed tiles ([depth][row]) so the inner loop reads 16 consecutive codes per
+  // half-warp; the +1 column spreads the loader's stores (consecutive depths) over banks.
+  __shared__ float zs[kDepthF32][kRows + 1];
+  __shared__ float es[kDepthF32][kCodes + 1];
   const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   int64_t lo, hi;
