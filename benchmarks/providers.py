@@ -1,0 +1,301 @@
+"""The implementations the benchmark compares: vqkern and what users pick instead.
+
+A provider has a name, the passes it can run, ``availability(device, dtype)``
+giving (ok, reason), ``extra_bytes(case)`` (a lower bound of the memory it
+must allocate, used to record OOM on CPU before the host runs out), and
+``build(case, data, pass_)`` returning ``fn(i)`` that runs one call on input set i.
+
+Passes:
+- forward: nearest-code search + gather of the codes, no autograd.
+- backward: the backward of a quantize (straight-through + loss) whose forward
+  was built once, timed with ``retain_graph=True``.
+- train: forward + backward of a quantizer layer in training mode; returns the
+  input leaf z, whose ``.grad`` the step filled.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BETA = 0.25
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    k: int
+    d: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Provider:
+    name: str
+    passes: tuple[str, ...]
+    build: Callable
+    availability: Callable = lambda device, dtype: (True, "")
+    extra_bytes: Callable = lambda case: 0
+    note: str = ""
+
+
+# ---- plain PyTorch searches (what users write) -------------------------------------------
+
+def _broadcast_idx(z, e):
+    return ((z[:, None, :] - e[None]) ** 2).sum(-1).argmin(dim=1)
+
+
+def _expansion_idx(z, e):
+    d = (z * z).sum(1, keepdim=True) - 2 * z @ e.t() + (e * e).sum(1)
+    return d.argmin(dim=1)
+
+
+def _cdist_idx(z, e):
+    return torch.cdist(z, e).argmin(dim=1)
+
+
+def _plain_quantize(idx_fn, z, e, beta=BETA):
+    """Straight-through VQ with codebook and commitment losses, as commonly written."""
+    idx = idx_fn(z.detach(), e.detach())
+    q = e[idx]
+    loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
+    return z + (q - z).detach(), loss
+
+
+def _inputs(data, case, i, grad: bool):
+    z = data["zs"][i % len(data["zs"])]
+    e = data["codebook"]
+    if grad:
+        z = z.detach().requires_grad_(True)
+        e = e.detach().clone().requires_grad_(True)
+    return z, e
+
+
+def _plain_builder(idx_fn, compiled=False):
+    def fwd(z, e):
+        idx = idx_fn(z, e)
+        return idx, e[idx]
+
+    fwd_fn = torch.compile(fwd, dynamic=False) if compiled else fwd
+
+    def build(case, data, pass_):
+        if pass_ == "forward":
+            def run(i):
+                with torch.no_grad():
+                    z, e = _inputs(data, case, i, grad=False)
+                    return fwd_fn(z, e)
+            return run
+        if pass_ == "backward":
+            z, e = _inputs(data, case, 0, grad=True)
+            q, loss = _plain_quantize(idx_fn, z, e)
+            return _backward_runner([q, loss], [data["grad"], torch.ones_like(loss)], [z, e])
+
+        def train(i):
+            z, e = _inputs(data, case, i, grad=True)
+            q, loss = _plain_quantize(idx_fn, z, e)
+            torch.autograd.backward([q, loss], [data["grad"], torch.ones_like(loss)])
+            return z
+        return train
+    return build
+
+
+def _backward_runner(outputs, grads, leaves):
+    def run(i):
+        for leaf in leaves:
+            leaf.grad = None
+        torch.autograd.backward(outputs, grads, retain_graph=True)
+    return run
+
+
+# ---- vqkern ------------------------------------------------------------------------------
+
+def _vqkern_builder(backend):
+    def build(case, data, pass_):
+        import vqkern
+
+        if pass_ == "forward":
+            def run(i):
+                z, e = _inputs(data, case, i, grad=False)
+                idx, _ = vqkern.nearest_code(z, e, backend=backend)
+                return idx, e.index_select(0, idx)
+            return run
+        if pass_ == "backward":
+            z, e = _inputs(data, case, 0, grad=True)
+            out = vqkern.quantize(z, e, beta=BETA, backend=backend)
+            return _backward_runner([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)], [z, e])
+        layer = vqkern.VectorQuantizer(case.k, case.d, BETA, backend=backend).to(case.device)
+        with torch.no_grad():
+            layer.codebook.copy_(data["codebook"].float())
+
+        def train(i):
+            z, _ = _inputs(data, case, i, grad=True)
+            out = layer(z)
+            torch.autograd.backward([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)])
+            return z
+        return train
+    return build
+
+
+def _vqkern_available(backend):
+    def check(device, dtype):
+        from vqkern import backends
+        return backends.availability(backend, device)
+    return check
+
+
+# ---- vector-quantize-pytorch ---------------------------------------------------------------
+
+def _vqpt_builder(training: bool, **kwargs):
+    def build(case, data, pass_):
+        from vector_quantize_pytorch import VectorQuantize
+
+        layer = VectorQuantize(dim=case.d, codebook_size=case.k, **kwargs).to(case.device)
+        embed = layer._codebook.embed
+        if embed.shape[-2:] == (case.k, case.d):  # same codebook as every other provider
+            with torch.no_grad():
+                embed.copy_(data["codebook"].float().expand_as(embed))
+        layer.train(training)
+        if pass_ == "forward":
+            def run(i):
+                with torch.no_grad():
+                    z, _ = _inputs(data, case, i, grad=False)
+                    return layer(z[None])
+            return run
+        if pass_ == "backward":
+            z, _ = _inputs(data, case, 0, grad=True)
+            q, _, loss = layer(z[None])
+            return _backward_runner([q, loss], [data["grad"][None], torch.ones_like(loss)], [z])
+
+        def train(i):
+            z, _ = _inputs(data, case, i, grad=True)
+            q, _, loss = layer(z[None])
+            torch.autograd.backward([q, loss], [data["grad"][None], torch.ones_like(loss)])
+            return z
+        return train
+    return build
+
+
+def _module_available(module, extra=None):
+    def check(device, dtype):
+        if importlib.util.find_spec(module) is None:
+            return False, f"{module} is not installed"
+        return extra(device, dtype) if extra else (True, "")
+    return check
+
+
+# ---- FAISS ---------------------------------------------------------------------------------
+
+def _faiss_available(device, dtype):
+    if importlib.util.find_spec("faiss") is None:
+        return False, "faiss is not installed (pip install faiss-cpu)"
+    if dtype != torch.float32:
+        return False, "IndexFlatL2 searches fp32 only"
+    if device.type == "cuda":
+        import faiss
+        if not hasattr(faiss, "StandardGpuResources"):
+            return False, "this faiss build has no GPU support (faiss-cpu)"
+    return True, ""
+
+
+def _faiss_build(case, data, pass_):
+    import faiss
+
+    codebook = data["codebook"]
+    if case.device.type == "cuda":
+        import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take torch tensors)
+        index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), case.d)
+        index.add(codebook)
+        zs = data["zs"]
+    else:
+        index = faiss.IndexFlatL2(case.d)
+        index.add(codebook.numpy())
+        zs = [z.numpy() for z in data["zs"]]
+
+    def run(i):
+        _, found = index.search(zs[i % len(zs)], 1)
+        idx = torch.as_tensor(found[:, 0])
+        return idx, codebook.index_select(0, idx.to(codebook.device))
+    return run
+
+
+# ---- flash-kmeans (GPU) ----------------------------------------------------------------------
+
+def _flash_kmeans_available(device, dtype):
+    if device.type != "cuda":
+        return False, "flash_kmeans' assignment kernel is Triton on CUDA only"
+    if importlib.util.find_spec("flash_kmeans") is None:
+        return False, "flash_kmeans is not installed (pip install flash-kmeans)"
+    return True, ""
+
+
+def _flash_kmeans_build(case, data, pass_):
+    from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+
+    codebook = data["codebook"]
+    zs = [z[None] for z in data["zs"]]
+    sq = [(z.float() ** 2).sum(-1) for z in zs]
+    c_sq = (codebook.float() ** 2).sum(-1)[None]
+
+    def run(i):
+        j = i % len(zs)
+        idx = euclid_assign_triton(zs[j], codebook[None], sq[j], c_sq=c_sq)[0].long()
+        return idx, codebook.index_select(0, idx)
+    return run
+
+
+# ---- the number to beat ----------------------------------------------------------------------
+
+def _gemm_build(case, data, pass_):
+    e = data["codebook"]
+
+    def run(i):
+        return data["zs"][i % len(data["zs"])] @ e.t()
+    return run
+
+
+def _nkd(case):
+    return case.n * case.k * case.d * case.itemsize
+
+
+def _nk(case, copies=1):
+    return copies * case.n * case.k * max(4, case.itemsize)
+
+
+PROVIDERS: dict[str, Provider] = {}
+for _b in ("triton", "cuda", "torch"):
+    PROVIDERS[f"vqkern-{_b}"] = Provider(f"vqkern-{_b}", ("forward", "backward", "train"),
+                                         _vqkern_builder(_b), _vqkern_available(_b))
+for _p in (
+    Provider("reference", ("forward", "backward", "train"), _plain_builder(_broadcast_idx),
+             extra_bytes=_nkd, note="plain broadcast ((z[:,None]-E[None])**2).sum(-1).argmin()"),
+    Provider("expansion", ("forward", "backward", "train"), _plain_builder(_expansion_idx),
+             extra_bytes=lambda c: _nk(c, 2), note="|z|^2 - 2 z E^T + |E|^2, argmin, eager"),
+    Provider("expansion-compile", ("forward",), _plain_builder(_expansion_idx, compiled=True),
+             extra_bytes=lambda c: _nk(c, 1), note="the expansion under torch.compile (forward only: compile time)"),
+    Provider("cdist", ("forward", "backward", "train"), _plain_builder(_cdist_idx),
+             extra_bytes=lambda c: _nk(c, 1), note="torch.cdist + argmin"),
+    Provider("vqpt-eval", ("forward",), _vqpt_builder(False),
+             _module_available("vector_quantize_pytorch"), lambda c: _nk(c, 1),
+             note="vector_quantize_pytorch.VectorQuantize, eval mode, defaults"),
+    Provider("vqpt-train", ("backward", "train"), _vqpt_builder(True),
+             _module_available("vector_quantize_pytorch"), lambda c: _nk(c, 2),
+             note="VectorQuantize, train mode, defaults (EMA, commitment_weight=1)"),
+    Provider("vqpt-train-beta", ("backward", "train"), _vqpt_builder(True, commitment_weight=BETA),
+             _module_available("vector_quantize_pytorch"), lambda c: _nk(c, 2),
+             note=f"VectorQuantize, train mode, commitment_weight={BETA}"),
+    Provider("faiss", ("forward",), _faiss_build, _faiss_available,
+             note="faiss IndexFlatL2 (GpuIndexFlatL2 on CUDA), k=1, + gather"),
+    Provider("flash-kmeans", ("forward",), _flash_kmeans_build, _flash_kmeans_available,
+             note="flash_kmeans euclid_assign_triton + gather"),
+    Provider("gemm", ("forward",), _gemm_build, extra_bytes=lambda c: c.n * c.k * c.itemsize,
+             note="bare z @ E.T writing N x K: the number to beat"),
+):
+    PROVIDERS[_p.name] = _p

@@ -1,0 +1,240 @@
+"""Sweep providers x shapes x dtypes x passes; write JSON, a Markdown table and PNG plots.
+
+    python -m benchmarks.run --device cpu --quick
+    python -m benchmarks.run --device cpu                       # the full CPU sweep
+    python -m benchmarks.run --device cuda --providers vqkern-triton,faiss --passes forward
+
+Per (shape, dtype, pass) every provider is set up, warmed up, measured once
+for peak extra memory, then timed in interleaved rounds (provider A, B, C, A,
+B, C, ...) so that drift of the machine hits all of them alike. Inputs rotate
+among several sets. See benchmarks/measure.py for the timing and memory methods.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import measure, report
+from .providers import PROVIDERS, Case
+
+GPU_SHAPES = [(65536, 16384, 256), (65536, 262144, 64), (1048576, 65536, 8), (256, 1048576, 256),
+              (16384, 1024, 64), (65536, 4096, 64), (65536, 65536, 64)]
+CPU_SHAPES = [(4096, 1024, 64), (16384, 8192, 64), (16384, 16384, 256), (16384, 2048, 64)]
+QUICK_SHAPES = {"cpu": [(4096, 1024, 64), (4096, 2048, 64)], "cuda": [(16384, 1024, 64), (16384, 4096, 64)]}
+PASSES = ("forward", "backward", "train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ROTATE_BYTES = 64 * 2**20  # rotate up to 3 input sets while they total less than this
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(";"):
+        parts = item.replace("x", ",").split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"--shapes wants 'N,K,D;N,K,D', got {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--passes", default=None, help="comma list of forward,backward,train (default: all; quick: forward,train)")
+    p.add_argument("--shapes", type=parse_shapes, default=None, help="'N,K,D;N,K,D' (default: the device's set)")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on GPU)")
+    p.add_argument("--providers", default=None, help=f"comma list from {','.join(PROVIDERS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="small shapes, forward+train, fewer repeats")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per provider on CPU (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--mem-limit-gb", type=float, default=None,
+                   help="CPU: record OOM without running when a provider must allocate more "
+                        "(default: 4 GiB or half the available RAM, whichever is less)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results root folder")
+    p.add_argument("--name", default=None, help="the <what> of <date>-<what>.json (default: quick/full/custom)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    custom = any(v is not None for v in (args.passes, args.shapes, args.dtypes, args.providers))
+    if args.passes is None:
+        args.passes = "forward,train" if args.quick else ",".join(PASSES)
+    args.passes = [x for x in args.passes.split(",") if x]
+    bad = set(args.passes) - set(PASSES)
+    if bad:
+        p.error(f"--passes: unknown {sorted(bad)}; choose from {PASSES}")
+    dtypes = args.dtypes or ("fp32" if args.device == "cpu" else "fp32,bf16")
+    if any(d not in DTYPES for d in dtypes.split(",")):
+        p.error(f"--dtypes: choose from {list(DTYPES)}")
+    args.dtypes = dtypes.split(",")
+    names = args.providers.split(",") if args.providers else list(PROVIDERS)
+    if any(n not in PROVIDERS for n in names):
+        p.error(f"--providers: unknown {[n for n in names if n not in PROVIDERS]}; choose from {list(PROVIDERS)}")
+    args.providers = names
+    if args.shapes is None:
+        args.shapes = QUICK_SHAPES[args.device] if args.quick else (CPU_SHAPES if args.device == "cpu" else GPU_SHAPES)
+    args.reps = max(1, args.reps or 5)
+    args.name = args.name or ("custom" if custom else "quick" if args.quick else "full")
+    return args
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def make_data(case: Case, seed: int) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    sets = max(1, min(3, ROTATE_BYTES // max(1, case.n * case.d * case.itemsize)))
+    zs = [torch.randn(case.n, case.d, generator=g).to(case.device, case.dtype) for _ in range(sets)]
+    return {
+        "zs": zs,
+        "codebook": torch.randn(case.k, case.d, generator=g).to(case.device, case.dtype),
+        "grad": torch.randn(case.n, case.d, generator=g).to(case.device, case.dtype),
+    }
+
+
+def case_cost(case: Case, pass_: str) -> tuple[float, float]:
+    """(flops, bytes) that any implementation must spend: the floor's inputs."""
+    s, n, k, d = case.itemsize, case.n, case.k, case.d
+    fwd_flops, fwd_bytes = 2.0 * n * k * d, s * (2 * n * d + k * d) + 12 * n
+    bwd_bytes = s * (3 * n * d + 2 * k * d) + 8 * n
+    if pass_ == "forward":
+        return fwd_flops, fwd_bytes
+    if pass_ == "backward":
+        return 3.0 * n * d, bwd_bytes
+    return fwd_flops, fwd_bytes + bwd_bytes
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text \
+        or "not enough memory" in text
+
+
+def run_case(case, pass_, providers, args, rates, common, bar) -> list[dict]:
+    device = case.device
+    data = make_data(case, seed=hash((case.n, case.k, case.d)) % 2**31)
+    flops, nbytes = case_cost(case, pass_)
+    floor = measure.floor_ms(flops, nbytes, rates)
+    base = {**common, "n": case.n, "k": case.k, "d": case.d, "dtype": str(case.dtype).replace("torch.", ""),
+            "pass": pass_, "floor_ms": floor, "flops": flops, "bytes": nbytes, **rates}
+    records, live = [], {}
+    for prov in providers:
+        rec = {**base, "provider": prov.name, "note": prov.note, "status": "ok", "reason": ""}
+        records.append(rec)
+        if pass_ not in prov.passes:
+            rec.update(status="n/a", reason=f"{prov.name} has no {pass_} pass")
+            continue
+        ok, reason = prov.availability(device, case.dtype)
+        if not ok:
+            rec.update(status="skipped", reason=reason)
+            continue
+        need = prov.extra_bytes(case)
+        if device.type == "cpu" and need > args.mem_limit:
+            rec.update(status="oom", reason=f"needs >= {need / 2**30:.1f} GiB, limit {args.mem_limit / 2**30:.1f} GiB "
+                                            "(not run: the host would run out of memory)")
+            continue
+        try:
+            fn = prov.build(case, data, pass_)
+            fn(0)  # warm-up (compiles, autotunes, fills caches)
+            if prov.name.endswith("compile"):
+                fn(1)
+            measure.synchronize(device)
+            rec["peak_mem_bytes"] = measure.peak_extra_bytes(lambda: fn(2), device)
+            live[prov.name] = (fn, rec, [])
+        except Exception as exc:  # one provider's failure is a result, not the end of the sweep
+            rec.update(status="oom" if _is_oom(exc) else "error", reason=f"{type(exc).__name__}: {exc}"[:300])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    rounds = 3 if device.type == "cuda" else args.reps
+    for r in range(rounds):
+        for name, (fn, rec, samples) in list(live.items()):
+            calls = iter(range(10**9))
+            try:
+                if device.type == "cuda":
+                    samples.extend(measure.time_cuda(lambda: fn(next(calls))))
+                else:
+                    samples.append(measure.time_once_cpu(lambda: fn(r)))
+            except Exception as exc:
+                rec.update(status="oom" if _is_oom(exc) else "error", reason=f"{type(exc).__name__}: {exc}"[:300])
+                del live[name]
+    for fn, rec, samples in live.values():
+        rec.update(measure.summarize(samples))
+        rec["floor_fraction"] = floor / rec["median_ms"] if rec["median_ms"] > 0 else None
+    for rec in records:
+        bar.update(1)
+        if rec["status"] in ("skipped", "oom", "error"):
+            bar.write(f"  {rec['provider']:<18} {pass_:<8} {case.n}x{case.k}x{case.d} {rec['status']}: {rec['reason']}")
+    del live, data
+    return records
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is visible to torch", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import faiss
+        faiss.omp_set_num_threads(torch.get_num_threads())
+    except ImportError:
+        pass
+    # A shared host must not be pushed into swap by one naive provider: 4 GiB keeps the
+    # plain broadcast in at (4096, 1024, 64) and out at every larger shape.
+    args.mem_limit = (args.mem_limit_gb * 2**30) if args.mem_limit_gb else min(4 * 2**30, 0.5 * _available_ram())
+    providers = [PROVIDERS[n] for n in args.providers]
+    common = measure.provenance(device)
+    common["mem_method"] = measure.CUDA_MEM_METHOD if device.type == "cuda" else measure.cpu_memory_supported()[1]
+    print(f"device: {common['device']} | torch {common['torch']} | triton {common['triton']} | "
+          f"commit {common['git_commit']} | load {common['load_average']}")
+    for prov in providers:
+        for dt in args.dtypes:
+            ok, reason = prov.availability(device, DTYPES[dt])
+            if not ok:
+                print(f"skip {prov.name} ({dt}): {reason}")
+    records, rates_by_dtype = [], {}
+    total = len(args.shapes) * len(args.dtypes) * len(args.passes) * len(providers)
+    with tqdm(total=total, desc="bench", unit="case", file=sys.stdout) as bar:
+        for dt in args.dtypes:
+            rates_by_dtype[dt] = rates = measure.measure_floor_rates(device, DTYPES[dt])
+            bar.write(f"floor ({dt}): matmul {rates['matmul_flops'] / 1e9:.1f} GFLOP/s, "
+                      f"copy {rates['bandwidth_bytes'] / 1e9:.1f} GB/s")
+            for n, k, d in args.shapes:
+                for pass_ in args.passes:
+                    case = Case(n, k, d, DTYPES[dt], device)
+                    records += run_case(case, pass_, providers, args, rates, common, bar)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    folder = Path(args.out) / measure.device_slug(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{stamp}-{args.name}"
+    meta = {**common, "floor_rates": rates_by_dtype, "shapes": args.shapes, "passes": args.passes,
+            "providers": args.providers, "dtypes": args.dtypes}
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    table = report.markdown(meta, records)
+    Path(f"{stem}.md").write_text(table)
+    print(table)
+    if not args.no_plots:
+        for path in report.plots(records, str(stem)):
+            print(f"plot: {path}")
+    print(f"results: {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
