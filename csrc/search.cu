@@ -149,7 +149,7 @@ constexpr int kLdScores = 80; // 80 floats: rows ty and ty+1 land on disjoint ba
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 search_mma_kernel(const T* __restrict__ z, const T* __restrict__ codebook, int64_t n, int64_t k,
-                  int64_t d, const float* __restrict__ norms, int tiles_per_split,
+                  int64_t d, const float* __restrict__ norms, int tiles_per_split, bool vec16,
                   float* __restrict__ part_scores, int32_t* __restrict__ part_index) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bf16 WMMA needs sm_80; the host only selects this kernel there
@@ -172,12 +172,25 @@ search_mma_kernel(const T* __restrict__ z, const T* __restrict__ codebook, int64
     wmma::fill_fragment(acc[0], 0.f);
     wmma::fill_fragment(acc[1], 0.f);
     for (int64_t k0 = 0; k0 < d; k0 += kDepthMma) {
-#pragma unroll
-      for (int l = 0; l < (kRows * kDepthMma) / kThreads; ++l) {
-        const int e = tid + l * kThreads, r = e / kDepthMma, kk = e % kDepthMma;
+      if (vec16) {
+        // One 16-byte load per thread per operand: d % 8 == 0 makes a chunk of 8
+        // either wholly inside the row or wholly past its end; zero bits are 0.0.
+        static_assert(kRows * kDepthMma == kThreads * 8, "one 8-element chunk per thread");
+        const int r = tid / (kDepthMma / 8), kk = (tid % (kDepthMma / 8)) * 8;
         const int64_t row = row0 + r, col = k0 + kk, code = code0 + r;
-        zs[r][kk] = (row < n && col < d) ? z[row * d + col] : zero;
-        es[r][kk] = (code < hi && col < d) ? codebook[code * d + col] : zero;
+        uint4 zv = make_uint4(0, 0, 0, 0), ev = make_uint4(0, 0, 0, 0);
+        if (row < n && col < d) zv = *reinterpret_cast<const uint4*>(z + row * d + col);
+        if (code < hi && col < d) ev = *reinterpret_cast<const uint4*>(codebook + code * d + col);
+        *reinterpret_cast<uint4*>(&zs[r][kk]) = zv;
+        *reinterpret_cast<uint4*>(&es[r][kk]) = ev;
+      } else {
+#pragma unroll
+        for (int l = 0; l < (kRows * kDepthMma) / kThreads; ++l) {
+          const int e = tid + l * kThreads, r = e / kDepthMma, kk = e % kDepthMma;
+          const int64_t row = row0 + r, col = k0 + kk, code = code0 + r;
+          zs[r][kk] = (row < n && col < d) ? z[row * d + col] : zero;
+          es[r][kk] = (code < hi && col < d) ? codebook[code * d + col] : zero;
+        }
       }
       __syncthreads();
 #pragma unroll
@@ -257,15 +270,19 @@ void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int6
   const dim3 grid(ceil_div_int(n, kRows), eff_splits);
 
   const bool mma = use_tensor_cores && z_dtype == cb_dtype && z_dtype != kFloat32;
+  // 16-byte loads need 16-byte aligned rows: d a multiple of 8 (2-byte elements)
+  // and aligned bases (torch's allocations are; a sliced view may not be).
+  const bool vec16 = d % 8 == 0 && reinterpret_cast<std::uintptr_t>(z) % 16 == 0 &&
+                     reinterpret_cast<std::uintptr_t>(codebook) % 16 == 0;
   if (mma && z_dtype == kFloat16) {
     search_mma_kernel<__half><<<grid, kThreads, 0, stream>>>(
         static_cast<const __half*>(z), static_cast<const __half*>(codebook), n, k, d, norms,
-        tiles_per_split, part_scores, part_index);
+        tiles_per_split, vec16, part_scores, part_index);
     VQ_LAUNCH_CHECK("search_mma_kernel<half>");
   } else if (mma) {
     search_mma_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
         static_cast<const __nv_bfloat16*>(z), static_cast<const __nv_bfloat16*>(codebook), n, k, d,
-        norms, tiles_per_split, part_scores, part_index);
+        norms, tiles_per_split, vec16, part_scores, part_index);
     VQ_LAUNCH_CHECK("search_mma_kernel<bfloat16>");
   } else {
     search_fma_kernel<<<grid, kThreads, 0, stream>>>(z, z_dtype, codebook, cb_dtype, n, k, d, norms,
