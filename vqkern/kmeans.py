@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed
+from . import _library, backends, distributed
+from .functional import nearest_code
 
 METRICS = ("l2", "cosine")
 
@@ -45,8 +46,6 @@ def kmeans(x: Tensor, num_clusters: int, iters: int, *, metric: str = "l2", init
         KMeansOutput(centroids (C, D) float32, counts (C,) float32). A cluster that
         receives no row keeps its previous centroid, as in vector-quantize-pytorch.
     """
-    import vqkern  # the package is fully imported by the time this runs
-
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2:
         raise ValueError(f"x must be a floating (N, D) tensor, got {getattr(x, 'shape', type(x))}")
     if not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1:
@@ -79,10 +78,10 @@ def kmeans(x: Tensor, num_clusters: int, iters: int, *, metric: str = "l2", init
 
     for _ in range(iters):
         if x.shape[0] > 0:
-            indices, _ = vqkern.nearest_code(x, means, metric="l2", backend=backend)
+            indices, _ = nearest_code(x, means, metric="l2", backend=backend)
         else:
             indices = torch.empty(0, dtype=torch.int64, device=x.device)
-        counts, sums = vqkern.segment_sum(indices, x, num_clusters, backend=backend)
+        counts, sums = segment_sum_unchecked(indices, x, num_clusters, backend)
         if sync:
             distributed.all_reduce_(counts, sums)
         new_means = sums / counts.clamp(min=1).unsqueeze(1)
@@ -90,6 +89,19 @@ def kmeans(x: Tensor, num_clusters: int, iters: int, *, metric: str = "l2", init
             new_means = F.normalize(new_means, dim=-1, eps=1e-6)
         means = torch.where((counts == 0).unsqueeze(1), means, new_means)
     return KMeansOutput(means, counts)
+
+
+def segment_sum_unchecked(indices: Tensor, values: Tensor, num_codes: int, backend: str):
+    """``vqkern.segment_sum`` for indices that come from the search, hence valid.
+
+    The public function checks the index range with two host reads per call (a
+    GPU stream sync each EMA step, and a graph break under torch.compile); the
+    search's own output needs no such check, so this goes straight to the op.
+    Returns (counts (K,) float32, sums (K, D) float32).
+    """
+    name = backends.resolve(backend, values.device)
+    return _library.segment_sum(indices, values.contiguous(), num_codes, name,
+                                torch.are_deterministic_algorithms_enabled())
 
 
 def _sample(x: Tensor, num: int) -> Tensor:

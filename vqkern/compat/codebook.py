@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-from ..kmeans import kmeans
+from ..functional import nearest_code
+from ..kmeans import kmeans, segment_sum_unchecked
 
 
 def l2norm(t: Tensor) -> Tensor:
@@ -72,24 +73,30 @@ class Codebook(nn.Module):
     # ---- search -------------------------------------------------------------
 
     def forward(self, flatten: Tensor, *, update: bool) -> tuple[Tensor, Tensor]:
-        import vqkern
-
-        self.init_embed_(flatten)
+        if not self._initted_host:
+            self.init_embed_(flatten)
         embed = self.embed if self.learnable_codebook else self.embed.detach()
         metric = "cosine" if self.use_cosine_sim else "l2"
         search_embed = embed.detach()
         indices = torch.stack([
-            vqkern.nearest_code(flatten[c], search_embed[c], metric=metric, backend=self.backend)[0]
+            nearest_code(flatten[c], search_embed[c], metric=metric, backend=self.backend)[0]
             for c in range(flatten.shape[0])
         ])
-        # A gather, not a one-hot matmul; gathered before the EMA step rewrites ``embed``.
-        quantize = embed.gather(1, indices.unsqueeze(-1).expand(-1, -1, embed.shape[-1]))
-        if update:
+        # A row gather, not a one-hot matmul, taken before the EMA step rewrites
+        # ``embed`` in place. index_select keeps only the indices for its backward
+        # (gather would keep ``embed`` itself, which the in-place update invalidates).
+        c, k, d = embed.shape
+        offsets = torch.arange(c, device=indices.device).unsqueeze(1) * k
+        quantize = embed.reshape(c * k, d).index_select(0, (indices + offsets).reshape(-1)).reshape(c, indices.shape[1], d)
+        if update and (self.ema_update or self.has_dead_code_replacement):
             self.update_codebook(flatten, indices)
         return quantize, indices
 
     # ---- k-means initialization --------------------------------------------
 
+    # Runs eagerly under torch.compile (a graph break): it reads row counts on the
+    # host and makes collectives that depend on them.
+    @torch.compiler.disable
     @torch.no_grad()
     def init_embed_(self, flatten: Tensor) -> None:
         if self._initted_host:
@@ -106,10 +113,10 @@ class Codebook(nn.Module):
             means.append(out.centroids)
             counts.append(out.counts)
         means, counts = torch.stack(means), torch.stack(counts)
-        self.embed_avg.data.copy_(means * counts.unsqueeze(-1))
-        self.cluster_size.data.copy_(counts)
+        self.embed_avg.copy_(means * counts.unsqueeze(-1))
+        self.cluster_size.copy_(counts)
         self.update_ema()
-        self.initted.data.copy_(torch.tensor(True))
+        self.initted.fill_(True)
         self._initted_host = True
 
     # ---- EMA ------------------------------------------------------------------
@@ -123,23 +130,26 @@ class Codebook(nn.Module):
         embed = self.embed_avg / smoothed.unsqueeze(-1)
         if self.use_cosine_sim:
             embed = l2norm(embed)
-        self.embed.data.copy_(embed)
+        self.embed.copy_(embed)
 
+    # Runs eagerly under torch.compile (a graph break, so fullgraph=True refuses EMA
+    # training rather than get it wrong): inside one compiled graph, the backward
+    # re-gathered the codes from ``embed`` after this in-place update had changed
+    # it, and input gradients came out wrong by up to 0.5 (torch 2.13, CPU).
+    @torch.compiler.disable
     @torch.no_grad()
     def update_codebook(self, flatten: Tensor, indices: Tensor) -> None:
-        import vqkern
-
         if not self.ema_update and not self.has_dead_code_replacement:
             return
-        stats = [vqkern.segment_sum(indices[c], flatten[c].detach(), self.codebook_size, backend=self.backend)
+        stats = [segment_sum_unchecked(indices[c], flatten[c].detach(), self.codebook_size, self.backend)
                  for c in range(flatten.shape[0])]
         counts = torch.stack([s[0] for s in stats])
         sums = torch.stack([s[1] for s in stats])
         if self.use_ddp:
             distributed.all_reduce_(counts, sums)
         weight = 1.0 - self.decay
-        self.cluster_size.data.lerp_(counts.to(self.cluster_size), weight)
-        self.embed_avg.data.lerp_(sums.to(self.embed_avg), weight)
+        self.cluster_size.lerp_(counts.to(self.cluster_size), weight)
+        self.embed_avg.lerp_(sums.to(self.embed_avg), weight)
         if self.ema_update:
             self.update_ema()
         if self.training:
@@ -166,10 +176,10 @@ class Codebook(nn.Module):
                 sampled, mask = self._draw_local(samples, mask)
             if sampled is None:
                 continue
-            sampled = sampled.to(self.embed.data)
-            self.embed.data[c][mask] = sampled
-            self.cluster_size.data[c][mask] = self.reset_cluster_size
-            self.embed_avg.data[c][mask] = sampled * self.reset_cluster_size
+            sampled = sampled.to(self.embed)
+            self.embed[c][mask] = sampled
+            self.cluster_size[c][mask] = self.reset_cluster_size
+            self.embed_avg[c][mask] = sampled * self.reset_cluster_size
 
     def _draw_local(self, samples: Tensor, mask: Tensor):
         # The random calls of vector_quantize_pytorch's Codebook.replace, in its order.
