@@ -17,6 +17,7 @@ OPTIONS = {
     "decay_eps": dict(decay=0.95, eps=1e-3),
     "kmeans_init": dict(kmeans_init=True, kmeans_iters=4),
     "kmeans_init_cosine": dict(kmeans_init=True, kmeans_iters=3, use_cosine_sim=True),
+    "kmeans_init_heads_shared": dict(kmeans_init=True, kmeans_iters=2, heads=2, threshold_ema_dead_code=1),
     "cosine": dict(use_cosine_sim=True),
     "dead_code": dict(threshold_ema_dead_code=2),
     "dead_code_heads": dict(threshold_ema_dead_code=1.5, heads=2, separate_codebook_per_head=True),
