@@ -70,6 +70,9 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
             "-DCMAKE_BUILD_TYPE=Release",
+            # Passed on every configure so a changed environment wins over the CMake cache.
+            f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('VQKERN_CUDA_ARCHS') or '80;90a'}",
+            f"-DVQKERN_PTXAS_VERBOSE={'ON' if _truthy('VQKERN_PTXAS_VERBOSE') else 'OFF'}",
         ]
         if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
             args.append("-GNinja")
