@@ -173,7 +173,7 @@ def device_slug(device: torch.device) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def provenance(device: torch.device) -> dict:
+def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
     try:
         import triton
         triton_version = triton.__version__
@@ -189,6 +189,6 @@ def provenance(device: torch.device) -> dict:
         "python": platform.python_version(),
         "git_commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.run"] + sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.run"] + list(sys.argv[1:] if argv is None else argv)),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

@@ -38,8 +38,9 @@ def _time(benchmark, fn):
         benchmark.extra_info["device_median_ms"] = benchmark.extra_info.pop("median_ms")
 
         def synced():
-            fn(0)
+            out = fn(0)
             torch.cuda.synchronize()
+            return out
         return benchmark.pedantic(synced, rounds=10, warmup_rounds=2)
     return benchmark.pedantic(fn, args=(0,), rounds=5, warmup_rounds=1)
 
