@@ -25,6 +25,8 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out, help="output folder (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--threads", type=_positive(int), default=None,
+                   help="CPU threads for PyTorch (default: PyTorch's choice; 1 is faster on a busy machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +100,9 @@ def _vqvae_config(args) -> VQVAEConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "vqvae":
             cfg = _vqvae_config(args)
