@@ -119,7 +119,9 @@ def _quantize_backward(ctx, grad_quantized, grad_indices, grad_commitment, grad_
             # d/de_k of mean((sg[z] - e)^2) = 2/(N*D) * (count_k * e_k - sum_{i: idx_i = k} z_i)
             counts, sums = segment_sum(indices, z, codebook.shape[0], ctx.backend, deterministic)
             scale = grad_codebook_loss * (2.0 / (n * d))
-            grad_codebook = (scale * (counts.unsqueeze(1) * codebook.float() - sums)).to(codebook.dtype)
+            # In place in the fresh sums (no (K, D) temporaries): scale * (count * e - sums).
+            grad_codebook = sums.mul_(-scale).addcmul_(counts.mul_(scale).unsqueeze(1), codebook.float())
+            grad_codebook = grad_codebook.to(codebook.dtype)
     return grad_z_out, grad_codebook, None
 
 

@@ -126,6 +126,14 @@ def search(z, codebook, indices, distances, quantized) -> None:
 
 
 def grad_z(grad_quantized, z, codebook, indices, scale, out) -> None:
+    if out.dtype == codebook.dtype == grad_quantized.dtype == torch.float32:
+        # In place in the output: out = g - scale * (e - z). Each fresh (N, D) temporary
+        # costs its page faults on CPU (2-3 ms per 16 MB here); four of them made this
+        # op 6.2 ms at N = 16384, D = 256 (benchmarks/NOTES.md, CPU backward).
+        torch.index_select(codebook, 0, indices, out=out)
+        out.sub_(z)
+        torch.add(grad_quantized, out, alpha=-scale, out=out)
+        return
     chosen = codebook.index_select(0, indices)
     out.copy_(grad_quantized.float() + scale * (z.float() - chosen.float()))
 
