@@ -112,6 +112,37 @@ def test_nan_input_poisons_loss_not_codebook(backend, device):
         assert torch.equal(v, before[k]), f"{k} changed on a non-finite batch"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(ema=True), dict(dead_code_threshold=0.9), dict(ema=True, dead_code_threshold=0.9)],
+                         ids=["ema", "dead_codes", "ema_dead_codes"])
+def test_backward_after_training_step_updates_codebook(backend, kw, device):
+    """The EMA update and the re-seeding rewrite the codebook in place during forward;
+    the backward must still run and use the codes of the search, as the reference does."""
+    layer, ref = _pair(backend, decay=0.5, **kw)
+    with torch.no_grad():
+        for m in (layer, ref):
+            m.codebook[40:] = 1e3  # unreachable: re-seeded at this step when dead codes are on
+    layer, ref = layer.to(device), ref.to(device)
+    z = torch.randn(4, 9, 12, device=device)
+    g = torch.randn(4, 9, 12, device=device)
+    outs = []
+    for module in (layer, ref):
+        zz = z.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = module(zz)
+        (out.loss + (out.quantized * g).sum()).backward()
+        outs.append((out, zz.grad, module.codebook.grad))
+    (o1, gz1, gc1), (o2, gz2, gc2) = outs
+    assert torch.equal(o1.indices, o2.indices)
+    torch.testing.assert_close(o1.loss, o2.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gz1, gz2, rtol=1e-5, atol=1e-7)
+    if kw.get("ema"):
+        assert gc1 is None and gc2 is None
+    else:
+        torch.testing.assert_close(gc1, gc2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(layer.codebook, ref.codebook)
+
+
 def test_failed_call_leaves_module_untouched(device):
     layer = vqkern.VectorQuantizer(20, 4, ema=True, backend="torch").to(device)
     before = {k: v.clone() for k, v in layer.state_dict().items()}

@@ -100,7 +100,13 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: Tensor) -> VQOutput:
         moved = self._channel_last(z)
         check_inputs(moved, self.codebook, self.metric)
-        out = quantize(moved, self.codebook, beta=self.commitment_cost, metric=self.metric, backend=self.backend)
+        codebook = self.codebook
+        if self.training and (self.ema or self.dead_code_threshold > 0):
+            # The op saves the codebook for its backward, and the update below rewrites
+            # it in place: the backward would fail on the bumped version (and needs
+            # the codes the search chose anyway). A (K, D) copy per training step.
+            codebook = codebook.clone()
+        out = quantize(moved, codebook, beta=self.commitment_cost, metric=self.metric, backend=self.backend)
         loss = self.commitment_cost * out.commitment_loss if self.ema else out.loss
         flat_idx = out.indices.reshape(-1)
         if self.training:
