@@ -101,8 +101,13 @@ def test_perplexity_and_usage(device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_input_poisons_loss_not_codebook(backend, device):
-    layer = vqkern.VectorQuantizer(20, 4, ema=True, dead_code_threshold=2.0, backend=backend).to(device)
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_nan_input_poisons_loss_not_codebook(backend, warmup, device):
+    layer = vqkern.VectorQuantizer(20, 4, ema=True, decay=0.5, dead_code_threshold=0.9, backend=backend).to(device)
+    with torch.no_grad():
+        layer.codebook[10:] = 1e3  # unreachable: re-seeded during the warm-up steps
+    for _ in range(warmup):
+        layer(torch.randn(30, 4, device=device))
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     z = torch.randn(30, 4, device=device)
     z[5, 1] = float("nan")

@@ -142,7 +142,9 @@ class VectorQuantizer(nn.Module):
             self.embed_avg.copy_(torch.where(finite, new_avg, self.embed_avg))
             n = self.cluster_size.sum()
             smoothed = (self.cluster_size + self.eps) / (n + k * self.eps) * n
-            self.codebook.copy_((self.embed_avg / smoothed.unsqueeze(1)).to(self.codebook.dtype))
+            # Guarded too: after a re-seeding the codebook is not embed_avg / smoothed size.
+            new_codebook = (self.embed_avg / smoothed.unsqueeze(1)).to(self.codebook.dtype)
+            self.codebook.copy_(torch.where(finite, new_codebook, self.codebook))
         if self.dead_code_threshold > 0 and flat.shape[0] > 0:
             self._reseed(flat, finite)
         return local_counts
