@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import vqkern
 from vqkern import distributed
 from vqkern.compat import VectorQuantize
 from vqkern.kmeans import kmeans
@@ -95,14 +96,35 @@ def _scenarios(rank):
                           distributed.sample_rows(tagged if rank == 1 else tagged[:0], 4)]
 
     # 5. The core layer's EMA statistics go through the same all-reduce.
-    import vqkern
-
     torch.manual_seed(0)
     core = vqkern.VectorQuantizer(16, 8, ema=True, decay=0.9)
     for step in range(3):
         core(ddp_batch(step, rank).reshape(-1, 8))
     out["core"] = {k: v.clone() for k, v in core.state_dict().items()}
+
+    # 6. The core layer with dead-code re-seeding on ragged and empty batches (rank 0
+    # empty while rank 1 has rows, and the reverse), then a NaN on one rank only.
+    torch.manual_seed(20 + rank)  # ranks draw different local randomness on purpose
+    core = vqkern.VectorQuantizer(12, 6, ema=True, decay=0.5, dead_code_threshold=0.9)
+    core.load_state_dict(core_start_state())
+    for step in range(len(RAGGED_ROWS)):
+        core(ragged_batch(step, rank)[0])
+    out["core_ragged"] = {k: v.clone() for k, v in core.state_dict().items()}
+    z = ddp_batch(9, rank).reshape(-1, 8)[:, :6]
+    if rank == 1:
+        z[3, 2] = float("nan")
+    out["core_nan_loss"] = core(z).loss
+    out["core_after_nan"] = {k: v.clone() for k, v in core.state_dict().items()}
     return out
+
+
+def core_start_state():
+    torch.manual_seed(0)
+    start = vqkern.VectorQuantizer(12, 6, ema=True, decay=0.5, dead_code_threshold=0.9)
+    with torch.no_grad():
+        start.codebook[6:] = 1e3  # unreachable: re-seeded from the rows of whichever ranks have some
+        start.embed_avg.copy_(start.codebook)
+    return start.state_dict()
 
 
 def _worker(rank, port, path):
@@ -197,6 +219,19 @@ def test_sample_rows_draws_from_the_union(results):
 
 def test_core_vector_quantizer_ema_is_all_reduced(results):
     assert_bitwise_equal(results[0]["core"], results[1]["core"])
+
+
+def test_core_vector_quantizer_reseeds_on_ragged_batches_without_hanging(results):
+    assert_bitwise_equal(results[0]["core_ragged"], results[1]["core_ragged"])
+    codebook = results[0]["core_ragged"]["codebook"]
+    assert torch.isfinite(codebook).all() and codebook.abs().max() < 100, "dead codes were not re-seeded"
+
+
+def test_core_vector_quantizer_nan_on_one_rank_leaves_every_rank_unchanged(results):
+    # Rank 1's NaN reaches rank 0 through the all-reduced sums: both ranks must skip.
+    assert torch.isnan(results[1]["core_nan_loss"])
+    for r in range(WORLD):
+        assert_bitwise_equal(results[r]["core_after_nan"], results[r]["core_ragged"])
 
 
 def test_helpers_are_local_outside_a_process_group():

@@ -127,13 +127,16 @@ class VectorQuantizer(nn.Module):
         else:
             counts = torch.bincount(indices, minlength=k).float()
         local_counts = counts.clone()
-        if self.ema:
-            distributed.all_reduce_(counts, sums)
-        else:
-            distributed.all_reduce_(counts)
         # A non-finite batch (NaN in z) leaves every buffer as it was: its loss is
-        # already NaN, and a poisoned codebook could not recover.
-        finite = torch.isfinite(flat).all()
+        # already NaN, and a poisoned codebook could not recover. Under DDP a NaN on
+        # one rank reaches every rank's sums through the all-reduce, so the flag is
+        # all-reduced with them and every rank skips the same step.
+        nonfinite = (~torch.isfinite(flat).all()).float()
+        if self.ema:
+            distributed.all_reduce_(counts, sums, nonfinite)
+        else:
+            distributed.all_reduce_(counts, nonfinite)
+        finite = nonfinite == 0
         decay = self.decay
         new_size = self.cluster_size * decay + counts * (1 - decay)
         self.cluster_size.copy_(torch.where(finite, new_size, self.cluster_size))
@@ -145,16 +148,28 @@ class VectorQuantizer(nn.Module):
             # Guarded too: after a re-seeding the codebook is not embed_avg / smoothed size.
             new_codebook = (self.embed_avg / smoothed.unsqueeze(1)).to(self.codebook.dtype)
             self.codebook.copy_(torch.where(finite, new_codebook, self.codebook))
-        if self.dead_code_threshold > 0 and flat.shape[0] > 0:
-            self._reseed(flat, finite)
+        if self.dead_code_threshold > 0:
+            rows = self._reseed_rows(flat)
+            if rows is not None:
+                self._reseed(rows, finite)
         return local_counts
 
-    def _reseed(self, flat: Tensor, finite: Tensor) -> None:
+    def _reseed_rows(self, flat: Tensor) -> Tensor | None:
+        """K candidate rows (K, D) for re-seeding, or None when there is no row to draw from."""
+        k = self.num_embeddings
+        if distributed.is_distributed():
+            # Drawn from the union of every rank's rows, the same on every rank; every
+            # rank takes this branch, with any number of rows, so none waits alone in
+            # a collective when some ranks have no rows.
+            rows = distributed.sample_rows(flat, k, allow_duplicates=True)
+            return rows if rows.shape[0] > 0 else None
+        if flat.shape[0] == 0:
+            return None
+        return flat[torch.randint(flat.shape[0], (k,), device=flat.device)]
+
+    def _reseed(self, rows: Tensor, finite: Tensor) -> None:
         dead = (self.cluster_size < self.dead_code_threshold) & finite
-        rows = flat[torch.randint(flat.shape[0], (self.num_embeddings,), device=flat.device)]
         seeded = torch.where(dead.unsqueeze(1), rows.to(self.codebook.dtype), self.codebook)
-        # Every rank takes rank 0's draw, so the codebook stays identical across ranks.
-        distributed.broadcast_(seeded)
         self.codebook.copy_(seeded)
         self.cluster_size.copy_(torch.where(dead, self.dead_code_threshold, self.cluster_size))
         if self.ema:
