@@ -1,10 +1,16 @@
 """vqkern build.
 
-The CUDA C++ extension ``vqkern._C`` (csrc/, CMakeLists.txt) is built by CMake
-when ``nvcc`` is found (on PATH, or under CUDA_HOME / CUDA_PATH / /usr/local/cuda).
-``VQKERN_SKIP_CUDA_BUILD=1`` skips it and vqkern installs as pure Python (the
-"cuda" backend then reports itself unavailable with the reason). The decision
-never looks at ``torch.cuda.is_available()``: build hosts often have no GPU.
+Two extensions, both built by CMake (CMakeLists.txt) with pybind11:
+
+- ``vqkern._cpu`` (csrc/cpu/): the fused CPU search behind the "torch" backend
+  on CPU tensors. Built on x86-64 whenever CMake is found;
+  ``VQKERN_SKIP_CPU_BUILD=1`` skips it, and the torch backend then runs its
+  tiled PyTorch path (slower, same results up to near-ties).
+- ``vqkern._C`` (csrc/): the CUDA kernels of the "cuda" backend, built when
+  ``nvcc`` is found (on PATH, or under CUDA_HOME / CUDA_PATH / /usr/local/cuda).
+  ``VQKERN_SKIP_CUDA_BUILD=1`` skips it (the "cuda" backend then reports itself
+  unavailable with the reason). The decision never looks at
+  ``torch.cuda.is_available()``: build hosts often have no GPU.
 
 Environment: ``VQKERN_CUDA_ARCHS`` (default ``80;90a``), ``VQKERN_PTXAS_VERBOSE=1``
 (register/spill report per kernel), ``MAX_JOBS`` (parallel compile jobs).
@@ -13,6 +19,7 @@ With nvcc present, a failing build fails the install loudly.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -46,21 +53,22 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    """Configure and build with CMake; the module lands where setuptools expects it
+    """Configure and build with CMake; the modules land where setuptools expects them
     (build/lib... for a wheel, copied into the source vqkern/ for an editable install)."""
 
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
+        skip = "VQKERN_SKIP_CUDA_BUILD" if ext.name == "vqkern._C" else "VQKERN_SKIP_CPU_BUILD"
         try:
             import pybind11
-        except ImportError as exc:  # nvcc is here, so a missing build tool is an error
+        except ImportError as exc:  # the toolchain is here, so a missing build tool is an error
             raise RuntimeError(
-                "building vqkern._C needs pybind11 (pip install pybind11), or set "
-                "VQKERN_SKIP_CUDA_BUILD=1 for a pure-Python install") from exc
+                f"building {ext.name} needs pybind11 (pip install pybind11), or set {skip}=1") from exc
         cmake = shutil.which("cmake")
         if cmake is None:
-            raise RuntimeError("building vqkern._C needs cmake on PATH, or set VQKERN_SKIP_CUDA_BUILD=1")
+            raise RuntimeError(f"building {ext.name} needs cmake on PATH, or set {skip}=1")
+        with_cuda = any(e.name == "vqkern._C" for e in self.extensions)
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -68,27 +76,40 @@ class CMakeBuild(build_ext):
             f"-DVQKERN_OUTPUT_DIR={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+            f"-DVQKERN_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
             "-DCMAKE_BUILD_TYPE=Release",
             # Passed on every configure so a changed environment wins over the CMake cache.
             f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('VQKERN_CUDA_ARCHS') or '80;90a'}",
             f"-DVQKERN_PTXAS_VERBOSE={'ON' if _truthy('VQKERN_PTXAS_VERBOSE') else 'OFF'}",
         ]
+        if with_cuda:
+            args.append(f"-DCMAKE_CUDA_COMPILER={find_nvcc()}")
         if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
             args.append("-GNinja")
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run([cmake, "-S", ext.source_dir, "-B", str(build_dir), *args], check=True)
-        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
+        target = ext.name.rsplit(".", 1)[1]
+        subprocess.run([cmake, "--build", str(build_dir), "--target", target, "--parallel", jobs], check=True)
 
 
 def ext_modules() -> list[Extension]:
+    exts = []
+    if _truthy("VQKERN_SKIP_CPU_BUILD"):
+        print("vqkern: VQKERN_SKIP_CPU_BUILD is set, installing without vqkern._cpu", file=sys.stderr)
+    elif platform.machine().lower() not in ("x86_64", "amd64"):
+        print(f"vqkern: vqkern._cpu is x86-64 code, this is {platform.machine()}: installing without it",
+              file=sys.stderr)
+    elif shutil.which("cmake") is None:
+        print("vqkern: cmake not found, installing without vqkern._cpu", file=sys.stderr)
+    else:
+        exts.append(CMakeExtension("vqkern._cpu", ROOT))
     if _truthy("VQKERN_SKIP_CUDA_BUILD"):
         print("vqkern: VQKERN_SKIP_CUDA_BUILD is set, installing without vqkern._C", file=sys.stderr)
-        return []
-    if find_nvcc() is None:
+    elif find_nvcc() is None:
         print("vqkern: nvcc not found (PATH, CUDA_HOME), installing without vqkern._C", file=sys.stderr)
-        return []
-    return [CMakeExtension("vqkern._C", ROOT)]
+    else:
+        exts.append(CMakeExtension("vqkern._C", ROOT))
+    return exts
 
 
 setup(

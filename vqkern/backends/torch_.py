@@ -13,9 +13,17 @@ per-row argmin is done in two levels, because ``argmin(dim=1)`` runs at about
 over groups of ``G`` codes, ``argmin`` over the group minima, then ``argmin``
 inside the winning group. The first minimal group holds the first minimal code,
 so ties still go to the lowest index.
+
+On x86-64 CPUs with AVX2 the search instead runs the fused C++ kernel of the
+extension ``vqkern._cpu`` (csrc/cpu/search.cpp): scores are folded into the
+running argmin in registers, no tile is written, rows are shared out between
+threads dynamically. ``VQKERN_CPU_KERNEL=0`` forces the tiled PyTorch path;
+``cpu_kernel()`` says which path runs and why.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
@@ -29,7 +37,33 @@ CPU_TILE_CODES = 1024
 CPU_GROUP = 32
 
 
+@functools.lru_cache(maxsize=1)
+def _load_cpu_ext():
+    """(module or None, reason)."""
+    try:
+        ext = importlib.import_module("vqkern._cpu")
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "vqkern._cpu":
+            return None, (f"vqkern._cpu not built ({exc}): install with cmake on PATH, "
+                          "without VQKERN_SKIP_CPU_BUILD=1, on x86-64")
+        return None, f"vqkern._cpu failed to load: {type(exc).__name__}: {exc}"
+    if not ext.supported():
+        return None, "this CPU lacks AVX2/FMA, which vqkern._cpu needs"
+    return ext, "fused C++ kernel vqkern._cpu (AVX2 + FMA)"
+
+
+def cpu_kernel() -> tuple[bool, str]:
+    """Whether CPU searches run the fused C++ kernel, and why not if they do not."""
+    if os.environ.get("VQKERN_CPU_KERNEL", "1").strip() == "0":
+        return False, "VQKERN_CPU_KERNEL=0: tiled PyTorch path"
+    ext, reason = _load_cpu_ext()
+    return ext is not None, reason
+
+
 def availability(device: torch.device) -> tuple[bool, str]:
+    if torch.device(device).type == "cpu":
+        ok, reason = cpu_kernel()
+        return True, f"plain PyTorch runs on every device; CPU search: {reason if ok else 'tiled PyTorch (' + reason + ')'}"
     return True, "plain PyTorch runs on every device"
 
 
@@ -114,12 +148,17 @@ def _search_blocked(z, cb, cb_norm, indices) -> None:
 def search(z, codebook, indices, distances, quantized) -> None:
     dtype = _compute_dtype(z, codebook)
     cb = codebook.to(dtype)
-    cb_norm = (cb.float() * cb.float()).sum(dim=1).to(dtype)
     zs = z.to(dtype)
-    if z.device.type == "cpu":
-        _search_cpu(zs, cb, cb_norm, indices)
+    if z.device.type == "cpu" and cpu_kernel()[0]:
+        # The kernel reads fp32 rows through data pointers and writes int64 indices.
+        zs, cb = zs.contiguous(), cb.contiguous()
+        if indices.dtype != torch.int64 or not indices.is_contiguous() or zs.dtype != torch.float32:
+            raise RuntimeError("vqkern._cpu.search_l2 needs fp32 rows and contiguous int64 indices")
+        _load_cpu_ext()[0].search_l2(zs.data_ptr(), zs.shape[0], zs.stride(0), cb.data_ptr(), cb.shape[0],
+                                     cb.stride(0), zs.shape[1], indices.data_ptr(), torch.get_num_threads())
     else:
-        _search_blocked(zs, cb, cb_norm, indices)
+        cb_norm = (cb.float() * cb.float()).sum(dim=1).to(dtype)
+        (_search_cpu if z.device.type == "cpu" else _search_blocked)(zs, cb, cb_norm, indices)
     chosen = codebook.index_select(0, indices)
     distances.copy_(residual_distance(z, chosen))
     quantized.copy_(chosen)
