@@ -58,6 +58,19 @@ def test_all_codes_equal_picks_first(path):
     assert torch.equal(indices, torch.zeros(20, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("d", [1, 7, 8, 67, 1000])
+def test_quantize_outputs_and_distances(path, d):
+    # fp32 takes the kernel's fused epilogue, bf16 z the PyTorch one: both must give
+    # the code rows exactly and distances from the residual.
+    codebook = torch.randn(50, d)
+    for z in (torch.randn(77, d), torch.randn(77, d).bfloat16()):
+        out = vqkern.quantize(z, codebook, backend="torch")
+        assert out.quantized.dtype == z.dtype
+        assert torch.equal(out.quantized, codebook[out.indices].to(z.dtype))
+        _, distances = vqkern.nearest_code(z, codebook, backend="torch")
+        assert_nearest(z.float(), codebook, out.indices, distances)
+
+
 def test_non_contiguous_and_half_inputs(path):
     z = torch.randn(40, 64, 3)[:, :, 1]          # stride (192, 3)
     codebook = torch.randn(100, 64)
@@ -85,7 +98,7 @@ def test_kernel_same_answer_for_any_thread_count():
     runs = []
     for threads in (1, 2, 3, 8):
         idx = torch.full((1000,), -1, dtype=torch.int64)
-        ext.search_l2(z.data_ptr(), 1000, 24, codebook.data_ptr(), 500, 24, 24, idx.data_ptr(), threads)
+        ext.search_l2(z.data_ptr(), 1000, 24, codebook.data_ptr(), 500, 24, 24, idx.data_ptr(), 0, 0, 0, threads)
         runs.append(idx)
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     assert_nearest(z, codebook, runs[0])
@@ -98,9 +111,14 @@ def test_kernel_writes_only_its_rows():
     z = torch.randn(30, 20)[:, :7]
     codebook = torch.randn(9, 7)
     idx = torch.full((40,), -7, dtype=torch.int64)
-    ext.search_l2(z.data_ptr(), 30, 20, codebook.data_ptr(), 9, 7, 7, idx.data_ptr(), 2)
-    assert bool((idx[30:] == -7).all())
-    assert_nearest(z, codebook, idx[:30])
+    dist = torch.full((40,), float("nan"))
+    quantized = torch.full((40, 11), float("nan"))  # row stride 11 > D
+    ext.search_l2(z.data_ptr(), 30, 20, codebook.data_ptr(), 9, 7, 7, idx.data_ptr(), dist.data_ptr(),
+                  quantized.data_ptr(), 11, 2)
+    assert bool((idx[30:] == -7).all()) and bool(dist[30:].isnan().all()) and bool(quantized[30:].isnan().all())
+    assert bool(quantized[:30, 7:].isnan().all())
+    assert_nearest(z, codebook, idx[:30], dist[:30])
+    assert torch.equal(quantized[:30, :7], codebook[idx[:30]])
 
 
 def test_availability_names_the_cpu_path(monkeypatch):

@@ -154,8 +154,16 @@ def search(z, codebook, indices, distances, quantized) -> None:
         zs, cb = zs.contiguous(), cb.contiguous()
         if indices.dtype != torch.int64 or not indices.is_contiguous() or zs.dtype != torch.float32:
             raise RuntimeError("vqkern._cpu.search_l2 needs fp32 rows and contiguous int64 indices")
+        # fp32 in and out: the kernel also writes the exact distance and the code row
+        # while the row is in cache; other dtypes take the epilogue below.
+        fused = (z.dtype == codebook.dtype == quantized.dtype == torch.float32 and quantized.is_contiguous()
+                 and distances.is_contiguous())
         _load_cpu_ext()[0].search_l2(zs.data_ptr(), zs.shape[0], zs.stride(0), cb.data_ptr(), cb.shape[0],
-                                     cb.stride(0), zs.shape[1], indices.data_ptr(), torch.get_num_threads())
+                                     cb.stride(0), zs.shape[1], indices.data_ptr(),
+                                     distances.data_ptr() if fused else 0, quantized.data_ptr() if fused else 0,
+                                     quantized.stride(0), torch.get_num_threads())
+        if fused:
+            return
     else:
         cb_norm = (cb.float() * cb.float()).sum(dim=1).to(dtype)
         (_search_cpu if z.device.type == "cpu" else _search_blocked)(zs, cb, cb_norm, indices)
