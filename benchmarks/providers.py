@@ -117,31 +117,53 @@ def _backward_runner(outputs, grads, leaves):
 
 # ---- vqkern ------------------------------------------------------------------------------
 
-def _vqkern_builder(backend):
+def _with_env(fn, name, value):
+    """fn with the environment variable ``name`` set to ``value`` around each call."""
+    def run(i):
+        import os
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(i)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
+def _vqkern_builder(backend, env=None):
     def build(case, data, pass_):
-        import vqkern
-
-        if pass_ == "forward":
-            def run(i):
-                z, e = _inputs(data, case, i, grad=False)
-                idx, _ = vqkern.nearest_code(z, e, backend=backend)
-                return idx, e.index_select(0, idx)
-            return run
-        if pass_ == "backward":
-            z, e = _inputs(data, case, 0, grad=True)
-            out = vqkern.quantize(z, e, beta=BETA, backend=backend)
-            return _backward_runner([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)], [z, e])
-        layer = vqkern.VectorQuantizer(case.k, case.d, BETA, backend=backend).to(case.device)
-        with torch.no_grad():
-            layer.codebook.copy_(data["codebook"].float())
-
-        def train(i):
-            z, _ = _inputs(data, case, i, grad=True)
-            out = layer(z)
-            torch.autograd.backward([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)])
-            return z
-        return train
+        fn = _vqkern_build(backend, case, data, pass_)
+        return _with_env(fn, *env) if env else fn
     return build
+
+
+def _vqkern_build(backend, case, data, pass_):
+    import vqkern
+
+    if pass_ == "forward":
+        def run(i):  # search + gather + exact distance: the op's forward, without autograd
+            z, e = _inputs(data, case, i, grad=False)
+            with torch.no_grad():
+                out = vqkern.quantize(z, e, beta=BETA, backend=backend)
+            return out.indices, out.quantized
+        return run
+    if pass_ == "backward":
+        z, e = _inputs(data, case, 0, grad=True)
+        out = vqkern.quantize(z, e, beta=BETA, backend=backend)
+        return _backward_runner([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)], [z, e])
+    layer = vqkern.VectorQuantizer(case.k, case.d, BETA, backend=backend).to(case.device)
+    with torch.no_grad():
+        layer.codebook.copy_(data["codebook"].float())
+
+    def train(i):
+        z, _ = _inputs(data, case, i, grad=True)
+        out = layer(z)
+        torch.autograd.backward([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)])
+        return z
+    return train
 
 
 def _vqkern_available(backend):
@@ -269,10 +291,17 @@ def _nk(case, copies=1):
     return copies * case.n * case.k * max(4, case.itemsize)
 
 
+def _cpu_only(device, dtype):
+    return (True, "") if device.type == "cpu" else (False, "the tiled path is the torch backend's CPU fallback")
+
+
 PROVIDERS: dict[str, Provider] = {}
 for _b in ("triton", "cuda", "torch"):
     PROVIDERS[f"vqkern-{_b}"] = Provider(f"vqkern-{_b}", ("forward", "backward", "train"),
                                          _vqkern_builder(_b), _vqkern_available(_b))
+PROVIDERS["vqkern-torch-tiled"] = Provider(
+    "vqkern-torch-tiled", ("forward",), _vqkern_builder("torch", ("VQKERN_CPU_KERNEL", "0")), _cpu_only,
+    note="the torch backend's tiled PyTorch CPU path (VQKERN_CPU_KERNEL=0), what runs without vqkern._cpu")
 for _p in (
     Provider("reference", ("forward", "backward", "train"), _plain_builder(_broadcast_idx),
              extra_bytes=_nkd, note="plain broadcast ((z[:,None]-E[None])**2).sum(-1).argmin()"),
