@@ -4,6 +4,7 @@ Without CUDA these run in the Triton interpreter on CPU tensors (tests/conftest.
 sets TRITON_INTERPRET=1 before vqkern is imported); with CUDA, compiled. Shapes
 stay small because the interpreter executes every block operation in numpy.
 """
+import importlib
 import os
 
 import pytest
@@ -114,9 +115,37 @@ def test_split_k_env_reaches_public_api(monkeypatch):
     z = torch.randn(40, 12, device=DEVICE)
     codebook = torch.randn(500, 12, device=DEVICE)
     monkeypatch.setenv("VQKERN_TRITON_NUM_SPLITS", "5")
+    search_module = importlib.import_module("vqkern.backends.triton.search")  # the package exports a search()
+    launched = []
+    reduce_kernel = search_module._split_reduce_kernel
+
+    class Spy:  # records the split count of every reduce launch (there is none without a split)
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["NUM_SPLITS"])
+                return reduce_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(search_module, "_split_reduce_kernel", Spy())
     indices, distances = vqkern.nearest_code(z, codebook, backend="triton")
+    assert launched == [5], "the split-K path did not run"
     assert_nearest(z, codebook, indices, distances)
     assert torch.equal(indices, _search(z, codebook, num_splits=1)[0])
+
+
+def test_split_k_chosen_when_rows_cannot_fill_the_gpu(monkeypatch):
+    # The choice only, on a stand-in CUDA tensor: few row blocks and many codes split K,
+    # enough row blocks do not, and each split keeps at least MIN_CODES_PER_SPLIT codes.
+    from types import SimpleNamespace
+
+    search_module = importlib.import_module("vqkern.backends.triton.search")
+    monkeypatch.delenv("VQKERN_TRITON_NUM_SPLITS", raising=False)
+    monkeypatch.setattr(search_module, "_sm_count", lambda index: 132)
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    assert search_module._choose_splits(on_gpu, 16, 2**16) == 2**16 // search_module.MIN_CODES_PER_SPLIT
+    assert search_module._choose_splits(on_gpu, 256, 2**20) == 66  # 4 row blocks x 66 = 2 per SM
+    assert search_module._choose_splits(on_gpu, 65536, 2**20) == 1  # rows alone fill the GPU
+    assert search_module._choose_splits(on_gpu, 16, 1000) == 1  # too few codes to split
 
 
 def test_search_large_k():
