@@ -1,4 +1,6 @@
 """nearest_code / quantize / segment_sum on every backend against the fp64 reference."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -193,6 +195,37 @@ def test_deterministic_codebook_gradient_bitwise(backend, device):
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_mode_reaches_the_segment_sum(backend, monkeypatch, device):
+    # On CPU the atomic paths happen to be sequential, so bitwise equality alone cannot
+    # show that torch.use_deterministic_algorithms selects the deterministic path.
+    seen = []
+    get = vqkern.backends.get
+
+    def spying_get(name):
+        impl = get(name)
+
+        def segment_sum(indices, values, counts, sums, deterministic):
+            seen.append(deterministic)
+            impl.segment_sum(indices, values, counts, sums, deterministic)
+
+        return SimpleNamespace(search=impl.search, grad_z=impl.grad_z, segment_sum=segment_sum)
+
+    monkeypatch.setattr(vqkern.backends, "get", spying_get)
+    z = torch.randn(40, 8, device=device)
+    layer = vqkern.VectorQuantizer(6, 8, ema=True, backend=backend).to(device)
+    for mode in (True, False):
+        torch.use_deterministic_algorithms(mode)
+        try:
+            cb = torch.randn(6, 8, device=device, requires_grad=True)
+            vqkern.quantize(z, cb, backend=backend).loss.backward()  # codebook gradient
+            layer(z)  # EMA statistics
+            vqkern.segment_sum(torch.zeros(40, dtype=torch.int64, device=device), z, 6, backend=backend)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert seen == [True] * 3 + [False] * 3
 
 
 def test_auto_backend_and_environment(monkeypatch, device):
