@@ -10,6 +10,15 @@ Z = torch.randn(10, 4)
 CB = torch.randn(6, 4)
 
 
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Every op reaches its backend through backends.get: make reaching it fail the test."""
+    def get(name):
+        raise AssertionError(f"a {name} kernel was reached before the input was refused")
+
+    monkeypatch.setattr(vqkern.backends, "get", get)
+
+
 @pytest.mark.parametrize("z,codebook,match", [
     (torch.tensor(1.0), CB, "z must have shape"),
     (Z, torch.randn(6, 4, 1), "codebook must have shape"),
@@ -22,11 +31,13 @@ CB = torch.randn(6, 4)
     ([[1.0] * 4], CB, "z must be a torch.Tensor"),
 ])
 @pytest.mark.parametrize("fn", ["nearest_code", "quantize"])
+@pytest.mark.usefixtures("no_kernels")
 def test_bad_tensors(fn, z, codebook, match):
     with pytest.raises((ValueError, TypeError), match=match):
         getattr(vqkern, fn)(z, codebook)
 
 
+@pytest.mark.usefixtures("no_kernels")
 def test_devices_must_match():
     meta = torch.randn(6, 4, device="meta")
     with pytest.raises(ValueError, match="same device"):
@@ -34,11 +45,13 @@ def test_devices_must_match():
 
 
 @pytest.mark.parametrize("beta", [math.nan, math.inf, "a lot"])
+@pytest.mark.usefixtures("no_kernels")
 def test_beta_must_be_finite(beta):
     with pytest.raises((ValueError, TypeError), match="beta"):
         vqkern.quantize(Z, CB, beta=beta)
 
 
+@pytest.mark.usefixtures("no_kernels")
 def test_unknown_metric_and_backend():
     with pytest.raises(ValueError, match="metric"):
         vqkern.nearest_code(Z, CB, metric="manhattan")
@@ -62,12 +75,14 @@ def test_module_constructor(kwargs, match):
         vqkern.VectorQuantizer(0, 4)
 
 
+@pytest.mark.usefixtures("no_kernels")
 def test_channel_dim_out_of_range():
     layer = vqkern.VectorQuantizer(8, 4, channel_dim=5)
     with pytest.raises(ValueError, match="channel_dim"):
         layer(torch.randn(2, 4, 3, 3))
 
 
+@pytest.mark.usefixtures("no_kernels")
 def test_segment_sum_arguments():
     idx = torch.randint(5, (10,))
     with pytest.raises(TypeError, match="indices"):
@@ -84,3 +99,22 @@ def test_inputs_are_not_modified():
     z, codebook = Z.clone(), CB.clone()
     vqkern.quantize(z, codebook)
     assert torch.equal(z, Z) and torch.equal(codebook, CB)
+
+
+@pytest.mark.usefixtures("no_kernels")
+@pytest.mark.parametrize("z,match", [
+    (torch.randn(10, 5), "z's last dimension"),
+    (torch.randint(3, (10, 4)), "z must have a floating dtype"),
+    (torch.randn(10, 4, dtype=torch.complex64), "z must have a floating dtype"),
+    (torch.tensor(1.0), "z must have shape"),
+    (torch.randn(10, 4, device="meta"), "same device"),
+    (torch.randn(2, 4, 3, 3), "channel_dim"),
+])
+def test_module_refuses_bad_input_and_keeps_its_state(z, match):
+    channel_dim = 5 if z.dim() == 4 else -1
+    layer = vqkern.VectorQuantizer(6, 4, ema=True, dead_code_threshold=1.0, channel_dim=channel_dim)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        layer(z)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
