@@ -148,6 +148,23 @@ def test_backward_after_training_step_updates_codebook(backend, kw, device):
     torch.testing.assert_close(layer.codebook, ref.codebook)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ema", [False, True])
+def test_empty_batch_in_training(backend, ema, device):
+    layer, ref = _pair(backend, ema=ema, decay=0.5, dead_code_threshold=0.9, channel_dim=1)
+    layer, ref = layer.to(device), ref.to(device)
+    for module in (layer, ref):
+        z = torch.randn(0, 12, 3, 5, device=device, requires_grad=True)
+        out = module(z)
+        assert out.quantized.shape == z.shape and out.indices.shape == (0, 3, 5)
+        assert out.indices.dtype == torch.int64 and out.loss.item() == 0.0
+        (out.loss + out.quantized.sum()).backward()
+        assert z.grad.shape == z.shape
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[name], value, msg=name)
+    assert torch.equal(layer.cluster_size, torch.full_like(layer.cluster_size, 0.5))  # decayed, nothing counted
+
+
 def test_failed_call_leaves_module_untouched(device):
     layer = vqkern.VectorQuantizer(20, 4, ema=True, backend="torch").to(device)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
