@@ -222,6 +222,61 @@ def test_search_and_statistics_go_through_vqkern_ops(monkeypatch):
     assert calls == {"search": 4, "segment_sum": 4}
 
 
+SUPPORTED = ("dim", "codebook_size", "codebook_dim", "heads", "separate_codebook_per_head", "decay", "eps",
+             "kmeans_init", "kmeans_iters", "use_cosine_sim", "threshold_ema_dead_code", "channel_last",
+             "accept_image_fmap", "commitment_weight", "rotation_trick", "learnable_codebook", "ema_update",
+             "sync_codebook")
+RVQ_SUPPORTED = ("dim", "num_quantizers", "codebook_size", "codebook_dim", "heads", "accept_image_fmap")
+
+
+def _non_default(default):
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, (int, float)):
+        return default + 1
+    if isinstance(default, dict):
+        return {"depth": 2}
+    return 1  # None
+
+
+@pytest.mark.parametrize("cls,supported,required", [
+    (VectorQuantize, SUPPORTED, dict(dim=DIM, codebook_size=K)),
+    (ResidualVQ, RVQ_SUPPORTED, dict(dim=DIM, num_quantizers=2, codebook_size=K)),
+], ids=["VectorQuantize", "ResidualVQ"])
+def test_every_argument_is_supported_with_its_default_or_refused_by_name(cls, supported, required):
+    import inspect
+
+    ref_params = inspect.signature(getattr(vqp, cls.__name__).__init__).parameters
+    ours = inspect.signature(cls.__init__).parameters
+    assert set(supported) <= set(ref_params), "a supported option is not an argument of vector_quantize_pytorch"
+    for name, param in ref_params.items():
+        if name == "self" or param.kind is param.VAR_KEYWORD:
+            continue
+        assert name in ours, f"{name} is not accepted"
+        default = {} if ours[name].default is None and param.default == {} else ours[name].default
+        assert default == param.default or (default is param.default), f"{name}: default {default!r} != {param.default!r}"
+        if name in supported:
+            continue
+        with pytest.raises(NotImplementedError, match=name):
+            cls(**{**required, name: _non_default(param.default)})
+
+
+@pytest.mark.parametrize("cls,required,keep", [
+    (VectorQuantize, dict(dim=DIM, codebook_size=K), ("x", "return_loss_breakdown")),
+    (ResidualVQ, dict(dim=DIM, num_quantizers=2, codebook_size=K), ("x", "return_all_codes")),
+], ids=["VectorQuantize", "ResidualVQ"])
+def test_every_other_forward_argument_is_refused_by_name(cls, required, keep):
+    import inspect
+
+    module = cls(**required)
+    for name, param in inspect.signature(getattr(vqp, cls.__name__).forward).parameters.items():
+        if name == "self" or name in keep:
+            continue
+        assert inspect.signature(module.forward).parameters[name].default == param.default, name
+        with pytest.raises(NotImplementedError, match=name):
+            module(make_input({}), **{name: _non_default(param.default)})
+
+
 @pytest.mark.parametrize("arg,value", [("orthogonal_reg_weight", 0.1), ("straight_through", True),
                                        ("sync_kmeans", False), ("affine_param", True),
                                        ("layernorm_after_project_in", True), ("freeze_codebook", True)])
