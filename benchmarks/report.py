@@ -133,3 +133,51 @@ def plots(records: list[dict], stem: str) -> list[str]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def summary(meta: dict, records: list[dict]) -> str:
+    """Compact tables for the README: one row per shape, vqkern's median and % of floor,
+    then each peer's median as a multiple of vqkern's (> 1: vqkern is faster)."""
+    default = VQKERN_DEFAULT.get(meta.get("device_type", "cpu"), "vqkern-torch")
+    lines = []
+    for pass_ in meta.get("passes", ("forward", "backward", "train")):
+        groups = {key: g for key, g in _groups(records).items() if key[0] == pass_}
+        peers = [p for p in meta["providers"] if p != default
+                 and any(r["provider"] == p and r["status"] != "n/a" for g in groups.values() for r in g)
+                 and not all(r["status"] == "skipped" for g in groups.values() for r in g if r["provider"] == p)]
+        if not groups:
+            continue
+        lines += [f"**{pass_}** ({default}: median ms and % of the floor; peers: their median / vqkern's)", "",
+                  "| N x K x D | dtype | " + default + " | " + " | ".join(peers) + " |",
+                  "|---|---|---:|" + "---:|" * len(peers)]
+        for (_, dtype, n, k, d), group in groups.items():
+            by = {r["provider"]: r for r in group}
+            v = by.get(default)
+            if v is None or v["status"] != "ok":
+                cells = [v["status"].upper() if v else "-"]
+            else:
+                cells = [f"{_fmt_ms(v['median_ms'])} ({100 * v['floor_fraction']:.0f}%)"]
+            for p in peers:
+                r = by.get(p)
+                if r is None or r["status"] in ("n/a", "skipped"):
+                    cells.append("-")
+                elif r["status"] != "ok":
+                    cells.append(r["status"].upper())
+                elif v is not None and v["status"] == "ok":
+                    cells.append(f"{r['median_ms'] / v['median_ms']:.2f}x")
+                else:
+                    cells.append(_fmt_ms(r["median_ms"]) + " ms")
+            lines.append(f"| {n} x {k} x {d} | {dtype} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m benchmarks.report RESULTS.json   (prints the README summary tables)")
+    with open(sys.argv[1]) as f:
+        data = json.load(f)
+    print(summary(data["meta"], data["records"]))

@@ -230,11 +230,12 @@ def main(argv=None) -> int:
         json.dump({"meta": meta, "records": records}, f, indent=1)
     table = report.markdown(meta, records)
     Path(f"{stem}.md").write_text(table)
+    Path(f"{stem}-summary.md").write_text(report.summary(meta, records))
     print(table)
     if not args.no_plots:
         for path in report.plots(records, str(stem)):
             print(f"plot: {path}")
-    print(f"results: {stem}.json, {stem}.md")
+    print(f"results: {stem}.json, {stem}.md, {stem}-summary.md")
     return 0
 
 

@@ -19,6 +19,8 @@ def test_runner_writes_results(tmp_path, capsys):
     folder = tmp_path / "cpu"
     (json_path,) = folder.glob("*-smoke.json")
     assert json_path.with_suffix(".md").exists()
+    summary = (folder / f"{json_path.stem}-summary.md").read_text()
+    assert "| 300 x 70 x 5 | float32 |" in summary and "**train**" in summary
     assert (folder / f"{json_path.stem}-time.png").exists()
     records = json.loads(json_path.read_text())["records"]
     assert len(records) == 2 * 3 * 5
