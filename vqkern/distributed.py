@@ -19,22 +19,24 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the process group (0 outside one)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of ranks (1 outside a process group of more than one rank)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def all_reduce_(*tensors: Tensor) -> None:
-    """Sum each tensor across ranks in place (no-op outside a process group)."""
+    """Sum each tensor (any shape, a dtype the backend reduces) across ranks in place (no-op outside a group)."""
     if is_distributed():
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def broadcast_(*tensors: Tensor, src: int = 0) -> None:
-    """Copy each tensor from rank ``src`` to every rank in place (no-op outside a group)."""
+    """Copy each tensor (any shape and dtype) from rank ``src`` to every rank in place (no-op outside a group)."""
     if is_distributed():
         for t in tensors:
             dist.broadcast(t, src=src)
@@ -51,7 +53,7 @@ def gather_sizes(n: int, device: torch.device | str) -> list[int]:
 
 
 def random_subset(n: int, m: int, device: torch.device | str) -> Tensor:
-    """``m`` distinct positions in [0, n) (int64), drawn on rank 0, the same on every rank."""
+    """(M,) int64: M = ``m`` distinct positions in [0, n), drawn on rank 0, the same on every rank."""
     picked = torch.randperm(n, device=device)[:m] if rank() == 0 else torch.empty(m, dtype=torch.int64, device=device)
     broadcast_(picked)
     return picked

@@ -19,7 +19,8 @@ class VQOutput(NamedTuple):
 
 
 def perplexity_from_counts(counts: Tensor) -> Tensor:
-    """exp(entropy) of a code histogram (K,): K when codes are used evenly, 1 at collapse."""
+    """exp(entropy) of a code histogram (K,) (any real dtype), as a float32 scalar: K when
+    codes are used evenly, 1 at collapse."""
     p = counts.float() / counts.sum().clamp(min=1)
     return torch.exp(-torch.special.xlogy(p, p).sum())
 
@@ -98,6 +99,14 @@ class VectorQuantizer(nn.Module):
         return z.movedim(self.channel_dim, -1)
 
     def forward(self, z: Tensor) -> VQOutput:
+        """Quantize z (float32/float16/bfloat16, D at ``channel_dim``, any number of rows).
+
+        Returns VQOutput(quantized: z's shape and dtype; indices: int64, z's shape without
+        the channel dimension; loss: fp32 scalar, codebook_loss + commitment_cost *
+        commitment_loss, or commitment_cost * commitment_loss with ``ema``; perplexity:
+        fp32 scalar of this batch). In training mode it also updates the EMA statistics
+        and re-seeds dead codes (not when z holds a NaN or an infinity).
+        """
         moved = self._channel_last(z)
         check_inputs(moved, self.codebook, self.metric)
         codebook = self.codebook

@@ -16,6 +16,8 @@ from torch import nn
 
 
 class ReferenceOutput(NamedTuple):
+    """Outputs of :func:`quantize`: quantized (z's shape and dtype), indices (int64,
+    z's leading shape), loss, commitment_loss, codebook_loss (float32 scalars)."""
     quantized: torch.Tensor
     indices: torch.Tensor
     loss: torch.Tensor
@@ -73,8 +75,9 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25) -> Ref
 def ema_update(codebook, cluster_size, embed_avg, z, indices, decay, eps) -> None:
     """EMA codebook update in place, with Laplace-smoothed cluster sizes.
 
-    cluster_size (K,) and embed_avg (K, D) decay towards this batch's per-code
-    counts and sums; codebook (K, D) becomes embed_avg / smoothed cluster size.
+    z (N, D) float rows and their codes ``indices`` (N,) int64; cluster_size (K,)
+    and embed_avg (K, D) (float32) decay towards this batch's per-code counts and
+    sums; codebook (K, D) becomes embed_avg / smoothed cluster size.
     """
     k = codebook.shape[0]
     one_hot = F.one_hot(indices, k).float()
@@ -86,7 +89,8 @@ def ema_update(codebook, cluster_size, embed_avg, z, indices, decay, eps) -> Non
 
 
 def perplexity(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """exp(entropy) of the code histogram: K when all codes are used evenly, 1 at collapse."""
+    """exp(entropy) of the histogram of indices (any shape, int64) over num_codes codes, as a
+    float32 scalar: K when all codes are used evenly, 1 at collapse."""
     counts = torch.bincount(indices.reshape(-1), minlength=num_codes).double()
     p = counts / counts.sum().clamp(min=1)
     return torch.exp(-torch.special.xlogy(p, p).sum()).float()
@@ -116,6 +120,8 @@ class ReferenceVectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(num_embeddings))
 
     def forward(self, z):
+        """z: float, D at ``channel_dim``. Returns VQOutput(quantized like z, indices int64
+        of z's shape without the channel dimension, loss and perplexity fp32 scalars)."""
         from .modules import VQOutput
 
         moved = z.movedim(self.channel_dim, -1) if self.channel_dim != -1 else z

@@ -17,6 +17,7 @@ from ..kmeans import kmeans, segment_sum_unchecked
 
 
 def l2norm(t: Tensor) -> Tensor:
+    """t (..., D) float divided by its L2 norm along the last dimension (same shape and dtype)."""
     return F.normalize(t, p=2, dim=-1, eps=1e-6)
 
 
@@ -65,14 +66,18 @@ class Codebook(nn.Module):
 
     @property
     def has_dead_code_replacement(self) -> bool:
+        """Whether codes under ``threshold_ema_dead_code`` EMA usage get re-seeded."""
         return self.threshold_ema_dead_code > 0
 
     def transform_input(self, x: Tensor) -> Tensor:
+        """x (..., D) float, l2-normalized for the cosine metric, else as it is."""
         return l2norm(x) if self.use_cosine_sim else x
 
     # ---- search -------------------------------------------------------------
 
     def forward(self, flatten: Tensor, *, update: bool) -> tuple[Tensor, Tensor]:
+        """flatten (C, M, D) float32 -> (quantize (C, M, D) float32, indices (C, M) int64);
+        k-means initialization first if pending, the EMA update and re-seeding when ``update``."""
         if not self._initted_host:
             self.init_embed_(flatten)
         embed = self.embed if self.learnable_codebook else self.embed.detach()
@@ -99,6 +104,8 @@ class Codebook(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def init_embed_(self, flatten: Tensor) -> None:
+        """k-means initialization of every codebook from flatten (C, M, D) float32
+        (rows of every rank with ``use_ddp``); waits while no rank has rows."""
         if self._initted_host:
             return
         # Every rank learns the total row count, so all of them skip or all initialize.
@@ -139,6 +146,8 @@ class Codebook(nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def update_codebook(self, flatten: Tensor, indices: Tensor) -> None:
+        """EMA of the per-code counts and sums of flatten (C, M, D) float32 under their
+        codes indices (C, M) int64 (all-reduced with ``use_ddp``), then dead-code re-seeding."""
         if not self.ema_update and not self.has_dead_code_replacement:
             return
         stats = [segment_sum_unchecked(indices[c], flatten[c].detach(), self.codebook_size, self.backend)
@@ -159,7 +168,8 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def expire_codes_(self, flatten: Tensor) -> None:
-        """Re-seed codes whose EMA usage fell under ``threshold_ema_dead_code`` with batch rows."""
+        """Re-seed codes whose EMA usage fell under ``threshold_ema_dead_code`` with rows of
+        flatten (C, M, D) float32 (drawn from every rank's rows with ``use_ddp``)."""
         if not self.has_dead_code_replacement:
             return
         expired = self.cluster_size < self.threshold_ema_dead_code

@@ -68,6 +68,7 @@ class ResidualVQ(nn.Module):
 
     @property
     def codebook_size(self) -> int:
+        """The first layer's number of codes K."""
         return self.layers[0].codebook_size
 
     @property
@@ -83,10 +84,16 @@ class ResidualVQ(nn.Module):
         return torch.stack([layer._codebook.embed[0][indices[..., q]] for q, layer in enumerate(self.layers)])
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """(..., num_quantizers) int64 -> the sum of the layers' codes through project_out, (..., dim) float32."""
         return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
 
     def forward(self, x: Tensor, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
                 freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None):
+        """x: float (..., dim) (or (B, dim, H, W) with accept_image_fmap).
+
+        Returns (quantized like x, indices int64 (..., num_quantizers), losses float32
+        (num_quantizers,)), plus all codes (num_quantizers, ..., D) with ``return_all_codes``.
+        """
         reject_unsupported("ResidualVQ.forward", dict(
             mask=mask, indices=indices, sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
             beam_size=beam_size, rand_quantize_dropout_fixed_seed=rand_quantize_dropout_fixed_seed),

@@ -21,10 +21,10 @@ def rotate_to(src: Tensor, tgt: Tensor) -> Tensor:
     """Rotate-and-scale ``src`` onto ``tgt`` with gradient only to ``src``.
 
     Args:
-        src: (..., D) encoder output (gets the gradient).
-        tgt: (..., D) quantized vectors, same shape (receive no gradient here).
+        src: (..., D) float encoder output (gets the gradient).
+        tgt: (..., D) quantized vectors, same shape and dtype (receive no gradient here).
     Returns:
-        (..., D) equal to ``tgt`` up to rounding; d out / d src = s (I - 2 w w^T + 2 q u^T)
+        (..., D) in src's dtype, equal to ``tgt`` up to rounding; d out / d src = s (I - 2 w w^T + 2 q u^T)
         per row, with u = src/|src|, q = tgt/|tgt|, w = (u + q)/|u + q|, s = |tgt|/|src|.
     """
     norm_src = src.norm(dim=-1, keepdim=True)

@@ -121,6 +121,7 @@ class VectorQuantize(nn.Module):
 
     @property
     def ema_update(self) -> bool:
+        """Whether the codebook follows EMA statistics (else it is learned by gradient or frozen)."""
         return self._codebook.ema_update
 
     @property
@@ -150,6 +151,8 @@ class VectorQuantize(nn.Module):
         return codes
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """The layer's output for int64 indices as forward returned them: the codes
+        (see :meth:`get_codes_from_indices`) through ``project_out``, float32 (..., dim)."""
         return self.project_out(self.get_codes_from_indices(indices))
 
     # ---- head layout ------------------------------------------------------------
@@ -180,6 +183,12 @@ class VectorQuantize(nn.Module):
     def forward(self, x: Tensor, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None):
+        """x: float (B, N, dim), (B, dim, N), (B, dim, H, W) or (B, dim) (see the class).
+
+        Returns (quantized like x in x's dtype, indices int64 (B, N) / (B, H, W) / (B,)
+        with a trailing heads axis when heads > 1, loss float32 scalar), plus a
+        LossBreakdown of scalars with ``return_loss_breakdown=True``.
+        """
         reject_unsupported("VectorQuantize.forward", dict(
             indices=indices, mask=mask, lens=lens, topk=topk, sample_codebook_temp=sample_codebook_temp,
             freeze_codebook=freeze_codebook, codebook_transform_fn=codebook_transform_fn,
