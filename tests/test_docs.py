@@ -46,3 +46,29 @@ def test_docstring_with_shapes_and_dtypes(name, obj):
     if _takes_tensors(obj):
         assert SHAPE.search(doc), f"{name}'s docstring gives no shape"
         assert DTYPE.search(doc), f"{name}'s docstring gives no dtype"
+
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def test_readme_shows_the_drop_in_switch_and_every_supported_option():
+    from test_compat import SUPPORTED
+
+    section = _section("Drop-in for vector-quantize-pytorch")
+    switch = re.search(r"# from vector_quantize_pytorch import (.+)\n(from vqkern\S* import \1)\n", section)
+    assert switch, "the one-line switch of the import is not shown"
+    exec(switch.group(2), {})  # the line it shows works
+    for option in SUPPORTED:
+        assert f"`{option}`" in section, f"{option} is not in the README's list of options"
+
+
+def test_readme_shows_multi_gpu_training():
+    section = _section("Training on several GPUs")
+    assert "DistributedDataParallel" in section and "init_process_group" in section and "torchrun" in section
