@@ -158,11 +158,15 @@ def test_cosine_metric(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_input_gives_nan_loss(backend, device):
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_gives_non_finite_loss(backend, metric, value, device):
     z = torch.randn(50, 8, device=device)
-    z[7, 3] = float("nan")
-    out = vqkern.quantize(z, torch.randn(20, 8, device=device), backend=backend)
-    assert torch.isnan(out.loss)
+    z[7, 3] = value
+    out = vqkern.quantize(z, torch.randn(20, 8, device=device), metric=metric, backend=backend)
+    assert not torch.isfinite(out.loss)
+    if value != value:  # NaN
+        assert torch.isnan(out.loss)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
