@@ -414,3 +414,15 @@ def test_torch_compile_ema_training():
         torch.testing.assert_close(q_c, q_e, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g_c, g_e, atol=1e-5, rtol=1e-4)
     assert_states_close(eager, compiled_module)
+
+
+def test_top_level_exports():
+    # The README's one-line switch imports from vqkern itself.
+    import vqkern
+    import vqkern.compat
+    from vqkern.kmeans import kmeans as kmeans_fn
+
+    assert vqkern.VectorQuantize is vqkern.compat.VectorQuantize
+    assert vqkern.ResidualVQ is vqkern.compat.ResidualVQ
+    assert vqkern.kmeans is kmeans_fn
+    assert {"VectorQuantize", "ResidualVQ", "kmeans"} <= set(vqkern.__all__)

@@ -6,14 +6,20 @@ without ever materializing the N x K distance matrix.
 from . import _library, backends, reference
 from .functional import QuantizeOutput, nearest_code, quantize, segment_sum
 from .modules import VectorQuantizer, VQOutput
+from .kmeans import KMeansOutput, kmeans  # noqa: E402  (the function; the module stays vqkern.kmeans in sys.modules)
+from .compat import ResidualVQ, VectorQuantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KMeansOutput",
     "QuantizeOutput",
+    "ResidualVQ",
+    "VectorQuantize",
     "VQOutput",
     "VectorQuantizer",
     "backends",
+    "kmeans",
     "nearest_code",
     "quantize",
     "reference",
