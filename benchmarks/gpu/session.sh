@@ -166,6 +166,9 @@ phase_verify() {
   # Tests outside the backend-parametrized selections (auto backend, modules, compat, training).
   gpu_step suite_other 120 "$PY" -m pytest tests -q -k "not cuda and not triton" -rs
   [ -f "$LOG/suite_other.log" ] && note "  suite_other: $(pytest_line "$LOG/suite_other.log")"
+  cat "$SETUP_SUMMARY" "$SUMMARY" >"$LOG/record.txt"
+  [ "$HAVE_GPU" = 1 ] && "$PY" benchmarks/gpu/tools.py verify-record "$LOG/record.txt" \
+    benchmarks/gpu/session.sh verify 2>&1 | tee -a "$LOG/verify-record.log"
 }
 
 phase_sanitize() {

@@ -6,6 +6,7 @@
     python benchmarks/gpu/tools.py ptxas BUILD.log          # registers, stack and spills per CUDA kernel
     python benchmarks/gpu/tools.py bench-summary FILE.json...
     python benchmarks/gpu/tools.py train-record RUN_DIR NAME COMMAND...
+    python benchmarks/gpu/tools.py verify-record SUMMARY.txt COMMAND...
     python benchmarks/gpu/tools.py merge --name full FILE.json...   # parts of one sweep -> one JSON, MD, PNGs
 
 The GPU machine receives a copy of the working tree, possibly without .git: the
@@ -217,6 +218,30 @@ def train_record(run_dir: str, name: str, command: list[str]) -> int:
     return 0
 
 
+def verify_record(summary: str, command: list[str]) -> int:
+    """The verify phase's summary with its provenance -> benchmarks/results/<device>/<date>-verify.md."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import measure
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = measure.provenance(device, [])
+    if meta["git_commit"].startswith("unknown"):
+        meta["git_commit"] = commit()
+    folder = ROOT / "benchmarks" / "results" / measure.device_slug(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{meta['date'][:10]}-verify.md"
+    lines = [f"# GPU verification: {meta['device']}", "",
+             f"- date {meta['date']}, commit `{meta['git_commit']}`, torch {meta['torch']}, triton {meta['triton']}, "
+             f"CUDA {meta['cuda']}, Python {meta['python']}",
+             f"- command: `{' '.join(command)}` (csrc/gpu_verify.sh, then the rest of the suite)", "",
+             "```", Path(summary).read_text().rstrip(), "```", ""]
+    path.write_text("\n".join(lines))
+    print(f"  -> {path.relative_to(ROOT)}")
+    return 0
+
+
 def merge(files: list[str], name: str) -> int:
     """Parts of one sweep (one JSON per shape group) -> <date>-<name>.json, .md and plots beside them."""
     sys.path.insert(0, str(ROOT))
@@ -259,6 +284,9 @@ def main(argv=None) -> int:
     t.add_argument("run_dir")
     t.add_argument("name")
     t.add_argument("command", nargs=argparse.REMAINDER)
+    v = sub.add_parser("verify-record")
+    v.add_argument("summary")
+    v.add_argument("command", nargs=argparse.REMAINDER)
     m = sub.add_parser("merge")
     m.add_argument("--name", default="full")
     m.add_argument("files", nargs="+")
@@ -276,6 +304,8 @@ def main(argv=None) -> int:
         return bench_summary(a.files)
     if a.cmd == "train-record":
         return train_record(a.run_dir, a.name, a.command)
+    if a.cmd == "verify-record":
+        return verify_record(a.summary, a.command)
     return merge(a.files, a.name)
 
 
