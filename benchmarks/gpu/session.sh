@@ -127,7 +127,7 @@ HAVE_GPU=0
 if timeout 120 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
   HAVE_GPU=1
   note "$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
-    --format=csv,noheader 2>&1 | head -n 1)"
+    --format=csv,noheader 2>&1 | head -n 1); kernel $(uname -r)"
   note "$(timeout 60 "$PY" -c "import torch, triton; p = torch.cuda.get_device_properties(0)
 print(f'{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}; '
       f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')" 2>&1 | tail -n 1)"
