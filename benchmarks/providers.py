@@ -84,9 +84,13 @@ def _plain_builder(idx_fn, compiled=False):
         idx = idx_fn(z, e)
         return idx, e[idx]
 
-    fwd_fn = torch.compile(fwd, dynamic=False) if compiled else fwd
-
     def build(case, data, pass_):
+        fwd_fn = fwd
+        if compiled:
+            # Dynamo keys its cache on the code object, shared by every shape of a sweep:
+            # past its recompile limit (8) later shapes would silently run eagerly.
+            torch._dynamo.reset()
+            fwd_fn = torch.compile(fwd, dynamic=False)
         if pass_ == "forward":
             def run(i):
                 with torch.no_grad():
