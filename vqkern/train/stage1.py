@@ -116,7 +116,8 @@ def train_steps(model: VQVAE, optimizer, train: np.ndarray, cfg: VQVAEConfig, de
 
     model.train()
     times = []
-    bar = tqdm(total=stop, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    # total is the whole run, not this stretch between checkpoints.
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
     for step in range(start, stop):
         x = to_input(train[batch_indices(step, len(train), cfg.batch_size, cfg.seed)], device)
         _sync(device)
