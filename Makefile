@@ -9,13 +9,15 @@ STAMP := $(VENV)/.installed
 .PHONY: venv demo fashion-mnist test test-all bench clean
 
 # `make demo` trains a small VQ-VAE on Fashion-MNIST after the backend check: 600 steps
-# of batch 64 take about 1.5 minutes on 2 CPU cores (measured: see README, "Training a VQ-VAE").
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# of batch 64 at 78 ms/step; the whole demo took 69 s on 2 CPU cores with .venv installed
+# (benchmarks/results/cpu/train/2026-11-25-fashion-mnist.md).
+# FASHION_MNIST=<folder of Fashion-MNIST's IDX files> runs the training demo without apt.
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 600
 DEMO_EVAL_IMAGES ?= 2000
 DEMO_ARGS ?=
-DEMO_TRAIN = $(PY) -m vqkern.train vqvae --ema --dead-code-threshold 1 --steps $(DEMO_STEPS) \
+DEMO_TRAIN = $(PY) -m vqkern.train vqvae --data $(FASHION_MNIST) --ema --dead-code-threshold 1 --steps $(DEMO_STEPS) \
 	--eval-images $(DEMO_EVAL_IMAGES) --out $(DEMO_OUT) $(DEMO_ARGS)
 
 $(STAMP): requirements-cpu.txt requirements-test.txt setup.py CMakeLists.txt $(wildcard csrc/*.c* csrc/*.h csrc/cpu/*)
@@ -38,7 +40,7 @@ demo: $(STAMP)
 fashion-mnist:
 	@if [ -d $(FASHION_MNIST) ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "no apt-get here: install Fashion-MNIST's IDX files yourself and pass --data to python -m vqkern.train"; exit 1; fi; \
+	  echo "no apt-get here: download Fashion-MNIST's IDX files and run make demo FASHION_MNIST=<their folder>"; exit 1; fi; \
 	if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
 	elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
 	else echo "not root and no sudo: run 'apt-get install dataset-fashion-mnist' as root"; exit 1; fi; \
