@@ -1,5 +1,9 @@
 """The torch backend's two CPU search paths: the fused C++ kernel (vqkern._cpu) and
 the tiled PyTorch path (VQKERN_CPU_KERNEL=0), each against the fp64 reference."""
+import os
+import platform
+import shutil
+
 import pytest
 import torch
 
@@ -126,3 +130,17 @@ def test_availability_names_the_cpu_path(monkeypatch):
     assert ok and ("vqkern._cpu" in reason)
     monkeypatch.setenv("VQKERN_CPU_KERNEL", "0")
     assert "tiled PyTorch" in vqkern.backends.availability("torch", "cpu")[1]
+
+
+def test_cpu_extension_builds_where_it_should():
+    # Where setup.py builds vqkern._cpu, the kernel must be what runs: a build that
+    # went missing would otherwise only show as skipped kernel tests.
+    if os.environ.get("VQKERN_SKIP_CPU_BUILD", "") == "1":
+        pytest.skip("VQKERN_SKIP_CPU_BUILD=1: installed without vqkern._cpu")
+    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("cmake") is None:
+        pytest.skip("not x86-64 or no cmake: setup.py installs without vqkern._cpu")
+    import vqkern._cpu as ext  # a failure here is the build or load error, shown in full
+
+    assert callable(ext.search_l2)
+    if ext.supported():
+        assert KERNEL_OK, KERNEL_REASON
