@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 .PHONY: venv demo fashion-mnist test test-all bench clean
 
 # `make demo` trains a small VQ-VAE on Fashion-MNIST after the backend check: 600 steps
-# of batch 64 at about 80 ms/step; the whole demo took 70 s on 2 CPU cores with .venv installed
+# of batch 64 at about 80 ms/step; the whole demo took about 90 s on 2 CPU cores with .venv
+# installed (the backend check runs the Triton kernels in the interpreter)
 # (benchmarks/results/cpu/train/2026-11-25-fashion-mnist.md).
 # FASHION_MNIST=<folder of Fashion-MNIST's IDX files> runs the training demo without apt.
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
