@@ -96,16 +96,29 @@ def test_nan_row_gives_valid_index_and_nan_distance(path):
 
 
 @needs_kernel
-def test_kernel_same_answer_for_any_thread_count():
+@pytest.mark.parametrize("n,k", [(1000, 500), (30, 5000), (150, 9000)], ids=["row-blocks", "code-splits", "both"])
+def test_kernel_same_answer_for_any_thread_count(n, k):
+    # Few rows and many codes: the codes are split across threads too, and the merge
+    # across splits must keep the lowest index on ties (duplicated codes below).
     ext = torch_._load_cpu_ext()[0]
-    z, codebook = torch.randn(1000, 24), torch.randn(500, 24)
+    base = torch.randn(k // 2, 24)
+    codebook = torch.cat([base, base, torch.randn(k - 2 * (k // 2), 24)])
+    z = torch.cat([torch.randn(n - 10, 24), base[torch.randint(0, k // 2, (10,))]])
+    z[3, 5] = float("nan")
     runs = []
     for threads in (1, 2, 3, 8):
-        idx = torch.full((1000,), -1, dtype=torch.int64)
-        ext.search_l2(z.data_ptr(), 1000, 24, codebook.data_ptr(), 500, 24, 24, idx.data_ptr(), 0, 0, 0, threads)
-        runs.append(idx)
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
-    assert_nearest(z, codebook, runs[0])
+        idx = torch.full((n,), -1, dtype=torch.int64)
+        dist = torch.full((n,), -1.0)
+        ext.search_l2(z.data_ptr(), n, 24, codebook.data_ptr(), k, 24, 24, idx.data_ptr(), dist.data_ptr(), 0, 0,
+                      threads)
+        runs.append((idx, dist))
+    for idx, dist in runs[1:]:
+        assert torch.equal(runs[0][0], idx) and torch.equal(runs[0][1].nan_to_num(-2), dist.nan_to_num(-2))
+    idx = runs[0][0]
+    keep = torch.arange(n) != 3
+    assert 0 <= int(idx[3]) < k
+    assert_nearest(z[keep], codebook, idx[keep], runs[0][1][keep])
+    assert bool((idx[-10:] < k // 2).all())  # exact copies: the first copy wins
 
 
 @needs_kernel

@@ -42,6 +42,7 @@ namespace {
 constexpr int kMr = 6;           // rows per micro-kernel
 constexpr int kNr = 16;          // codes per panel (two AVX2 vectors)
 constexpr int64_t kRowBlock = 96;  // rows per work item: 16 micro-blocks, ~24 KB of z at D = 64
+constexpr int64_t kMinSplitPanels = 16;  // a split of the codes is at least 256 of them
 
 // Code panels per cache block: the packed codes a micro-block walks before moving
 // to the next micro-block stay in L2 (about 256 KB of packed codes).
@@ -135,19 +136,31 @@ __attribute__((target("avx2,fma"))) float residual(const float* z, const float* 
   return sum;
 }
 
+// The chosen code's row and exact distance, while the row is in L1.
+__attribute__((target("avx2,fma"))) void epilogue(const Problem& pb, int64_t row, int32_t idx) {
+  pb.indices[row] = idx;
+  const float* e = pb.codebook + static_cast<int64_t>(idx) * pb.ldc;
+  if (pb.distances) pb.distances[row] = residual(pb.z + row * pb.ldz, e, pb.d);
+  if (pb.quantized) std::memcpy(pb.quantized + row * pb.ldq, e, static_cast<size_t>(pb.d) * sizeof(float));
+}
+
+// Rows [r0, r1) against code panels [q0, q1). With part_val/part_idx null, the rows'
+// answers go through the epilogue; otherwise each row's best (score, index) over these
+// panels is stored there (row r at offset r) for a merge across panel ranges.
 __attribute__((target("avx2,fma"))) void search_rows(const Problem& pb, int64_t r0, int64_t r1,
                                                      const float* packed, const float* norms,
-                                                     int64_t panels, Lanes* lanes) {
+                                                     int64_t q0, int64_t q1, Lanes* lanes,
+                                                     float* part_val, int32_t* part_idx) {
   const float* z = pb.z;
   const int64_t ldz = pb.ldz, d = pb.d;
   const int64_t rows = r1 - r0;
   for (int64_t r = 0; r < rows; ++r) {
     std::fill(lanes[r].val, lanes[r].val + kNr, std::numeric_limits<float>::infinity());
-    for (int j = 0; j < kNr; ++j) lanes[r].idx[j] = j;
+    for (int j = 0; j < kNr; ++j) lanes[r].idx[j] = static_cast<int32_t>(q0 * kNr + j);
   }
   const int64_t step = panels_per_block(d);
-  for (int64_t p0 = 0; p0 < panels; p0 += step) {
-    const int64_t p1 = std::min(panels, p0 + step);
+  for (int64_t p0 = q0; p0 < q1; p0 += step) {
+    const int64_t p1 = std::min(q1, p0 + step);
     for (int64_t m = 0; m < rows; m += kMr) {
       const float* zrow[kMr];
       const int mr = static_cast<int>(std::min<int64_t>(kMr, rows - m));
@@ -174,12 +187,12 @@ __attribute__((target("avx2,fma"))) void search_rows(const Problem& pb, int64_t 
         idx = i;
       }
     }
-    const int64_t row = r0 + r;
-    pb.indices[row] = idx;
-    // Epilogue while the row is in L1: the chosen code and its exact distance.
-    const float* e = pb.codebook + static_cast<int64_t>(idx) * pb.ldc;
-    if (pb.distances) pb.distances[row] = residual(z + row * ldz, e, d);
-    if (pb.quantized) std::memcpy(pb.quantized + row * pb.ldq, e, static_cast<size_t>(d) * sizeof(float));
+    if (part_val) {
+      part_val[r0 + r] = best;
+      part_idx[r0 + r] = idx;
+    } else {
+      epilogue(pb, r0 + r, idx);
+    }
   }
 }
 
@@ -254,14 +267,36 @@ void search_l2(const float* z, int64_t n, int64_t ldz, const float* codebook, in
     for (int64_t p0; (p0 = next_panel.fetch_add(kPackChunk)) < panels;)
       pack_panels(codebook, ldc, k, d, p0, std::min(panels, p0 + kPackChunk), packed.get(), norms.get());
   });
-  threads = static_cast<int>(std::min<int64_t>(threads, blocks));
+  // Fewer row blocks than threads (small n): each block's codes are also split into
+  // `splits` panel ranges of at least kMinSplitPanels, searched as separate work items
+  // whose per-row bests are merged afterwards in range order (earlier range wins ties).
+  const int64_t splits = blocks >= threads ? 1
+      : std::max<int64_t>(1, std::min<int64_t>((threads + blocks - 1) / blocks, panels / kMinSplitPanels));
+  const int64_t items = blocks * splits;
+  std::vector<float> part_val(splits > 1 ? static_cast<size_t>(splits * n) : 0);
+  std::vector<int32_t> part_idx(part_val.size());
+  threads = static_cast<int>(std::min<int64_t>(threads, items));
   parallel(threads, [&] {
     std::vector<Lanes> lanes(kRowBlock);
-    for (int64_t b; (b = next_block.fetch_add(1)) < blocks;) {
+    for (int64_t item; (item = next_block.fetch_add(1)) < items;) {
+      const int64_t b = item / splits, sp = item % splits;
       const int64_t r0 = b * kRowBlock;
-      search_rows(pb, r0, std::min(n, r0 + kRowBlock), packed.get(), norms.get(), panels, lanes.data());
+      search_rows(pb, r0, std::min(n, r0 + kRowBlock), packed.get(), norms.get(), sp * panels / splits,
+                  (sp + 1) * panels / splits, lanes.data(), splits > 1 ? part_val.data() + sp * n : nullptr,
+                  splits > 1 ? part_idx.data() + sp * n : nullptr);
     }
   });
+  for (int64_t row = 0; splits > 1 && row < n; ++row) {
+    float best = part_val[row];
+    int32_t idx = part_idx[row];
+    for (int64_t sp = 1; sp < splits; ++sp) {
+      if (part_val[sp * n + row] < best) {
+        best = part_val[sp * n + row];
+        idx = part_idx[sp * n + row];
+      }
+    }
+    epilogue(pb, row, idx);
+  }
 }
 
 }  // namespace vqkern_cpu
