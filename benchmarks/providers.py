@@ -15,6 +15,7 @@ Passes:
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -124,7 +125,6 @@ def _backward_runner(outputs, grads, leaves):
 def _with_env(fn, name, value):
     """fn with the environment variable ``name`` set to ``value`` around each call."""
     def run(i):
-        import os
         old = os.environ.get(name)
         os.environ[name] = value
         try:

@@ -6,7 +6,8 @@ without ever materializing the N x K distance matrix.
 from . import _library, backends, reference
 from .functional import QuantizeOutput, nearest_code, quantize, segment_sum
 from .modules import VectorQuantizer, VQOutput
-from .kmeans import KMeansOutput, kmeans  # noqa: E402  (the function; the module stays vqkern.kmeans in sys.modules)
+# vqkern.kmeans is the function; its module stays importable as vqkern.kmeans (sys.modules).
+from .kmeans import KMeansOutput, kmeans
 from .compat import ResidualVQ, VectorQuantize
 
 __version__ = "0.1.0"

@@ -52,11 +52,16 @@ def _load_cpu_ext():
     return ext, "fused C++ kernel vqkern._cpu (AVX2 + FMA)"
 
 
+def _active_cpu_ext():
+    """(vqkern._cpu when CPU searches use it, else None; the reason)."""
+    if os.environ.get("VQKERN_CPU_KERNEL", "1").strip() == "0":
+        return None, "VQKERN_CPU_KERNEL=0: tiled PyTorch path"
+    return _load_cpu_ext()
+
+
 def cpu_kernel() -> tuple[bool, str]:
     """Whether CPU searches run the fused C++ kernel, and why not if they do not."""
-    if os.environ.get("VQKERN_CPU_KERNEL", "1").strip() == "0":
-        return False, "VQKERN_CPU_KERNEL=0: tiled PyTorch path"
-    ext, reason = _load_cpu_ext()
+    ext, reason = _active_cpu_ext()
     return ext is not None, reason
 
 
@@ -149,7 +154,8 @@ def search(z, codebook, indices, distances, quantized) -> None:
     dtype = _compute_dtype(z, codebook)
     cb = codebook.to(dtype)
     zs = z.to(dtype)
-    if z.device.type == "cpu" and cpu_kernel()[0]:
+    ext = _active_cpu_ext()[0] if z.device.type == "cpu" else None
+    if ext is not None:
         # The kernel reads fp32 rows through data pointers and writes int64 indices.
         zs, cb = zs.contiguous(), cb.contiguous()
         if indices.dtype != torch.int64 or not indices.is_contiguous() or zs.dtype != torch.float32:
@@ -158,10 +164,9 @@ def search(z, codebook, indices, distances, quantized) -> None:
         # while the row is in cache; other dtypes take the epilogue below.
         fused = (z.dtype == codebook.dtype == quantized.dtype == torch.float32 and quantized.is_contiguous()
                  and distances.is_contiguous())
-        _load_cpu_ext()[0].search_l2(zs.data_ptr(), zs.shape[0], zs.stride(0), cb.data_ptr(), cb.shape[0],
-                                     cb.stride(0), zs.shape[1], indices.data_ptr(),
-                                     distances.data_ptr() if fused else 0, quantized.data_ptr() if fused else 0,
-                                     quantized.stride(0), torch.get_num_threads())
+        ext.search_l2(zs.data_ptr(), zs.shape[0], zs.stride(0), cb.data_ptr(), cb.shape[0], cb.stride(0),
+                      zs.shape[1], indices.data_ptr(), distances.data_ptr() if fused else 0,
+                      quantized.data_ptr() if fused else 0, quantized.stride(0), torch.get_num_threads())
         if fused:
             return
     else:

@@ -1,6 +1,6 @@
 """Drop-in for ``vector_quantize_pytorch.VectorQuantize`` on vqkern's fused kernels.
 
-Switch with one line: ``from vqkern.compat import VectorQuantize``. Same constructor
+Switch with one line: ``from vqkern import VectorQuantize``. Same constructor
 arguments (for the supported options), defaults, outputs and state_dict as
 vector-quantize-pytorch 1.32; the nearest-code search runs through
 ``vqkern.nearest_code`` and the EMA statistics through ``vqkern.segment_sum``, so
