@@ -78,19 +78,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("quantized"), py::arg("stream"),
         "Nearest code per row; workspaces norms (k,) f32, part_scores/part_index (splits, n) f32/i32.");
 
-  m.def("grad_z",
+  m.def("backward",
         [](int device, std::uintptr_t grad_q, int g_dtype, std::uintptr_t z, int z_dtype,
            std::uintptr_t codebook, int cb_dtype, std::uintptr_t indices, int64_t n, int64_t d,
-           double scale, std::uintptr_t out, std::uintptr_t stream) {
+           std::uintptr_t scale, std::uintptr_t grad_z, std::uintptr_t diff_sums,
+           std::uintptr_t stream) {
           DeviceGuard guard(device);
-          vqkern::grad_z(ptr<const void>(grad_q), g_dtype, ptr<const void>(z), z_dtype,
-                         ptr<const void>(codebook), cb_dtype, ptr<const int64_t>(indices), n, d,
-                         static_cast<float>(scale), ptr<void>(out), stream_of(stream));
+          vqkern::backward(ptr<const void>(grad_q), g_dtype, ptr<const void>(z), z_dtype,
+                           ptr<const void>(codebook), cb_dtype, ptr<const int64_t>(indices), n, d,
+                           ptr<const float>(scale), ptr<void>(grad_z), ptr<float>(diff_sums),
+                           stream_of(stream));
         },
         py::arg("device"), py::arg("grad_q"), py::arg("g_dtype"), py::arg("z"), py::arg("z_dtype"),
         py::arg("codebook"), py::arg("cb_dtype"), py::arg("indices"), py::arg("n"), py::arg("d"),
-        py::arg("scale"), py::arg("out"), py::arg("stream"),
-        "out (n, d) in z's dtype = grad_q + scale * (z - codebook[indices]).");
+        py::arg("scale"), py::arg("grad_z"), py::arg("diff_sums"), py::arg("stream"),
+        "One pass: grad_z = grad_q - *scale * (e - z) (0 skips it), diff_sums[idx] += e - z "
+        "with atomics (0 skips it); scale is a device pointer to one fp32.");
 
   m.def("segment_sum_atomic",
         [](int device, std::uintptr_t indices, std::uintptr_t values, int v_dtype, int64_t n,
@@ -105,15 +108,18 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("segment_sum_sorted",
         [](int device, std::uintptr_t sorted_idx, std::uintptr_t perm, std::uintptr_t values,
-           int v_dtype, int64_t n, int64_t d, int64_t k, std::uintptr_t counts,
-           std::uintptr_t sums, std::uintptr_t partial, std::uintptr_t stream) {
+           int v_dtype, std::uintptr_t base, int base_dtype, int64_t n, int64_t d, int64_t k,
+           std::uintptr_t counts, std::uintptr_t sums, std::uintptr_t partial,
+           std::uintptr_t stream) {
           DeviceGuard guard(device);
           vqkern::segment_sum_sorted(ptr<const int64_t>(sorted_idx), ptr<const int64_t>(perm),
-                                     ptr<const void>(values), v_dtype, n, d, k, ptr<float>(counts),
-                                     ptr<float>(sums), ptr<float>(partial), stream_of(stream));
+                                     ptr<const void>(values), v_dtype, ptr<const void>(base),
+                                     base_dtype, n, d, k, ptr<float>(counts), ptr<float>(sums),
+                                     ptr<float>(partial), stream_of(stream));
         },
         py::arg("device"), py::arg("sorted_idx"), py::arg("perm"), py::arg("values"),
-        py::arg("v_dtype"), py::arg("n"), py::arg("d"), py::arg("k"), py::arg("counts"),
-        py::arg("sums"), py::arg("partial"), py::arg("stream"),
-        "Deterministic segment sum over rows sorted by code (stable sort: sorted_idx, perm).");
+        py::arg("v_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("d"),
+        py::arg("k"), py::arg("counts"), py::arg("sums"), py::arg("partial"), py::arg("stream"),
+        "Deterministic segment sum over rows sorted by code (stable sort: sorted_idx, perm); "
+        "base (0 = none) sums base[code] - values instead; counts 0 = not counted.");
 }

@@ -1,5 +1,5 @@
 // Row-wise kernels that move a few bytes per element: the search epilogue
-// (split reduction + gather + exact residual distance) and the fused grad_z.
+// (split reduction + gather + exact residual distance) and the fused backward.
 // One warp per row, lanes striding over D.
 #include <climits>
 #include <stdexcept>
@@ -50,19 +50,25 @@ search_epilogue_kernel(const void* __restrict__ z, int z_dtype, const void* __re
   }
 }
 
+// The straight-through backward, one pass: the difference e - z is formed once per
+// element in fp32 and gives grad_z = grad_q - scale * (e - z) (out may be null) and
+// the per-code residual sums diff_sums[idx] += e - z with fp32 atomics (may be null).
+// scale is read on the device, so the backward never waits on the host.
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-grad_z_kernel(const void* __restrict__ grad_q, int g_dtype, const void* __restrict__ z, int z_dtype,
-              const void* __restrict__ codebook, int cb_dtype, const int64_t* __restrict__ indices,
-              int64_t n, int64_t d, float scale, void* __restrict__ out) {
+backward_kernel(const void* __restrict__ grad_q, int g_dtype, const void* __restrict__ z, int z_dtype,
+                const void* __restrict__ codebook, int cb_dtype, const int64_t* __restrict__ indices,
+                int64_t n, int64_t d, const float* __restrict__ scale_ptr, void* __restrict__ out,
+                float* __restrict__ diff_sums) {
   const int lane = threadIdx.x & 31;
   const int64_t row = warp_row();
   if (row >= n) return;
   const int64_t code = indices[row];
+  const float scale = out != nullptr ? *scale_ptr : 0.f;
   for (int64_t j = lane; j < d; j += 32) {
     const int64_t at = row * d + j;
-    const float e = load_as_float(codebook, cb_dtype, code * d + j);
-    const float v = load_as_float(grad_q, g_dtype, at) + scale * (load_as_float(z, z_dtype, at) - e);
-    store_from_float(out, z_dtype, at, v);
+    const float diff = load_as_float(codebook, cb_dtype, code * d + j) - load_as_float(z, z_dtype, at);
+    if (out != nullptr) store_from_float(out, z_dtype, at, load_as_float(grad_q, g_dtype, at) - scale * diff);
+    if (diff_sums != nullptr) atomicAdd(diff_sums + code * d + j, diff);
   }
 }
 
@@ -80,17 +86,19 @@ void launch_search_epilogue(const void* z, int z_dtype, const void* codebook, in
   VQ_LAUNCH_CHECK("search_epilogue_kernel");
 }
 
-void grad_z(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook,
-            int cb_dtype, const int64_t* indices, int64_t n, int64_t d, float scale, void* out,
-            cudaStream_t stream) {
-  check_dtype(g_dtype, "grad_quantized");
+void backward(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook,
+              int cb_dtype, const int64_t* indices, int64_t n, int64_t d, const float* scale,
+              void* grad_z, float* diff_sums, cudaStream_t stream) {
   check_dtype(z_dtype, "z");
   check_dtype(cb_dtype, "codebook");
-  if (n < 0 || d < 1) throw std::invalid_argument("vqkern._C.grad_z: need n >= 0, d >= 1");
-  if (n == 0) return;
-  grad_z_kernel<<<warp_blocks(n), kWarpsPerBlock * 32, 0, stream>>>(
-      grad_q, g_dtype, z, z_dtype, codebook, cb_dtype, indices, n, d, scale, out);
-  VQ_LAUNCH_CHECK("grad_z_kernel");
+  if (grad_z != nullptr) check_dtype(g_dtype, "grad_quantized");
+  if (n < 0 || d < 1) throw std::invalid_argument("vqkern._C.backward: need n >= 0, d >= 1");
+  if (grad_z != nullptr && scale == nullptr)
+    throw std::invalid_argument("vqkern._C.backward: grad_z needs the scale pointer");
+  if (n == 0 || (grad_z == nullptr && diff_sums == nullptr)) return;
+  backward_kernel<<<warp_blocks(n), kWarpsPerBlock * 32, 0, stream>>>(
+      grad_q, g_dtype, z, z_dtype, codebook, cb_dtype, indices, n, d, scale, grad_z, diff_sums);
+  VQ_LAUNCH_CHECK("backward_kernel");
 }
 
 }  // namespace vqkern

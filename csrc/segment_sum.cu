@@ -30,11 +30,12 @@ segment_atomic_kernel(const int64_t* __restrict__ indices, const void* __restric
 // added to sums directly: this block is the code's only writer. A run that
 // continues into a neighbouring chunk is parked in partial: slot 0 for the
 // chunk's first run, slot 1 for its last, and summed in chunk order by pass 2.
+// With base, each row adds base[code] - value (the residual), formed in fp32.
 __global__ void __launch_bounds__(kChunkThreads)
 segment_chunk_kernel(const int64_t* __restrict__ sorted_idx, const int64_t* __restrict__ perm,
-                     const void* __restrict__ values, int v_dtype, int64_t n, int64_t d,
-                     float* __restrict__ counts, float* __restrict__ sums,
-                     float* __restrict__ partial) {
+                     const void* __restrict__ values, int v_dtype, const void* __restrict__ base,
+                     int base_dtype, int64_t n, int64_t d, float* __restrict__ counts,
+                     float* __restrict__ sums, float* __restrict__ partial) {
   const int64_t chunk = blockIdx.x;
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;
@@ -48,14 +49,18 @@ segment_chunk_kernel(const int64_t* __restrict__ sorted_idx, const int64_t* __re
     float acc = 0.f;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t code = sorted_idx[p];
-      if (active) acc += load_as_float(values, v_dtype, perm[p] * d + col);
+      if (active) {
+        const float v = load_as_float(values, v_dtype, perm[p] * d + col);
+        acc += base != nullptr ? load_as_float(base, base_dtype, code * d + col) - v : v;
+      }
       if (p + 1 < end && sorted_idx[p + 1] == code) continue;
       // The run [run_start, p] of `code` ends here.
       const bool first = run_start == begin, last = p + 1 == end;
       const bool spans = (first && code == before) || (last && code == after);
       if (!spans) {
         if (active) sums[code * d + col] += acc;
-        if (col0 == 0 && threadIdx.x == 0) counts[code] += static_cast<float>(p + 1 - run_start);
+        if (counts != nullptr && col0 == 0 && threadIdx.x == 0)
+          counts[code] += static_cast<float>(p + 1 - run_start);
       } else if (active) {
         partial[(2 * chunk + (first ? 0 : 1)) * d + col] = acc;
       }
@@ -65,8 +70,8 @@ segment_chunk_kernel(const int64_t* __restrict__ sorted_idx, const int64_t* __re
   }
 }
 
-__device__ int64_t lower_bound(const int64_t* __restrict__ a, int64_t n, int64_t key) {
-  int64_t lo = 0, hi = n;
+// First position in [lo, hi) whose code is >= key.
+__device__ int64_t lower_bound(const int64_t* __restrict__ a, int64_t lo, int64_t hi, int64_t key) {
   while (lo < hi) {
     const int64_t mid = lo + ((hi - lo) >> 1);
     if (a[mid] < key) lo = mid + 1; else hi = mid;
@@ -74,27 +79,38 @@ __device__ int64_t lower_bound(const int64_t* __restrict__ a, int64_t n, int64_t
   return lo;
 }
 
-// Pass 2: codes whose rows span several chunks, their pieces summed in chunk order.
+// Pass 2: only the codes whose rows span a chunk boundary. Boundary b (between
+// chunks b - 1 and b) is owned by its code when that code spans it but not the
+// boundary before (so each spanning code has exactly one owner, its first
+// boundary); the owner adds the code's pieces in chunk order. At most
+// ceil(n / kChunk) - 1 boundaries, however large k is: a grid over the boundaries,
+// not over all k codes with two binary searches each.
 __global__ void __launch_bounds__(kChunkThreads)
-segment_span_kernel(const int64_t* __restrict__ sorted_idx, int64_t n, int64_t d, int64_t k,
+segment_span_kernel(const int64_t* __restrict__ sorted_idx, int64_t n, int64_t d, int64_t chunks,
                     float* __restrict__ counts, float* __restrict__ sums,
                     const float* __restrict__ partial) {
-  for (int64_t code = blockIdx.x; code < k; code += gridDim.x) {
-    const int64_t lo = lower_bound(sorted_idx, n, code);
-    const int64_t hi = lower_bound(sorted_idx, n, code + 1);
-    if (hi - lo == 0) continue;
-    const int64_t c0 = lo / kChunk, c1 = (hi - 1) / kChunk;
-    if (c0 == c1) continue;  // pass 1 wrote it
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) + 1; b < chunks; b += gridDim.x) {
+    const int64_t at = b * kChunk;
+    const int64_t code = sorted_idx[at];
+    if (sorted_idx[at - 1] != code) continue;                   // no run spans b
+    if (b > 1 && sorted_idx[at - kChunk - 1] == code) continue;  // spans b - 1 too: not the owner
+    // The code starts in chunk b - 1 and ends in the last chunk c1 whose first row is it.
+    const int64_t c0 = b - 1;
+    int64_t c1 = b;
+    while (c1 + 1 < chunks && sorted_idx[(c1 + 1) * kChunk] == code) ++c1;
     for (int64_t col = threadIdx.x; col < d; col += kChunkThreads) {
-      float acc = 0.f;
-      for (int64_t c = c0; c <= c1; ++c) {
-        // In chunk c the code's run is the chunk's first run iff it started at or before it.
-        const int slot = lo <= c * kChunk ? 0 : 1;
-        acc += partial[(2 * c + slot) * d + col];
-      }
+      // Chunk c0 holds the code's run as its last piece (slot 1) unless the run is
+      // also the chunk's first (it starts at the chunk's first row): slot 0.
+      float acc = partial[(2 * c0 + (sorted_idx[c0 * kChunk] == code ? 0 : 1)) * d + col];
+      for (int64_t c = c0 + 1; c <= c1; ++c) acc += partial[2 * c * d + col];  // first run: slot 0
       sums[code * d + col] += acc;
     }
-    if (threadIdx.x == 0) counts[code] += static_cast<float>(hi - lo);
+    if (counts != nullptr && threadIdx.x == 0) {
+      const int64_t lo = lower_bound(sorted_idx, c0 * kChunk, at, code);
+      const int64_t end = (c1 + 1) * kChunk < n ? (c1 + 1) * kChunk : n;
+      const int64_t hi = lower_bound(sorted_idx, c1 * kChunk, end, code + 1);
+      counts[code] += static_cast<float>(hi - lo);
+    }
   }
 }
 
@@ -111,18 +127,21 @@ void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype,
 }
 
 void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const void* values,
-                        int v_dtype, int64_t n, int64_t d, int64_t k, float* counts, float* sums,
-                        float* partial, cudaStream_t stream) {
+                        int v_dtype, const void* base, int base_dtype, int64_t n, int64_t d,
+                        int64_t k, float* counts, float* sums, float* partial, cudaStream_t stream) {
   check_dtype(v_dtype, "values");
+  if (base != nullptr) check_dtype(base_dtype, "base");
   if (n < 0 || d < 1 || k < 1)
     throw std::invalid_argument("vqkern._C.segment_sum_sorted: need n >= 0, d >= 1, k >= 1");
   if (n == 0) return;
-  segment_chunk_kernel<<<ceil_div_int(n, kChunk), kChunkThreads, 0, stream>>>(
-      sorted_idx, perm, values, v_dtype, n, d, counts, sums, partial);
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  segment_chunk_kernel<<<static_cast<unsigned>(chunks), kChunkThreads, 0, stream>>>(
+      sorted_idx, perm, values, v_dtype, base, base_dtype, n, d, counts, sums, partial);
   VQ_LAUNCH_CHECK("segment_chunk_kernel");
-  const int64_t span_blocks = k < 65536 ? k : 65536;
+  if (chunks < 2) return;
+  const int64_t span_blocks = chunks - 1 < 65535 ? chunks - 1 : 65535;
   segment_span_kernel<<<static_cast<unsigned>(span_blocks), kChunkThreads, 0, stream>>>(
-      sorted_idx, n, d, k, counts, sums, partial);
+      sorted_idx, n, d, chunks, counts, sums, partial);
   VQ_LAUNCH_CHECK("segment_span_kernel");
 }
 

@@ -32,10 +32,13 @@ void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int6
             bool use_tensor_cores, int64_t* indices, float* distances, void* quantized,
             cudaStream_t stream);
 
-// out (n, d) in z's dtype = grad_q + scale * (z - codebook[indices]), in fp32.
-void grad_z(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook,
-            int cb_dtype, const int64_t* indices, int64_t n, int64_t d, float scale, void* out,
-            cudaStream_t stream);
+// The straight-through backward in one pass over the rows: with diff = codebook[idx] - z
+// formed once per element in fp32, grad_z (n, d) in z's dtype = grad_q - *scale * diff
+// (skipped when grad_z is null) and diff_sums (k, d) fp32 += per-code sums of diff with
+// fp32 atomics (skipped when null; zero-filled by the caller). scale: one fp32 on the device.
+void backward(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook,
+              int cb_dtype, const int64_t* indices, int64_t n, int64_t d, const float* scale,
+              void* grad_z, float* diff_sums, cudaStream_t stream);
 
 // counts[idx[i]] += 1, sums[idx[i], :] += values[i, :] with fp32 atomics.
 void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype, int64_t n,
@@ -43,10 +46,13 @@ void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype,
 
 // Deterministic segment sum over rows sorted by code: sorted_idx (n,) ascending,
 // perm (n,) the row of values for each sorted position. Fixed-order reduction:
-// chunks of kSegmentChunkRows sorted rows, then the pieces of codes that span
-// chunks summed in chunk order. partial: (2 * ceil(n / kSegmentChunkRows), d) fp32.
+// chunks of kSegmentChunkRows sorted rows, then the pieces of the codes that span
+// chunks summed in chunk order (visiting only those codes). partial:
+// (2 * ceil(n / kSegmentChunkRows), d) fp32. counts may be null (not counted). With
+// base (k, d) given (non-null), the sums are of base[code] - values_i instead (the
+// codebook gradient's residual sums), each difference formed in fp32.
 void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const void* values,
-                        int v_dtype, int64_t n, int64_t d, int64_t k, float* counts, float* sums,
-                        float* partial, cudaStream_t stream);
+                        int v_dtype, const void* base, int base_dtype, int64_t n, int64_t d,
+                        int64_t k, float* counts, float* sums, float* partial, cudaStream_t stream);
 
 }  // namespace vqkern

@@ -2,8 +2,10 @@
 
 Without a GPU: the extension was built and imports, reports why it cannot run
 on CPU, and refuses CPU tensors with a clear error. With a GPU: the kernels
-against fp64 ground truth, split-K, grad_z, both segment-sum paths, agreement
-with the Triton backend, and 64-bit offsets past 2^31 elements (slow).
+against fp64 ground truth, split-K, the fused backward, both segment-sum paths,
+agreement with the Triton backend, and 64-bit offsets past 2^31 elements (slow).
+GPU tests skip on the backend's own availability (a probe launch), so a driver
+older than the toolkit is reported as the reason rather than failing every call.
 """
 import os
 import shutil
@@ -18,7 +20,14 @@ from vqkern.backends import cuda as cuda_backend
 
 from helpers import assert_nearest, exact_distances
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def _cuda_backend_ok() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs a CUDA device"
+    return backends.availability("cuda", "cuda")
+
+
+_CUDA_OK, _CUDA_WHY = _cuda_backend_ok()
+needs_gpu = pytest.mark.skipif(not _CUDA_OK, reason=f"cuda backend: {_CUDA_WHY}")
 
 
 def _nvcc_present() -> bool:
@@ -44,7 +53,7 @@ def test_extension_builds_and_imports():
         pytest.skip("nvcc not found: setup.py installed without vqkern._C")
     import vqkern._C as ext  # a failure here is the build or load error, shown in full
 
-    for name in ("search", "grad_z", "segment_sum_atomic", "segment_sum_sorted"):
+    for name in ("search", "backward", "segment_sum_atomic", "segment_sum_sorted"):
         assert callable(getattr(ext, name))
     assert ext.SEARCH_ROWS == 64 and ext.SEGMENT_CHUNK_ROWS > 0 and ext.CUDA_VERSION >= 11000
 
@@ -77,8 +86,8 @@ def test_launchers_refuse_cpu_tensors():
     msg = "must be a CUDA tensor, got a tensor on cpu"
     with pytest.raises(ValueError, match="z " + msg):
         cuda_backend.search(z, cb, idx, torch.empty(6), torch.empty(6, 3))
-    with pytest.raises(ValueError, match="grad_quantized " + msg):
-        cuda_backend.grad_z(torch.randn(6, 3), z, cb, idx, 0.5, torch.empty(6, 3))
+    with pytest.raises(ValueError, match="z " + msg):
+        cuda_backend.backward(torch.randn(6, 3), z, cb, idx, torch.ones(1), torch.empty(6, 3), None, False)
     with pytest.raises(ValueError, match="values " + msg):
         cuda_backend.segment_sum(idx, z, torch.zeros(5), torch.zeros(5, 3), True)
 
@@ -89,7 +98,7 @@ def test_binding_without_gpu_raises_naming_the_call():
     # Null pointers never reach a kernel: the device query fails first, and the error
     # names the CUDA call instead of crashing the interpreter.
     with pytest.raises(RuntimeError, match=r"vqkern\._C: cudaGetDevice failed"):
-        ext.grad_z(0, 0, 0, 0, 0, 0, 0, 0, 4, 3, 1.0, 0, 0)
+        ext.backward(0, 0, 0, 0, 0, 0, 0, 0, 4, 3, 0, 0, 0, 0)
 
 
 def test_split_choice():
@@ -180,22 +189,45 @@ def test_exact_indices_and_triton_agreement():
         torch.testing.assert_close(dc[same], dt[same], rtol=1e-5, atol=1e-5)
 
 
+def _backward(g, z, cb, idx, scale, deterministic, grad_z=True, sums=True):
+    out = torch.full_like(z, float("nan")) if grad_z else None
+    diff_sums = torch.zeros(cb.shape, device=z.device) if sums else None
+    cuda_backend.backward(g, z, cb, idx, torch.tensor([scale], device=z.device), out, diff_sums, deterministic)
+    return out, diff_sums
+
+
 @needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("z_dtype,cb_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                               (torch.float16, torch.float32)])
-def test_grad_z_against_fp64(z_dtype, cb_dtype):
+def test_backward_against_fp64(z_dtype, cb_dtype, deterministic):
     _ext()
     n, k, d = 513, 97, 67
     z = torch.randn(n, d, device="cuda").to(z_dtype)
     cb = torch.randn(k, d, device="cuda").to(cb_dtype)
     g = torch.randn(n, d, device="cuda").to(z_dtype)
     idx = torch.randint(k, (n,), device="cuda")
-    out = torch.full_like(z, float("nan"))
-    cuda_backend.grad_z(g, z, cb, idx, 0.375, out)
+    out, diff_sums = _backward(g, z, cb, idx, 0.375, deterministic)
     ref = g.double() + 0.375 * (z.double() - cb.double()[idx])
     plain = (g.float() + 0.375 * (z.float() - cb[idx].float())).to(z_dtype)
     err, plain_err = (out.double() - ref).abs().max(), (plain.double() - ref).abs().max()
     assert out.dtype == z_dtype and err <= 2 * plain_err + 1e-6
+    residual = cb.float()[idx] - z.float()  # each difference as the kernel forms it
+    _assert_sums_close(diff_sums, idx, residual, k)
+
+
+@needs_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_residual_sums_when_every_row_picks_one_code(deterministic):
+    _ext()
+    n, k, d = 70000, 5, 32
+    cb = torch.randn(k, d, device="cuda") + 100.0
+    idx = torch.full((n,), 3, device="cuda")
+    z = cb[idx] + 0.01 * torch.randn(n, d, device="cuda")
+    _, diff_sums = _backward(z, z, cb, idx, 0.0, deterministic, grad_z=False)
+    _assert_sums_close(diff_sums, idx, cb[idx] - z, k)
+    if deterministic:
+        assert torch.equal(_backward(z, z, cb, idx, 0.0, True, grad_z=False)[1], diff_sums)
 
 
 def _assert_sums_close(sums, idx, values, k):
@@ -277,8 +309,7 @@ def test_offsets_past_2_to_31_elements():
     assert torch.equal(idx, truth) and torch.equal(q[:-5], z[:-5])
     assert bool((dist[:-5] == 0).all()) and bool((dist[-5:] > 0).all())
     del q, dist
-    out = torch.full_like(z, float("nan"))
-    cuda_backend.grad_z(z, z, cb, idx, 1.0, out)
+    out, _ = _backward(z, z, cb, idx, 1.0, False, sums=False)
     tail = slice(n - 1000, n)
     assert torch.equal(out[tail], (z[tail].float() + (z[tail].float() - cb[idx[tail]].float())).half())
     del out

@@ -133,6 +133,44 @@ def test_gradients_against_reference(backend, dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["offset", "near_duplicates"])
+def test_codebook_gradient_does_not_cancel(backend, case, device):
+    # z within 0.01 of its code, or everything 100 away from the origin: the codebook
+    # gradient as count * e - sum z cancelled to 30-1000 times plain autograd's error.
+    g = torch.Generator(device="cpu").manual_seed(3)
+    n, k, d = 300, 12, 16
+    codebook = torch.randn(k, d, generator=g)
+    if case == "near_duplicates":
+        codebook[6:] = codebook[:6]  # duplicated codes: ties go to the lowest index
+    z = codebook[torch.randint(6, (n,), generator=g)] + 0.01 * torch.randn(n, d, generator=g)
+    if case == "offset":
+        z, codebook = z + 100.0, codebook + 100.0
+    (ez, ez_ref), (ec, ec_ref) = _grad_errors(z.to(device), codebook.to(device), backend)
+    assert ez <= 2 * ez_ref + 1e-7, (ez, ez_ref)
+    assert ec <= 2 * ec_ref + 1e-7, (ec, ec_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cosine_half_inputs_ranked_in_fp32(backend, dtype, device):
+    # Codes a few 1e-4 apart in cosine: rounding the unit vectors to 16 bits (relative
+    # error up to 4e-3 in bf16) ranks them wrongly; the search must use fp32 unit vectors.
+    g = torch.Generator(device="cpu").manual_seed(5)
+    d = 64
+    centre = torch.randn(4, d, generator=g)
+    codebook = (centre[torch.randint(4, (400,), generator=g)] + 0.02 * torch.randn(400, d, generator=g)).to(dtype)
+    z = (centre[torch.randint(4, (200,), generator=g)] + 0.02 * torch.randn(200, d, generator=g)).to(dtype)
+    idx, dist = vqkern.nearest_code(z.to(device), codebook.to(device), metric="cosine", backend=backend)
+    cos = (torch.nn.functional.normalize(z.double(), dim=1)
+           @ torch.nn.functional.normalize(codebook.double(), dim=1).t())
+    chosen = cos.gather(1, idx.cpu().view(-1, 1)).squeeze(1)
+    # The README's cosine guarantee: 1 - cos of the chosen code within 1e-5 of the best,
+    # and the returned distance within 1e-5 of the exact 1 - cos of the chosen code.
+    assert (cos.max(1).values - chosen).max().item() <= 1e-5
+    assert (dist.cpu().double() - (1 - chosen)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_terms_route_gradients(backend, device):
     z = torch.randn(60, 8, device=device, requires_grad=True)
     codebook = torch.randn(9, 8, device=device, requires_grad=True)
@@ -217,7 +255,11 @@ def test_deterministic_mode_reaches_the_segment_sum(backend, monkeypatch, device
             seen.append(deterministic)
             impl.segment_sum(indices, values, counts, sums, deterministic)
 
-        return SimpleNamespace(search=impl.search, grad_z=impl.grad_z, segment_sum=segment_sum)
+        def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic):
+            seen.append(deterministic)
+            impl.backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic)
+
+        return SimpleNamespace(search=impl.search, backward=backward, segment_sum=segment_sum)
 
     monkeypatch.setattr(vqkern.backends, "get", spying_get)
     z = torch.randn(40, 8, device=device)
@@ -226,7 +268,7 @@ def test_deterministic_mode_reaches_the_segment_sum(backend, monkeypatch, device
         torch.use_deterministic_algorithms(mode)
         try:
             cb = torch.randn(6, 8, device=device, requires_grad=True)
-            vqkern.quantize(z, cb, backend=backend).loss.backward()  # codebook gradient
+            vqkern.quantize(z, cb, backend=backend).loss.backward()  # the residual sums
             layer(z)  # EMA statistics
             vqkern.segment_sum(torch.zeros(40, dtype=torch.int64, device=device), z, 6, backend=backend)
         finally:
@@ -251,3 +293,19 @@ def test_explicit_backend_that_cannot_run_raises(device):
     name = unavailable[0]
     with pytest.raises(RuntimeError, match=name):
         vqkern.nearest_code(torch.randn(4, 4, device=device), torch.randn(2, 4, device=device), backend=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_backend_generic_path_ranks_in_fp32(dtype):
+    # The torch backend's path for non-CPU devices, run here on CPU: codes whose
+    # distances differ by ~1e-4 of |z|^2 + |e|^2, which 16-bit scores cannot rank
+    # (bf16 scores round at 4e-3 of that scale). It must rank in fp32 with TF32 off.
+    from vqkern.backends import torch_
+    g = torch.Generator().manual_seed(11)
+    d = 32
+    base = torch.randn(1, d, generator=g) * 4
+    codebook = (base + 0.05 * torch.randn(300, d, generator=g)).to(dtype)
+    z = (base + 0.05 * torch.randn(100, d, generator=g)).to(dtype)
+    indices = torch.full((100,), -1, dtype=torch.int64)
+    torch_._search_blocked(z, codebook, indices)
+    assert_nearest(z.float(), codebook.float(), indices)

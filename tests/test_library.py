@@ -29,11 +29,14 @@ def test_opcheck_quantize(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_grad_z(backend, device):
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_quantize_backward(backend, need, deterministic, device):
     z, codebook = _samples(device)
     indices = torch.randint(13, (45,), device=device)
-    args = (torch.randn_like(z), z, codebook, indices, torch.tensor(0.25, device=device), backend)
-    torch.library.opcheck(torch.ops.vqkern.grad_z.default, args)
+    args = (torch.randn_like(z), z, codebook, indices, torch.tensor(0.25, device=device),
+            torch.tensor(1.5, device=device), backend, *need, deterministic)
+    torch.library.opcheck(torch.ops.vqkern.quantize_backward.default, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

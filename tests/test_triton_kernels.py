@@ -5,6 +5,7 @@ sets TRITON_INTERPRET=1 before vqkern is imported); with CUDA, compiled. Shapes
 stay small because the interpreter executes every block operation in numpy.
 """
 import importlib
+import inspect
 import os
 
 import pytest
@@ -122,7 +123,7 @@ def test_split_k_env_reaches_public_api(monkeypatch):
     class Spy:  # records the split count of every reduce launch (there is none without a split)
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.append(kwargs["NUM_SPLITS"])
+                launched.append(args[-1])  # num_splits, the last run-time argument
                 return reduce_kernel[grid](*args, **kwargs)
             return launch
 
@@ -168,21 +169,97 @@ def test_nan_row_gives_valid_index_and_nan_distance():
         _check(z[keep], codebook, indices[keep], distances[keep], quantized[keep])
 
 
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_non_finite_codebook_rows_never_win(poison, splits):
+    # Non-finite codes in several tiles and splits, among them the tile of the true
+    # nearest code: Triton's min keeps an operand when a comparison with NaN is false,
+    # so without the mapping to +inf a NaN score could drop that tile's true minimum.
+    z = torch.randn(70, 8, device=DEVICE)
+    codebook = torch.randn(300, 8, device=DEVICE)
+    nearest = torch.cdist(z.double(), codebook.double()).argmin(dim=1)
+    bad = torch.tensor([0, 5, 63, 64, 130, 299], device=DEVICE)
+    bad = bad[~torch.isin(bad, nearest)]
+    codebook[bad, 1] = float(poison)
+    codebook[int(nearest[0]) - 1 if int(nearest[0]) > 0 else 1, 3] = float("nan")
+    indices, distances, quantized = _search(z, codebook, num_splits=splits, block_n=32)
+    assert torch.isfinite(codebook[indices]).all()
+    finite = torch.isfinite(codebook).all(dim=1)
+    keep_codes = torch.nonzero(finite).flatten()
+    assert_nearest(z, codebook[keep_codes], torch.searchsorted(keep_codes, indices), distances)
+
+
+def test_split_count_is_a_run_time_argument():
+    # A constexpr split count would recompile (and re-autotune) at every new N.
+    search_module = importlib.import_module("vqkern.backends.triton.search")
+    for kernel in (search_module._search_kernel, search_module._split_reduce_kernel):
+        params = inspect.signature(kernel.fn).parameters  # JITFunction and InterpretedFunction
+        constexprs = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+        assert "num_splits" in params and not {"num_splits", "NUM_SPLITS"} & constexprs
+
+
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    # Triton launches on the current device: every launcher must make z's device current.
+    from vqkern.backends.triton import _device
+    bmod, smod, gmod = (importlib.import_module(f"vqkern.backends.triton.{name}")
+                        for name in ("backward", "search", "segment_sum"))
+    entered = []
+
+    def recording(t):
+        entered.append(t.device)
+        return _device.on_device(t)
+    for module in (bmod, smod, gmod):
+        monkeypatch.setattr(module, "on_device", recording)
+    z = torch.randn(20, 4, device=DEVICE)
+    codebook = torch.randn(6, 4, device=DEVICE)
+    indices, _, _ = _search(z, codebook)
+    _search(z, codebook, num_splits=2)
+    for deterministic in (False, True):
+        _backward(z, z, codebook, indices, 0.5, deterministic)
+        _segment(indices, z, 6, deterministic)
+    # two searches, the fused backward, its deterministic pair, two segment sums
+    assert len(entered) == 7 and all(dev == z.device for dev in entered)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_device_other_than_the_current_one():
+    z = torch.randn(300, 16, device="cuda:1")
+    codebook = torch.randn(50, 16, device="cuda:1")
+    with torch.cuda.device(0):
+        indices, distances, quantized = _search(z, codebook)
+        out, sums = _backward(z, z, codebook, indices, 0.5, False)
+    _check(z, codebook, indices, distances, quantized)
+    torch.testing.assert_close(sums.double(), _diff_sums_ref(z, codebook, indices), rtol=1e-5, atol=1e-4)
+
+
 def _grad_ref(gq, z, codebook, indices, scale, dtype):
     return gq.to(dtype) + scale * (z.to(dtype) - codebook[indices].to(dtype))
 
 
+def _diff_sums_ref(z, codebook, indices):
+    return torch.zeros(codebook.shape, dtype=torch.float64, device=DEVICE).index_add_(
+        0, indices, codebook.double()[indices] - z.double())
+
+
+def _backward(gq, z, codebook, indices, scale, deterministic, grad_z=True, sums=True):
+    out = torch.full(z.shape, float("nan"), dtype=z.dtype, device=DEVICE) if grad_z else None
+    diff_sums = torch.zeros(codebook.shape, dtype=torch.float32, device=DEVICE) if sums else None
+    scale_t = torch.tensor([scale], dtype=torch.float32, device=DEVICE)
+    tk.backward(gq, z, codebook, indices, scale_t, out, diff_sums, deterministic)
+    return out, diff_sums
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("zt,ct", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("n,d", [(129, 3), (64, 65)])
-def test_grad_z(zt, ct, n, d):
+def test_backward(zt, ct, n, d, deterministic):
     z = torch.randn(n, d, device=DEVICE).to(zt)
     gq = torch.randn(n, d, device=DEVICE).to(zt)
     codebook = torch.randn(57, d, device=DEVICE).to(ct)
     indices = torch.randint(57, (n,), device=DEVICE)
     scale = 2 * 0.25 / (n * d) * 1000.0
-    out = torch.full((n, d), float("nan"), dtype=zt, device=DEVICE)
-    tk.grad_z(gq, z, codebook, indices, scale, out)
+    out, diff_sums = _backward(gq, z, codebook, indices, scale, deterministic)
     exact = _grad_ref(gq, z, codebook, indices, scale, torch.float64)
     # The kernel (fp32 math, one rounding to zt) against torch in zt's precision.
     plain = _grad_ref(gq, z, codebook, indices, scale, zt).double()
@@ -190,17 +267,66 @@ def test_grad_z(zt, ct, n, d):
     err = (out.double() - exact).abs().max().item()
     assert out.dtype == zt
     assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+    # Residual sums: each difference exact-ish in fp32, at most ~n terms per code.
+    torch.testing.assert_close(diff_sums.double(), _diff_sums_ref(z, codebook, indices),
+                               rtol=1e-5, atol=n * 2.0 ** -24 * 8)
 
 
-def test_grad_z_strided_grad():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_residual_sums_do_not_cancel(deterministic):
+    # z within 0.01 of its code, everything 100 away from the origin: count * e - sum z
+    # loses ~2^-24 * 100 * count per element; the residual sums keep fp32 accuracy
+    # relative to the residuals themselves (~0.01).
+    n, d, k = 600, 8, 3
+    codebook = torch.randn(k, d, device=DEVICE) + 100.0
+    indices = torch.randint(k, (n,), device=DEVICE)
+    z = codebook[indices] + 0.01 * torch.randn(n, d, device=DEVICE)
+    _, diff_sums = _backward(z, z, codebook, indices, 0.0, deterministic, grad_z=False)
+    ref = _diff_sums_ref(z, codebook, indices)
+    # Plain fp32 cancellation, what the count * e - sum z form computed.
+    counts = torch.bincount(indices, minlength=k).float()
+    cancel = counts[:, None] * codebook - torch.zeros(k, d, device=DEVICE).index_add_(0, indices, z)
+    cancel_err = (cancel.double() - ref).abs().max().item()
+    err = (diff_sums.double() - ref).abs().max().item()
+    assert err < cancel_err / 20, (err, cancel_err)
+    assert err <= 1e-5 * ref.abs().max().item() + n * 0.01 * 2.0 ** -22
+
+
+def test_backward_parts_alone():
+    z = torch.randn(50, 6, device=DEVICE)
+    gq = torch.randn(50, 6, device=DEVICE)
+    codebook = torch.randn(9, 6, device=DEVICE)
+    indices = torch.randint(9, (50,), device=DEVICE)
+    full_out, full_sums = _backward(gq, z, codebook, indices, 0.5, False)
+    out, none = _backward(gq, z, codebook, indices, 0.5, False, sums=False)
+    none2, sums = _backward(gq, z, codebook, indices, 0.5, False, grad_z=False)
+    assert none is None and none2 is None
+    assert torch.equal(out, full_out)
+    torch.testing.assert_close(sums, full_sums)
+
+
+def test_backward_strided_grad():
     z = torch.randn(40, 24, device=DEVICE)
     gq = torch.randn(24, 40, device=DEVICE).t()  # column stride != 1
     codebook = torch.randn(9, 24, device=DEVICE)
     indices = torch.randint(9, (40,), device=DEVICE)
-    out = torch.full_like(z, float("nan"))
-    tk.grad_z(gq, z, codebook, indices, 0.5, out)
+    out, _ = _backward(gq, z, codebook, indices, 0.5, False, sums=False)
     exact = _grad_ref(gq, z, codebook, indices, 0.5, torch.float64)
     torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_reads_the_scale_on_the_device(monkeypatch):
+    # A host read of the scale is a device sync per backward and breaks CUDA graph capture.
+    def refuse(self, *args):
+        raise AssertionError("host read of a tensor during the backward")
+    z = torch.randn(30, 5, device=DEVICE)
+    codebook = torch.randn(4, 5, device=DEVICE)
+    indices = torch.randint(4, (30,), device=DEVICE)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "__float__", refuse)
+    for deterministic in (False, True):
+        out, _ = _backward(z, z, codebook, indices, 0.5, deterministic)
+        assert torch.isfinite(out).all()
 
 
 def _segment_ref(indices, values, k):
@@ -247,6 +373,31 @@ def test_segment_sum_deterministic_is_bitwise_reproducible():
     perm = torch.argsort(indices, stable=True)
     third = _segment(indices[perm], values[perm], 25, True)
     assert torch.equal(first[1], third[1])
+
+
+@pytest.mark.parametrize("piece", [4, 512])
+@pytest.mark.parametrize("collapse", [False, True])
+def test_segment_sum_deterministic_pieces(monkeypatch, piece, collapse):
+    # Small pieces: many codes of several pieces (pass 2), codes of one piece beside
+    # them, empty codes; collapse: every row on one code, the longest segment.
+    G = importlib.import_module("vqkern.backends.triton.segment_sum")
+    monkeypatch.setattr(G, "INTERPRET_PIECE" if DEVICE == "cpu" else "GPU_PIECE", piece)
+    n, k, d = 1500, 40, 5
+    values = torch.randn(n, d, device=DEVICE)
+    indices = (torch.full((n,), 11, device=DEVICE) if collapse
+               else torch.randint(k, (n,), device=DEVICE) ** 2 // k)  # skewed, some codes empty
+    counts, sums = _segment(indices, values, k, True)
+    ref_counts, ref_sums = _segment_ref(indices, values, k)
+    assert torch.equal(counts.double(), ref_counts)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=n * 2.0 ** -24 * 4)
+    again = _segment(indices, values, k, True)
+    assert torch.equal(again[1], sums)
+    base = torch.randn(k, d, device=DEVICE)
+    residual = torch.zeros(k, d, device=DEVICE)
+    G.launch_segment_sum(indices, values, None, residual, True, base=base)
+    ref = torch.zeros(k, d, dtype=torch.float64, device=DEVICE).index_add_(
+        0, indices, base.double()[indices] - values.double())
+    torch.testing.assert_close(residual.double(), ref, rtol=1e-5, atol=n * 2.0 ** -24 * 8)
 
 
 def test_segment_sum_adds_into_outputs_and_strided_values():
@@ -297,31 +448,42 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
     bd = S._block_d(d, dot_fp32, "ieee", False)
     sig = {"z_ptr": P[zt], "cb_ptr": P[ct], "norms_ptr": "*fp32", "idx_out_ptr": "*i64", "dist_ptr": "*fp32",
            "q_ptr": P[zt], "part_val_ptr": "*fp32", "part_idx_ptr": "*i64", "N": "i32", "K": "i32", "D": "i32",
-           "stride_zm": "i32", "stride_k": "i32", "stride_qm": "i32"}
+           "stride_zm": "i32", "stride_k": "i32", "stride_qm": "i32", "num_splits": "i32"}
     for cfg in S._search_configs():
-        for splits in (1, 4):
-            consts = dict(NUM_SPLITS=splits, INTERPRET=False, ONE_CHUNK=d <= bd, DOT_FP32=dot_fp32,
+        for split in (False, True):
+            consts = dict(SPLIT=split, INTERPRET=False, ONE_CHUNK=d <= bd, DOT_FP32=dot_fp32,
                           INPUT_PRECISION="ieee", BLOCK_D=bd, EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
             compile_(S._search_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts, cfg.num_warps, cfg.num_stages)
-    consts = dict(NUM_SPLITS=5, INTERPRET=False, BLOCK_S=8, BLOCK_M=64, BLOCK_D=S.EPI_BLOCK_D)
+    consts = dict(INTERPRET=False, BLOCK_S=S.REDUCE_BLOCK_S, BLOCK_M=64, BLOCK_D=S.EPI_BLOCK_D)
     compile_(S._split_reduce_kernel, {"z_ptr": P[zt], "cb_ptr": P[ct], "part_val_ptr": "*fp32", "part_idx_ptr": "*i64",
              "idx_out_ptr": "*i64", "dist_ptr": "*fp32", "q_ptr": P[zt], "N": "i32", "D": "i32", "stride_zm": "i32",
-             "stride_k": "i32", "stride_qm": "i32", **{k: "constexpr" for k in consts}}, consts)
+             "stride_k": "i32", "stride_qm": "i32", "num_splits": "i32", **{k: "constexpr" for k in consts}}, consts)
     consts = dict(BLOCK_K=64, BLOCK_D=32)
     compile_(S._code_norms_kernel, {"cb_ptr": P[ct], "norms_ptr": "*fp32", "K": "i32", "D": "i32", "stride_k": "i32",
              **{k: "constexpr" for k in consts}}, consts)
-    consts = dict(INTERPRET=False, BLOCK_M=B.GPU_BLOCK_M, BLOCK_D=B.GPU_BLOCK_D)
-    compile_(B._grad_z_kernel, {"gq_ptr": P[zt], "z_ptr": P[zt], "cb_ptr": P[ct], "idx_ptr": "*i64", "out_ptr": P[zt],
-             "scale": "fp32", "N": "i32", "D": "i32", **{s: "i32" for s in ("stride_gq", "stride_gq_d", "stride_z",
-             "stride_z_d", "stride_k", "stride_k_d", "stride_out", "stride_out_d")}, **{k: "constexpr" for k in consts}},
-             consts, B.GPU_WARPS)
+    for write_z, write_sums in ((True, True), (True, False), (False, True)):
+        consts = dict(WRITE_GRAD_Z=write_z, WRITE_SUMS=write_sums, INTERPRET=False, BLOCK_M=B.GPU_BLOCK_M,
+                      BLOCK_D=B.GPU_BLOCK_D)
+        compile_(B._backward_kernel, {"gq_ptr": P[zt], "z_ptr": P[zt], "cb_ptr": P[ct], "idx_ptr": "*i64",
+                 "scale_ptr": "*fp32", "out_ptr": P[zt], "sums_ptr": "*fp32", "N": "i32", "D": "i32",
+                 **{s: "i32" for s in ("stride_gq", "stride_gq_d", "stride_z", "stride_z_d", "stride_k", "stride_k_d",
+                 "stride_out", "stride_out_d")}, **{k: "constexpr" for k in consts}}, consts, B.GPU_WARPS)
     seg = {"val_ptr": P[zt], "counts_ptr": "*fp32", "sums_ptr": "*fp32", "D": "i32", "stride_v": "i32",
            "stride_v_d": "i32", "stride_s": "i32"}
     consts = dict(BLOCK_M=G.GPU_BLOCK_M, BLOCK_D=G.GPU_BLOCK_D)
     compile_(G._segment_sum_atomic_kernel, {"idx_ptr": "*i64", **seg, "N": "i32", **{k: "constexpr" for k in consts}},
              consts, G.GPU_ATOMIC_WARPS)
-    consts = dict(CODES_PER_PROGRAM=G.GPU_CODES_PER_PROGRAM, BLOCK_R=G.GPU_BLOCK_R, BLOCK_D=G.GPU_BLOCK_D)
-    compile_(G._segment_sum_sorted_kernel, {"order_ptr": "*i64", "bounds_ptr": "*i64", **seg, "K": "i32",
+    for has_base in (False, True):
+        consts = dict(HAS_BASE=has_base, PIECE=G.GPU_PIECE, PIECES_PER_PROGRAM=G.GPU_PIECES_PER_PROGRAM,
+                      BLOCK_R=G.GPU_BLOCK_R, BLOCK_D=G.GPU_BLOCK_D)
+        compile_(G._segment_pieces_kernel, {"order_ptr": "*i64", "bounds_ptr": "*i64", "piece_code_ptr": "*i64",
+                 "piece_start_ptr": "*i64", "pieces_ptr": "*i64", "val_ptr": P[zt], "base_ptr": P[ct],
+                 "sums_ptr": "*fp32", "partial_ptr": "*fp32", "K": "i32", "D": "i32", "num_pieces": "i32",
+                 "stride_v": "i32", "stride_v_d": "i32", "stride_b": "i32", "stride_s": "i32",
+                 **{k: "constexpr" for k in consts}}, consts)
+    consts = dict(BLOCK_P=G.GPU_BLOCK_P, BLOCK_D=G.GPU_BLOCK_D)
+    compile_(G._segment_combine_kernel, {"multi_ptr": "*i64", "piece_start_ptr": "*i64", "pieces_ptr": "*i64",
+             "sums_ptr": "*fp32", "partial_ptr": "*fp32", "K": "i32", "D": "i32", "stride_s": "i32",
              **{k: "constexpr" for k in consts}}, consts)
 print("\n".join(failures))
 sys.exit(1 if failures else 0)

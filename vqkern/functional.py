@@ -70,8 +70,11 @@ def _prepare(z: Tensor, codebook: Tensor, metric: str, backend: str):
     flat = z.reshape(-1, codebook.shape[1])
     if metric == "cosine":
         # Nearest unit vector in L2 is the largest cosine: |a - b|^2 = 2 - 2 cos(a, b).
-        flat = F.normalize(flat.float(), dim=1).to(z.dtype)
-        codebook = F.normalize(codebook.float(), dim=1).to(codebook.dtype)
+        # The unit vectors stay in fp32: rounded back to fp16/bf16 they would rank codes
+        # by rounded vectors (the chosen code's 1 - cos exceeded the best by up to 2e-3
+        # with bf16 inputs) and return 1 - cos off by as much.
+        flat = F.normalize(flat.float(), dim=1)
+        codebook = F.normalize(codebook.float(), dim=1)
     return flat.contiguous(), codebook.contiguous(), name
 
 
@@ -116,7 +119,7 @@ def quantize(z: Tensor, codebook: Tensor, *, beta: float = 0.25, metric: str = "
     flat, cb, name = _prepare(z, codebook, metric, backend)
     quantized, indices, commitment_loss, codebook_loss = _library.quantize(flat, cb, name)
     return QuantizeOutput(
-        quantized.reshape(z.shape),
+        quantized.to(z.dtype).reshape(z.shape),
         indices.reshape(z.shape[:-1]),
         codebook_loss + beta * commitment_loss,
         commitment_loss,

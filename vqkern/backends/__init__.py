@@ -10,9 +10,15 @@ outputs it is given:
     index on ties), distances (N,) float32 (``sum((z - e_k)^2)`` in fp32 from
     the residual) and quantized (N, D) in z's dtype (``codebook[indices]``).
 
-``grad_z(grad_quantized, z, codebook, indices, scale, out)``
-    out (N, D) in z's dtype = grad_quantized + scale * (z - codebook[indices]),
-    computed in fp32. ``scale`` is a Python float.
+``backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic)``
+    The straight-through backward in one pass over the rows: the residual
+    ``z_i - e_{idx_i}`` is formed once per element in fp32 and gives both
+    ``grad_z = grad_quantized + scale * (z - codebook[indices])`` (written in z's
+    dtype; ``grad_z`` None: skipped) and ``diff_sums[k] += sum_{i: idx_i = k}
+    (e_k - z_i)`` (``diff_sums`` (K, D) float32, zero-filled by the caller; None:
+    skipped), the codebook gradient's statistic. ``scale`` is a float32 tensor of
+    shape (1,) on z's device (read on the device: no host sync). ``deterministic=True``
+    must give bitwise-identical ``diff_sums`` for identical inputs.
 
 ``segment_sum(indices, values, counts, sums, deterministic)``
     indices (N,) int64 in [0, K), values (N, D) float. counts (K,) float32 and

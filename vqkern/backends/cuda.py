@@ -129,7 +129,7 @@ def search(z, codebook, indices, distances, quantized, *, splits: int | None = N
         raise ValueError(f"cuda backend: codebook has {k} codes; at most 2^31 - 1 are supported")
     if n == 0:
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     if splits is None:
         splits = choose_splits(n, k, _sm_count(index), ext.SEARCH_ROWS)
     if splits < 1:
@@ -145,22 +145,51 @@ def search(z, codebook, indices, distances, quantized, *, splits: int | None = N
                distances.data_ptr(), quantized.data_ptr(), _stream(device))
 
 
-def grad_z(grad_quantized, z, codebook, indices, scale, out) -> None:
-    """out (N, D) in z's dtype = grad_quantized + scale * (z - codebook[indices]), in fp32."""
+def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic) -> None:
+    """grad_z (N, D) in z's dtype = grad_quantized - scale * (e - z) and diff_sums (K, D) f32
+    += per-code sums of e - z, from one pass (atomics); with ``deterministic`` grad_z from
+    the same kernel and diff_sums from the fixed-order segment sum. scale: (1,) f32 on the
+    device (never read on the host). None skips an output."""
     ext = _require()
     device = z.device
-    _check("grad_quantized", grad_quantized, device, _DTYPE_CODES)
     _check("z", z, device, _DTYPE_CODES)
     _check("codebook", codebook, device, _DTYPE_CODES)
     _check("indices", indices, device, (torch.int64,))
-    _check("out", out, device, (z.dtype,))
+    _check("scale", scale, device, (torch.float32,))
+    if grad_z is not None:
+        _check("grad_quantized", grad_quantized, device, _DTYPE_CODES)
+        _check("grad_z", grad_z, device, (z.dtype,))
+    if diff_sums is not None:
+        _check("diff_sums", diff_sums, device, (torch.float32,))
     n, d = z.shape
-    if n == 0:
+    if n == 0 or (grad_z is None and diff_sums is None):
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    ext.grad_z(index, grad_quantized.data_ptr(), _DTYPE_CODES[grad_quantized.dtype], z.data_ptr(),
-               _DTYPE_CODES[z.dtype], codebook.data_ptr(), _DTYPE_CODES[codebook.dtype],
-               indices.data_ptr(), n, d, float(scale), out.data_ptr(), _stream(device))
+    index = _index(device)
+    atomic_sums = diff_sums is not None and not deterministic
+    if grad_z is not None or atomic_sums:
+        ext.backward(index, grad_quantized.data_ptr() if grad_z is not None else 0,
+                     _DTYPE_CODES[grad_quantized.dtype], z.data_ptr(), _DTYPE_CODES[z.dtype],
+                     codebook.data_ptr(), _DTYPE_CODES[codebook.dtype], indices.data_ptr(), n, d,
+                     scale.data_ptr(), grad_z.data_ptr() if grad_z is not None else 0,
+                     diff_sums.data_ptr() if atomic_sums else 0, _stream(device))
+    if diff_sums is not None and deterministic:
+        _sorted_segment_sum(ext, indices, z, None, diff_sums, base=codebook)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _sorted_segment_sum(ext, indices, values, counts, sums, base=None) -> None:
+    n, d = values.shape
+    sorted_idx, perm = torch.sort(indices, stable=True)
+    chunks = -(-n // ext.SEGMENT_CHUNK_ROWS)
+    partial = torch.empty((2 * chunks, d), dtype=torch.float32, device=values.device)
+    ext.segment_sum_sorted(_index(values.device), sorted_idx.data_ptr(), perm.data_ptr(), values.data_ptr(),
+                           _DTYPE_CODES[values.dtype], base.data_ptr() if base is not None else 0,
+                           _DTYPE_CODES[base.dtype] if base is not None else 0, n, d, sums.shape[0],
+                           counts.data_ptr() if counts is not None else 0, sums.data_ptr(),
+                           partial.data_ptr(), _stream(values.device))
 
 
 def segment_sum(indices, values, counts, sums, deterministic) -> None:
@@ -175,18 +204,10 @@ def segment_sum(indices, values, counts, sums, deterministic) -> None:
     _check("counts", counts, device, (torch.float32,))
     _check("sums", sums, device, (torch.float32,))
     n, d = values.shape
-    k = counts.shape[0]
     if n == 0:
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    code = _DTYPE_CODES[values.dtype]
     if not deterministic:
-        ext.segment_sum_atomic(index, indices.data_ptr(), values.data_ptr(), code, n, d,
-                               counts.data_ptr(), sums.data_ptr(), _stream(device))
+        ext.segment_sum_atomic(_index(device), indices.data_ptr(), values.data_ptr(), _DTYPE_CODES[values.dtype],
+                               n, d, counts.data_ptr(), sums.data_ptr(), _stream(device))
         return
-    sorted_idx, perm = torch.sort(indices, stable=True)
-    chunks = -(-n // ext.SEGMENT_CHUNK_ROWS)
-    partial = torch.empty((2 * chunks, d), dtype=torch.float32, device=device)
-    ext.segment_sum_sorted(index, sorted_idx.data_ptr(), perm.data_ptr(), values.data_ptr(), code,
-                           n, d, k, counts.data_ptr(), sums.data_ptr(), partial.data_ptr(),
-                           _stream(device))
+    _sorted_segment_sum(ext, indices, values, counts, sums)

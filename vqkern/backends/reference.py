@@ -18,8 +18,12 @@ def search(z, codebook, indices, distances, quantized) -> None:
     quantized.copy_(chosen)
 
 
-def grad_z(grad_quantized, z, codebook, indices, scale, out) -> None:
-    out.copy_(grad_quantized.float() + scale * (z.float() - codebook[indices].float()))
+def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic) -> None:
+    diff = codebook[indices].float() - z.float()
+    if grad_z is not None:
+        grad_z.copy_(grad_quantized.float() - scale * diff)
+    if diff_sums is not None:
+        diff_sums.index_add_(0, indices, diff)
 
 
 def segment_sum(indices, values, counts, sums, deterministic) -> None:

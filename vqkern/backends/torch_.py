@@ -22,6 +22,7 @@ threads dynamically. ``VQKERN_CPU_KERNEL=0`` forces the tiled PyTorch path;
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -85,9 +86,20 @@ def _cpu_tile() -> tuple[int, int, int]:
     return rows, codes, group
 
 
-def _compute_dtype(z: torch.Tensor, codebook: torch.Tensor) -> torch.dtype:
-    # Half-precision matmuls on CPU are slow and lose ranking precision: search in fp32.
-    return torch.float32 if z.device.type == "cpu" else torch.promote_types(z.dtype, codebook.dtype)
+@contextlib.contextmanager
+def _ieee_fp32_matmul(device: torch.device):
+    """fp32 matmuls in full fp32 on CUDA, whatever ``torch.set_float32_matmul_precision``
+    says: TF32 scores rank a near-tie wrongly by ~1e-3 of |z|^2 + |e|^2."""
+    matmul = torch.backends.cuda.matmul
+    if device.type != "cuda" or not hasattr(matmul, "fp32_precision"):
+        yield
+        return
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
 
 
 def residual_distance(z: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -140,26 +152,30 @@ def _search_cpu(z, cb, cb_norm, indices) -> None:
         indices[start:stop] = best_idx
 
 
-def _search_blocked(z, cb, cb_norm, indices) -> None:
-    n, k = z.shape[0], cb.shape[0]
+def _search_blocked(z, codebook, indices) -> None:
+    """Generic path (any device): fp32 scores of (rows x K) blocks, TF32 off.
+
+    Ranking in the inputs' half precision would put the scores' rounding (about
+    3e-4 of |z|^2 + |e|^2 in bf16) above the policy's 1e-5 bound."""
+    zs, cb = z.float(), codebook.float()
+    cb_norm = (cb * cb).sum(dim=1)
+    n, k = zs.shape[0], cb.shape[0]
     rows = max(1, min(n, _block_bytes() // (4 * k)))
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        scores = torch.addmm(cb_norm, z[start:stop], cb.t(), beta=1.0, alpha=-2.0)
-        indices[start:stop] = scores.argmin(dim=1)
+    with _ieee_fp32_matmul(zs.device):
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            scores = torch.addmm(cb_norm, zs[start:stop], cb.t(), beta=1.0, alpha=-2.0)
+            indices[start:stop] = scores.argmin(dim=1)
 
 
 @torch.no_grad()  # out= ops refuse inputs that require grad; the search has no gradient
 def search(z, codebook, indices, distances, quantized) -> None:
-    dtype = _compute_dtype(z, codebook)
-    cb = codebook.to(dtype)
-    zs = z.to(dtype)
     ext = _active_cpu_ext()[0] if z.device.type == "cpu" else None
     if ext is not None:
         # The kernel reads fp32 rows through data pointers and writes int64 indices.
-        zs, cb = zs.contiguous(), cb.contiguous()
-        if indices.dtype != torch.int64 or not indices.is_contiguous() or zs.dtype != torch.float32:
-            raise RuntimeError("vqkern._cpu.search_l2 needs fp32 rows and contiguous int64 indices")
+        zs, cb = z.float().contiguous(), codebook.float().contiguous()
+        if indices.dtype != torch.int64 or not indices.is_contiguous():
+            raise RuntimeError("vqkern._cpu.search_l2 needs contiguous int64 indices")
         # fp32 in and out: the kernel also writes the exact distance and the code row
         # while the row is in cache; other dtypes take the epilogue below.
         fused = (z.dtype == codebook.dtype == quantized.dtype == torch.float32 and quantized.is_contiguous()
@@ -169,30 +185,58 @@ def search(z, codebook, indices, distances, quantized) -> None:
                       quantized.data_ptr() if fused else 0, quantized.stride(0), torch.get_num_threads())
         if fused:
             return
+    elif z.device.type == "cpu":
+        cb = codebook.float()
+        _search_cpu(z.float(), cb, (cb * cb).sum(dim=1), indices)
     else:
-        cb_norm = (cb.float() * cb.float()).sum(dim=1).to(dtype)
-        (_search_cpu if z.device.type == "cpu" else _search_blocked)(zs, cb, cb_norm, indices)
+        _search_blocked(z, codebook, indices)
     chosen = codebook.index_select(0, indices)
     distances.copy_(residual_distance(z, chosen))
     quantized.copy_(chosen)
 
 
-def grad_z(grad_quantized, z, codebook, indices, scale, out) -> None:
-    if out.dtype == codebook.dtype == grad_quantized.dtype == torch.float32:
-        # In place in the output: out = g - scale * (e - z). Each fresh (N, D) temporary
-        # costs its page faults on CPU (2-3 ms per 16 MB here); four of them made this
-        # op 6.2 ms at N = 16384, D = 256 (benchmarks/NOTES.md, CPU backward).
-        torch.index_select(codebook, 0, indices, out=out)
-        out.sub_(z)
-        torch.add(grad_quantized, out, alpha=-scale, out=out)
+def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic) -> None:
+    """One pass forms the difference e - z (in grad_z's buffer when everything is fp32),
+    adds it into diff_sums per code, then turns it into grad_z in place."""
+    fp32 = z.dtype == codebook.dtype == grad_quantized.dtype == torch.float32
+    if grad_z is not None and fp32:
+        # Each fresh (N, D) temporary costs its page faults on CPU (2-3 ms per 16 MB
+        # here), so the difference lives in the output (benchmarks/NOTES.md, CPU backward).
+        diff = torch.index_select(codebook, 0, indices, out=grad_z)
+        diff.sub_(z)
+    else:
+        diff = codebook.index_select(0, indices).float().sub_(z.float())
+    if diff_sums is not None:
+        with _deterministic(diff_sums.device, deterministic):
+            diff_sums.index_add_(0, indices, diff)
+    if grad_z is None:
         return
-    chosen = codebook.index_select(0, indices)
-    out.copy_(grad_quantized.float() + scale * (z.float() - chosen.float()))
+    # grad_quantized - scale * (e - z) in one pass; scale stays a (1,) tensor (no host read).
+    if diff.dtype == grad_z.dtype and diff.data_ptr() == grad_z.data_ptr():
+        torch.addcmul(grad_quantized, diff, scale, value=-1.0, out=grad_z)
+    else:
+        grad_z.copy_(torch.addcmul(grad_quantized.float(), diff, scale, value=-1.0))
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device, on: bool):
+    """index_add_ is sequential on CPU; on CUDA its deterministic kernel is chosen by
+    the global flag, so set it for the call when the caller asks for reproducibility."""
+    if not on or device.type == "cpu" or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
 
 
 def segment_sum(indices, values, counts, sums, deterministic) -> None:
     # index_add_ on CPU is sequential (deterministic); on CUDA the deterministic
     # mode is honoured through torch's own deterministic kernels.
     ones = torch.ones(indices.shape[0], dtype=torch.float32, device=indices.device)
-    counts.index_add_(0, indices, ones)
-    sums.index_add_(0, indices, values.float())
+    with _deterministic(sums.device, deterministic):
+        counts.index_add_(0, indices, ones)
+        sums.index_add_(0, indices, values.float())

@@ -11,11 +11,12 @@ import os
 
 import torch
 
-from .backward import grad_z
+from .backward import backward, launch_backward
 from .search import launch_search, search
-from .segment_sum import segment_sum
+from .segment_sum import launch_segment_sum, segment_sum
 
-__all__ = ["availability", "search", "launch_search", "grad_z", "segment_sum"]
+__all__ = ["availability", "search", "launch_search", "backward", "launch_backward", "segment_sum",
+           "launch_segment_sum"]
 
 
 def availability(device: torch.device) -> tuple[bool, str]:

@@ -1,8 +1,15 @@
-"""Straight-through backward for z: ``grad_quantized + scale * (z - codebook[idx])``.
+"""Straight-through backward in one pass: ``grad_z`` and the per-code residual sums.
 
-One fused pass: each element of grad_quantized and z is read once, the chosen
-code rows are gathered by index, the sum is formed in fp32 and written once in
-out's dtype. The codebook gradient comes from ``segment_sum``.
+Each program reads a (rows x columns) block of z, its rows' chosen code rows and
+(when grad_z is wanted) grad_quantized, forms the difference ``e - z`` once in
+fp32, writes ``grad_z = grad_quantized - scale * (e - z)`` in z's dtype and adds
+the difference into ``diff_sums[idx]`` with fp32 atomics. Summing the residuals,
+never ``count * e - sum z``, keeps the codebook gradient exact when z sits near
+its code or far from the origin. ``scale`` is read from a device pointer: the
+backward never waits on the host.
+
+The deterministic mode writes grad_z with this kernel (no atomics) and takes the
+residual sums from the fixed-order segment sum (``segment_sum.py``, ``base=``).
 """
 from __future__ import annotations
 
@@ -12,12 +19,15 @@ import triton
 import triton.language as tl
 
 from ._cast import cast_to
+from ._device import on_device
+from .segment_sum import launch_segment_sum
 
 
 @triton.jit
-def _grad_z_kernel(gq_ptr, z_ptr, cb_ptr, idx_ptr, out_ptr, scale, N, D,
-                   stride_gq, stride_gq_d, stride_z, stride_z_d, stride_k, stride_k_d, stride_out, stride_out_d,
-                   INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _backward_kernel(gq_ptr, z_ptr, cb_ptr, idx_ptr, scale_ptr, out_ptr, sums_ptr, N, D,
+                     stride_gq, stride_gq_d, stride_z, stride_z_d, stride_k, stride_k_d, stride_out, stride_out_d,
+                     WRITE_GRAD_Z: tl.constexpr, WRITE_SUMS: tl.constexpr, INTERPRET: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -25,30 +35,56 @@ def _grad_z_kernel(gq_ptr, z_ptr, cb_ptr, idx_ptr, out_ptr, scale, N, D,
     row_mask = rows < N
     mask = row_mask[:, None] & (cols[None, :] < D)
     idx = tl.load(idx_ptr + rows, mask=row_mask, other=0)
-    gq = tl.load(gq_ptr + rows[:, None] * stride_gq + cols[None, :] * stride_gq_d, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :] * stride_z_d, mask=mask, other=0.0).to(tl.float32)
     e = tl.load(cb_ptr + idx[:, None] * stride_k + cols[None, :] * stride_k_d, mask=mask, other=0.0).to(tl.float32)
-    out = gq + scale * (z - e)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :] * stride_out_d, cast_to(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    diff = e - z
+    if WRITE_GRAD_Z:
+        scale = tl.load(scale_ptr)
+        gq = tl.load(gq_ptr + rows[:, None] * stride_gq + cols[None, :] * stride_gq_d, mask=mask,
+                     other=0.0).to(tl.float32)
+        out = gq - scale * diff
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :] * stride_out_d,
+                 cast_to(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if WRITE_SUMS:
+        tl.atomic_add(sums_ptr + idx[:, None] * D + cols[None, :], diff, mask=mask)
 
 
 # GPU: 64 x 64 elements of each input per program keeps loads in flight for
-# bandwidth; one config, the kernel is memory bound. At 8 warps ptxas reports 103
-# registers for sm_90 (224 at 4 warps: 16 vs 32 elements, each with a 64-bit pointer).
+# bandwidth; one config, the kernel is memory bound. At 8 warps ptxas reported 103
+# registers for sm_90 for the grad_z-only kernel (224 at 4 warps: 16 vs 32 elements,
+# each with a 64-bit pointer).
 GPU_BLOCK_M, GPU_BLOCK_D, GPU_WARPS = 64, 64, 8
 # Interpreter: fewer, larger programs (its cost is per op, not per element).
 INTERPRET_BLOCK_M = 128
 
 
-def grad_z(grad_quantized, z, codebook, indices, scale, out) -> None:
-    """Launcher: grad_quantized, z, out (N, D) (any strides; a unit column stride is
-    specialized by the compiler), codebook (K, D), indices (N,) int64, scale a
-    Python float. Writes out = grad_quantized + scale * (z - codebook[indices])."""
+def launch_backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums) -> None:
+    """grad_quantized, z, grad_z (N, D) (any strides), codebook (K, D), indices (N,) int64,
+    scale (1,) fp32 on the device; grad_z and/or diff_sums (K, D) fp32 contiguous (None
+    skips it). Writes grad_z = grad_quantized - scale * (e - z), adds e - z into diff_sums."""
     n, d = z.shape
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     block_m = INTERPRET_BLOCK_M if interpreting else GPU_BLOCK_M
     block_d = min(max(16, triton.next_power_of_2(d)), 128 if interpreting else GPU_BLOCK_D)
     grid = (triton.cdiv(n, block_m), triton.cdiv(d, block_d))
-    _grad_z_kernel[grid](grad_quantized, z, codebook, indices, out, float(scale), n, d,
-                         *grad_quantized.stride(), *z.stride(), *codebook.stride(), *out.stride(),
-                         INTERPRET=interpreting, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=GPU_WARPS)
+    write_grad_z, write_sums = grad_z is not None, diff_sums is not None
+    # Unused pointers get a real tensor of the right kind; the kernel never touches them.
+    gq = grad_quantized if write_grad_z else z
+    out = grad_z if write_grad_z else z
+    sums = diff_sums if write_sums else scale
+    with on_device(z):
+        _backward_kernel[grid](gq, z, codebook, indices, scale, out, sums, n, d,
+                               *gq.stride(), *z.stride(), *codebook.stride(), *out.stride(),
+                               WRITE_GRAD_Z=write_grad_z, WRITE_SUMS=write_sums, INTERPRET=interpreting,
+                               BLOCK_M=block_m, BLOCK_D=block_d, num_warps=GPU_WARPS)
+
+
+def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic) -> None:
+    """Launcher of the backend interface (see ``vqkern.backends``)."""
+    if not deterministic:
+        launch_backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums)
+        return
+    if grad_z is not None:
+        launch_backward(grad_quantized, z, codebook, indices, scale, grad_z, None)
+    if diff_sums is not None:
+        launch_segment_sum(indices, z, None, diff_sums, True, base=codebook)

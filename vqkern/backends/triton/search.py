@@ -9,7 +9,8 @@ chosen code, writes it in z's dtype and recomputes the distance exactly from the
 residual ``sum((z - e)^2)`` in fp32.
 
 When there are too few row blocks to fill the GPU (small N, huge K), the codes
-are split across NUM_SPLITS programs per row block; each writes a partial
+are split across ``num_splits`` programs per row block (a run-time argument, so a
+new split count never recompiles); each writes a partial
 (min score, argmin) per row and a second small kernel reduces the partials (the
 lowest split wins ties, and splits cover increasing code ranges, so the lowest
 index still wins) and runs the same epilogue.
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._cast import cast_to
+from ._device import on_device
 
 
 @triton.jit
@@ -69,8 +71,8 @@ def _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_
 
 @triton.jit
 def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_val_ptr, part_idx_ptr,
-                   N, K, D, stride_zm, stride_k, stride_qm,
-                   NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   N, K, D, stride_zm, stride_k, stride_qm, num_splits,
+                   SPLIT: tl.constexpr, INTERPRET: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    EPI_BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -79,7 +81,7 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
     row_mask = rows < N
     # Split boundaries fall on tile boundaries, so a split scores exactly the tiles
     # the unsplit loop would.
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_N), num_splits)
     k_start = split * tiles_per_split * BLOCK_N
     k_stop = tl.minimum(K, k_start + tiles_per_split * BLOCK_N)
     best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
@@ -129,38 +131,50 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                     acc = tl.dot(z, e, acc, input_precision=INPUT_PRECISION)
         norms = tl.load(norms_ptr + codes, mask=code_mask, other=float("inf"))
         scores = norms[None, :] - 2.0 * acc
-        scores = tl.where(code_mask[None, :], scores, float("inf"))
+        # Non-finite scores (a NaN or infinite code or row: NaN, or inf - inf) become +inf
+        # before the reduction: min's combine keeps an operand when a comparison with NaN
+        # is false, so one NaN could become the tile's minimum and drop the true nearest
+        # code, depending on the reduction order. NaN never wins, as in the CUDA kernel.
+        scores = tl.where(code_mask[None, :] & (tl.abs(scores) < float("inf")), scores, float("inf"))
         tile_min, tile_arg = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        # Strictly smaller only: earlier tiles keep ties, and NaN never replaces.
+        # Strictly smaller only: earlier tiles keep ties.
         better = tile_min < best
         best = tl.where(better, tile_min, best)
         best_idx = tl.where(better, k0 + tile_arg.to(tl.int64), best_idx)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
                   stride_zm, stride_k, stride_qm, INTERPRET, EPI_BLOCK_D)
     else:
-        part = rows * NUM_SPLITS + split
+        part = rows * num_splits + split
         tl.store(part_val_ptr + part, best, mask=row_mask)
         tl.store(part_idx_ptr + part, best_idx, mask=row_mask)
 
 
 @triton.jit
 def _split_reduce_kernel(z_ptr, cb_ptr, part_val_ptr, part_idx_ptr, idx_out_ptr, dist_ptr, q_ptr,
-                         N, D, stride_zm, stride_k, stride_qm,
-                         NUM_SPLITS: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_S: tl.constexpr,
+                         N, D, stride_zm, stride_k, stride_qm, num_splits,
+                         INTERPRET: tl.constexpr, BLOCK_S: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < N
-    splits = tl.arange(0, BLOCK_S)
-    mask = row_mask[:, None] & (splits[None, :] < NUM_SPLITS)
-    part = rows[:, None] * NUM_SPLITS + splits[None, :]
-    vals = tl.load(part_val_ptr + part, mask=mask, other=float("inf"))
-    idxs = tl.load(part_idx_ptr + part, mask=mask, other=0)
-    # Split s covers lower codes than split s + 1: the leftmost minimal split holds
-    # the lowest minimal index. Partials are never NaN (NaN never replaces +inf).
-    _, which = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    best_idx = tl.sum(tl.where(splits[None, :] == which[:, None], idxs, 0), axis=1)
+    best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    best_idx = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    # BLOCK_S splits at a time keeps the tile small (64 x 512 at once would spill).
+    # Split s covers lower codes than split s + 1, so the leftmost minimal split holds
+    # the lowest minimal index: ties keep the earlier chunk and, inside one, the left.
+    # Partials are never NaN (non-finite scores never replace +inf).
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        mask = row_mask[:, None] & (splits[None, :] < num_splits)
+        part = rows[:, None] * num_splits + splits[None, :]
+        vals = tl.load(part_val_ptr + part, mask=mask, other=float("inf"))
+        idxs = tl.load(part_idx_ptr + part, mask=mask, other=0)
+        chunk_min, which = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        chunk_idx = tl.sum(tl.where(tl.arange(0, BLOCK_S)[None, :] == which[:, None], idxs, 0), axis=1)
+        better = chunk_min < best
+        best = tl.where(better, chunk_min, best)
+        best_idx = tl.where(better, chunk_idx, best_idx)
     _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
               stride_zm, stride_k, stride_qm, INTERPRET, BLOCK_D)
 
@@ -186,7 +200,9 @@ def _search_configs():
 
 @functools.lru_cache(maxsize=None)
 def _tuned_search_kernel():
-    key = ["K", "D", "NUM_SPLITS", "DOT_FP32", "INPUT_PRECISION"]
+    # The split count is a run-time argument (a new N never recompiles); only whether
+    # the kernel writes partials or runs the epilogue is compiled in.
+    key = ["K", "D", "SPLIT", "DOT_FP32", "INPUT_PRECISION"]
     return triton.autotune(configs=_search_configs(), key=key)(_search_kernel)
 
 
@@ -205,6 +221,8 @@ EPI_BLOCK_D = 16
 SPLIT_BLOCK_M = 64
 # A split scans at least this many codes, so the partials stay small beside the codebook.
 MIN_CODES_PER_SPLIT = 2048
+# Splits reduced per step by the second kernel.
+REDUCE_BLOCK_S = 32
 
 
 def _pow2_at_least_16(x: int) -> int:
@@ -263,35 +281,36 @@ def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None
     norms = torch.empty(k, dtype=torch.float32, device=z.device)
     norm_block_d = min(_pow2_at_least_16(d), 128 if interpreting else 32)
     norm_block_k = INTERPRET_NORM_BLOCK_K if interpreting else 64
-    _code_norms_kernel[(triton.cdiv(k, norm_block_k),)](codebook, norms, k, d, codebook.stride(0),
-                                                        BLOCK_K=norm_block_k, BLOCK_D=norm_block_d)
     if splits > 1:
         part_val = torch.empty((n, splits), dtype=torch.float32, device=z.device)
         part_idx = torch.empty((n, splits), dtype=torch.int64, device=z.device)
     else:
-        part_val, part_idx = distances, indices  # unused by the kernel when NUM_SPLITS == 1
+        part_val, part_idx = distances, indices  # unused by the kernel when SPLIT is False
     args = (z, codebook, norms, indices, distances, quantized, part_val, part_idx,
-            n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0))
+            n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits)
     epi_block_d = min(_pow2_at_least_16(d), 128) if interpreting else EPI_BLOCK_D
-    meta = dict(NUM_SPLITS=splits, INTERPRET=interpreting, ONE_CHUNK=one_chunk, DOT_FP32=dot_fp32,
+    meta = dict(SPLIT=splits > 1, INTERPRET=interpreting, ONE_CHUNK=one_chunk, DOT_FP32=dot_fp32,
                 INPUT_PRECISION=fp32_precision, BLOCK_D=block_d, EPI_BLOCK_D=epi_block_d)
-    if interpreting or block_n is not None:
-        block_m = INTERPRET_BLOCK_M if interpreting else 64
-        grid = (triton.cdiv(n, block_m), splits)
-        if block_n is None:
-            block_n = min(INTERPRET_BLOCK_N, INTERPRET_MAX_PRODUCT // (block_m * block_d))
-        _search_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    else:
-        def grid(m):
-            return (triton.cdiv(n, m["BLOCK_M"]), splits)
-        _tuned_search_kernel()[grid](*args, **meta)
-    if splits > 1:
-        reduce_block_m = 64
-        _split_reduce_kernel[(triton.cdiv(n, reduce_block_m),)](
-            z, codebook, part_val, part_idx, indices, distances, quantized,
-            n, d, z.stride(0), codebook.stride(0), quantized.stride(0),
-            NUM_SPLITS=splits, INTERPRET=interpreting, BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_M=reduce_block_m, BLOCK_D=epi_block_d, num_warps=4)
+    with on_device(z):
+        _code_norms_kernel[(triton.cdiv(k, norm_block_k),)](codebook, norms, k, d, codebook.stride(0),
+                                                            BLOCK_K=norm_block_k, BLOCK_D=norm_block_d)
+        if interpreting or block_n is not None:
+            block_m = INTERPRET_BLOCK_M if interpreting else 64
+            grid = (triton.cdiv(n, block_m), splits)
+            if block_n is None:
+                block_n = min(INTERPRET_BLOCK_N, INTERPRET_MAX_PRODUCT // (block_m * block_d))
+            _search_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        else:
+            def grid(m):
+                return (triton.cdiv(n, m["BLOCK_M"]), splits)
+            _tuned_search_kernel()[grid](*args, **meta)
+        if splits > 1:
+            reduce_block_m = 64
+            _split_reduce_kernel[(triton.cdiv(n, reduce_block_m),)](
+                z, codebook, part_val, part_idx, indices, distances, quantized,
+                n, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits,
+                INTERPRET=interpreting, BLOCK_S=REDUCE_BLOCK_S,
+                BLOCK_M=reduce_block_m, BLOCK_D=epi_block_d, num_warps=4)
 
 
 def search(z, codebook, indices, distances, quantized) -> None:

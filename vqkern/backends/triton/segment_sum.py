@@ -3,10 +3,18 @@
 Atomic path: each program adds its block of rows into ``counts`` and ``sums``
 with fp32 atomics (fast, order-dependent in the last bits).
 
-Deterministic path: the indices are sorted stably with torch, segment bounds
-come from ``searchsorted``, and each program owns a block of codes and reduces
-each code's rows in sorted order, BLOCK_R rows at a time into an fp32 tile that
-is summed once at the end: a fixed order, no atomics, bitwise reproducible.
+Deterministic path, two passes over rows sorted stably by code (torch.sort):
+each code's run of sorted rows is cut into pieces of at most PIECE rows. Pass 1
+gives every piece its own program, which sums the piece's rows in order; a code
+of one piece is written by that program alone, a longer code parks its pieces'
+sums in a workspace. Pass 2 visits only the codes of several pieces (at most
+N / PIECE of them) and adds their pieces in piece order. The order of every
+addition is fixed by the inputs alone: bitwise reproducible, no atomics, and no
+program walks more than PIECE rows in pass 1 or N / PIECE pieces in pass 2, also
+when every row picks one code (a collapsed codebook).
+
+``base`` (the residual mode behind the codebook gradient): the sums are of
+``base[k] - values_i`` instead, each difference formed in fp32 before it is added.
 """
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._device import on_device
 
 
 @triton.jit
@@ -36,65 +46,139 @@ def _segment_sum_atomic_kernel(idx_ptr, val_ptr, counts_ptr, sums_ptr, N, D,
 
 
 @triton.jit
-def _segment_sum_sorted_kernel(order_ptr, bounds_ptr, val_ptr, counts_ptr, sums_ptr, K, D,
-                               stride_v, stride_v_d, stride_s,
-                               CODES_PER_PROGRAM: tl.constexpr, BLOCK_R: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
-    pid_k = tl.program_id(0).to(tl.int64)
+def _segment_pieces_kernel(order_ptr, bounds_ptr, piece_code_ptr, piece_start_ptr, pieces_ptr,
+                           val_ptr, base_ptr, sums_ptr, partial_ptr, K, D, num_pieces,
+                           stride_v, stride_v_d, stride_b, stride_s,
+                           HAS_BASE: tl.constexpr, PIECE: tl.constexpr, PIECES_PER_PROGRAM: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     col_mask = cols < D
-    for j in range(CODES_PER_PROGRAM):
-        code = pid_k * CODES_PER_PROGRAM + j
+    for q in range(PIECES_PER_PROGRAM):
+        piece = pid * PIECES_PER_PROGRAM + q
+        code = tl.load(piece_code_ptr + piece, mask=piece < num_pieces, other=K)
+        # The grid is an upper bound on the number of pieces: the slots past it hold K.
         if code < K:
-            start = tl.load(bounds_ptr + code)
-            stop = tl.load(bounds_ptr + code + 1)
+            j = piece - tl.load(piece_start_ptr + code)
+            start = tl.load(bounds_ptr + code) + j * PIECE
+            stop = tl.minimum(tl.load(bounds_ptr + code + 1), start + PIECE)
+            if HAS_BASE:
+                e = tl.load(base_ptr + code * stride_b + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
             for r0 in range(start, stop, BLOCK_R):
                 pos = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
                 pos_mask = pos < stop
                 rows = tl.load(order_ptr + pos, mask=pos_mask, other=0)
+                mask = pos_mask[:, None] & col_mask[None, :]
                 vals = tl.load(val_ptr + rows[:, None] * stride_v + cols[None, :] * stride_v_d,
-                               mask=pos_mask[:, None] & col_mask[None, :], other=0.0)
-                acc += vals.to(tl.float32)
-            # The caller zero-fills; this program alone owns code, so read-add-write is safe.
-            dst = sums_ptr + code * stride_s + cols
-            tl.store(dst, tl.load(dst, mask=col_mask, other=0.0) + tl.sum(acc, axis=0), mask=col_mask)
-            if pid_d == 0:
-                tl.store(counts_ptr + code, tl.load(counts_ptr + code) + (stop - start).to(tl.float32))
+                               mask=mask, other=0.0).to(tl.float32)
+                if HAS_BASE:
+                    vals = tl.where(mask, e[None, :] - vals, 0.0)
+                acc += vals
+            total = tl.sum(acc, axis=0)
+            if tl.load(pieces_ptr + code) == 1:
+                # The code's only piece: this program is its only writer (the caller
+                # zero-fills or holds earlier sums, so read-add-write).
+                dst = sums_ptr + code * stride_s + cols
+                tl.store(dst, tl.load(dst, mask=col_mask, other=0.0) + total, mask=col_mask)
+            else:
+                tl.store(partial_ptr + piece * D + cols, total, mask=col_mask)
+
+
+@triton.jit
+def _segment_combine_kernel(multi_ptr, piece_start_ptr, pieces_ptr, sums_ptr, partial_ptr, K, D, stride_s,
+                            BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    slot = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    code = tl.load(multi_ptr + slot)
+    count = tl.load(pieces_ptr + code, mask=code < K, other=0)
+    # Codes of one piece were written by pass 1; the slots past the multi-piece codes hold them.
+    if count > 1:
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        col_mask = cols < D
+        first = tl.load(piece_start_ptr + code)
+        acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        for p0 in range(0, count, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+            mask = (p < count)[:, None] & col_mask[None, :]
+            acc += tl.load(partial_ptr + (first + p)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        dst = sums_ptr + code * stride_s + cols
+        tl.store(dst, tl.load(dst, mask=col_mask, other=0.0) + tl.sum(acc, axis=0), mask=col_mask)
 
 
 # GPU atomic path: 64 rows x 64 columns per program at 8 warps (118 registers on
 # sm_90; 168 at 4 warps), one config (memory bound).
 GPU_BLOCK_M, GPU_BLOCK_D, GPU_ATOMIC_WARPS = 64, 64, 8
-# Deterministic path: codes per program amortize launch cost at large K; BLOCK_R
-# rows of a segment are read per step.
-GPU_CODES_PER_PROGRAM, GPU_BLOCK_R = 4, 32
-INTERPRET_CODES_PER_PROGRAM, INTERPRET_BLOCK_R = 16, 64
+# Deterministic path: pieces of 256 sorted rows, read 32 at a time, two per program;
+# pass 2 adds a multi-piece code's pieces 32 at a time.
+GPU_PIECE, GPU_PIECES_PER_PROGRAM, GPU_BLOCK_R, GPU_BLOCK_P = 256, 2, 32, 32
+# Interpreter: its cost is per program and per block op (tens of ms a program),
+# so fewer programs of larger pieces.
+INTERPRET_PIECE, INTERPRET_PIECES_PER_PROGRAM, INTERPRET_BLOCK_R, INTERPRET_BLOCK_P = 512, 32, 128, 64
+
+
+def _deterministic_segment_sum(indices, values, counts, sums, base) -> None:
+    n, d = values.shape
+    k = sums.shape[0]
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    piece, per_program, block_r, block_p = (
+        (INTERPRET_PIECE, INTERPRET_PIECES_PER_PROGRAM, INTERPRET_BLOCK_R, INTERPRET_BLOCK_P) if interpreting
+        else (GPU_PIECE, GPU_PIECES_PER_PROGRAM, GPU_BLOCK_R, GPU_BLOCK_P))
+    block_d = min(max(16, triton.next_power_of_2(d)), 128 if interpreting else GPU_BLOCK_D)
+    # Piece bookkeeping with sort-based torch ops, all deterministic and on the device;
+    # the grids use host-known upper bounds so nothing waits on the device.
+    sorted_idx, order = torch.sort(indices, stable=True)
+    bounds = torch.searchsorted(sorted_idx, torch.arange(k + 1, device=indices.device, dtype=indices.dtype))
+    lengths = bounds[1:] - bounds[:-1]
+    if counts is not None:
+        counts.add_(lengths.float())
+    pieces = (lengths + piece - 1) // piece
+    piece_end = torch.cumsum(pieces, 0)
+    piece_start = piece_end - pieces
+    max_pieces = triton.cdiv(n, piece) + min(k, n)
+    # The code of each piece (K, past the last piece).
+    piece_code = torch.searchsorted(piece_end, torch.arange(max_pieces, device=indices.device), right=True)
+    # Codes of several pieces have more than `piece` rows: at most n // (piece + 1) + 1 of them.
+    max_multi = min(k, n // (piece + 1) + 1)
+    multi = torch.sort((pieces <= 1).to(torch.int8), stable=True).indices[:max_multi]
+    partial = torch.empty((max_pieces, d), dtype=torch.float32, device=values.device)
+    has_base = base is not None
+    base_arg = base if has_base else values
+    with on_device(values):
+        _segment_pieces_kernel[(triton.cdiv(max_pieces, per_program), triton.cdiv(d, block_d))](
+            order, bounds, piece_code, piece_start, pieces, values, base_arg, sums, partial, k, d, max_pieces,
+            values.stride(0), values.stride(1), base_arg.stride(0), sums.stride(0),
+            HAS_BASE=has_base, PIECE=piece, PIECES_PER_PROGRAM=per_program, BLOCK_R=block_r,
+            BLOCK_D=block_d, num_warps=4)
+        _segment_combine_kernel[(max_multi, triton.cdiv(d, block_d))](
+            multi, piece_start, pieces, sums, partial, k, d, sums.stride(0),
+            BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4)
+
+
+def launch_segment_sum(indices, values, counts, sums, deterministic, *, base=None) -> None:
+    """indices (N,) int64 in [0, K), values (N, D) float (any strides), counts (K,) fp32
+    (or None: not counted) and sums (K, D) fp32 contiguous, zero-filled or holding sums
+    to add to. Adds per-code row counts and row sums (of ``base[k] - values_i`` with
+    ``base`` (K, D) given, deterministic path only). ``deterministic`` -> bitwise reproducible."""
+    n, d = values.shape
+    if n == 0:
+        return
+    if deterministic:
+        _deterministic_segment_sum(indices, values, counts, sums, base)
+        return
+    if base is not None or counts is None:
+        raise ValueError("the atomic segment sum takes counts and no base")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    block_d = min(max(16, triton.next_power_of_2(d)), 128 if interpreting else GPU_BLOCK_D)
+    block_m = 128 if interpreting else GPU_BLOCK_M
+    grid = (triton.cdiv(n, block_m), triton.cdiv(d, block_d))
+    with on_device(values):
+        _segment_sum_atomic_kernel[grid](indices, values, counts, sums, n, d,
+                                         values.stride(0), values.stride(1), sums.stride(0),
+                                         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=GPU_ATOMIC_WARPS)
 
 
 def segment_sum(indices, values, counts, sums, deterministic) -> None:
-    """Launcher: indices (N,) int64 in [0, K), values (N, D) float (any strides),
-    counts (K,) fp32 and sums (K, D) fp32 contiguous and zero-filled by the caller;
-    adds per-code row counts and row sums. ``deterministic`` -> bitwise reproducible."""
-    n, d = values.shape
-    k = counts.shape[0]
-    if n == 0:
-        return
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    block_d = min(max(16, triton.next_power_of_2(d)), 128 if interpreting else GPU_BLOCK_D)
-    strides = (values.stride(0), values.stride(1), sums.stride(0))
-    if not deterministic:
-        block_m = 128 if interpreting else GPU_BLOCK_M
-        grid = (triton.cdiv(n, block_m), triton.cdiv(d, block_d))
-        _segment_sum_atomic_kernel[grid](indices, values, counts, sums, n, d, *strides,
-                                         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=GPU_ATOMIC_WARPS)
-        return
-    sorted_idx, order = torch.sort(indices, stable=True)
-    bounds = torch.searchsorted(sorted_idx, torch.arange(k + 1, device=indices.device, dtype=indices.dtype))
-    per_program = INTERPRET_CODES_PER_PROGRAM if interpreting else GPU_CODES_PER_PROGRAM
-    block_r = INTERPRET_BLOCK_R if interpreting else GPU_BLOCK_R
-    grid = (triton.cdiv(k, per_program), triton.cdiv(d, block_d))
-    _segment_sum_sorted_kernel[grid](order, bounds, values, counts, sums, k, d, *strides,
-                                     CODES_PER_PROGRAM=per_program, BLOCK_R=block_r,
-                                     BLOCK_D=block_d, num_warps=4)
+    """Launcher of the backend interface (see ``vqkern.backends``)."""
+    launch_segment_sum(indices, values, counts, sums, deterministic)
