@@ -309,3 +309,20 @@ def test_torch_backend_generic_path_ranks_in_fp32(dtype):
     indices = torch.full((100,), -1, dtype=torch.int64)
     torch_._search_blocked(z, codebook, indices)
     assert_nearest(z.float(), codebook.float(), indices)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists only on CUDA devices")
+def test_torch_backend_on_cuda_ignores_tf32_setting():
+    # Under set_float32_matmul_precision("high") a plain fp32 matmul uses TF32 (10-bit
+    # mantissas): near-ties ~1e-4 of |z|^2 + |e|^2 apart would be ranked wrongly.
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(1, 32, generator=g) * 4
+    codebook = (base + 0.05 * torch.randn(300, 32, generator=g)).cuda()
+    z = (base + 0.05 * torch.randn(100, 32, generator=g)).cuda()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        idx, dist = vqkern.nearest_code(z, codebook, backend="torch")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert_nearest(z.cpu(), codebook.cpu(), idx.cpu(), dist.cpu())
