@@ -112,6 +112,75 @@ def test_split_k_equals_single_pass(splits):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_tensor_core_fp32_search_rechecks_to_the_ieee_codes(precision, splits):
+    # Duplicated and nearly duplicated codes: the rows the re-check must catch. The
+    # interpreter ignores input_precision, so here this checks the mechanism; on a GPU,
+    # that tf32 / tf32x3 with the re-check give exactly the ieee search's codes.
+    z = torch.randn(300, 40, device=DEVICE)
+    codebook = torch.randn(500, 40, device=DEVICE)
+    codebook[250:300] = codebook[:50] + 1e-4 * torch.randn(50, 40, device=DEVICE)
+    codebook[300:310] = codebook[:10]
+    z[:100] = codebook[torch.randint(310, (100,), device=DEVICE)] + 1e-3 * torch.randn(100, 40, device=DEVICE)
+    exact = _search(z, codebook, num_splits=splits, block_n=64, fp32_precision="ieee")
+    fast = _search(z, codebook, num_splits=splits, block_n=64, fp32_precision=precision)
+    assert torch.equal(fast[0], exact[0])
+    assert torch.equal(fast[1], exact[1]) and torch.equal(fast[2], exact[2])
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_runner_up_scores(splits):
+    search_module = importlib.import_module("vqkern.backends.triton.search")
+    n, k, d = 150, 300, 20
+    z = torch.randn(n, d, device=DEVICE)
+    codebook = torch.randn(k, d, device=DEVICE)
+    codebook[7] = codebook[3]  # an exact tie: the runner-up equals the best
+    z[0] = codebook[3]
+    norms = (codebook * codebook).sum(1)
+    best, second = (torch.full((n,), float("nan"), device=DEVICE) for _ in range(2))
+    out = _poisoned(n, d, z.dtype)
+    search_module._search_pass(z, codebook, norms, *out, splits, True, "ieee", None, 32,
+                               DEVICE == "cpu", best=best, second=second)
+    scores = (norms[None, :].double() - 2 * z.double() @ codebook.double().t())
+    top2 = scores.topk(2, dim=1, largest=False).values
+    scale = (z.double() ** 2).sum(1) + (norms.double()).max()
+    assert ((best - top2[:, 0]).abs() / scale).max() <= 1e-6
+    assert ((second - top2[:, 1]).abs() / scale).max() <= 1e-6
+    assert best[0] == second[0]
+
+
+def test_row_filter_searches_and_writes_only_flagged_rows():
+    search_module = importlib.import_module("vqkern.backends.triton.search")
+    n, k, d = 150, 70, 12
+    z = torch.randn(n, d, device=DEVICE)
+    codebook = torch.randn(k, d, device=DEVICE)
+    flags = torch.zeros(n, dtype=torch.int8, device=DEVICE)
+    flags[::7] = 1
+    flags[64:128] = 0  # a whole block without a flagged row scans nothing
+    indices, distances, quantized = _poisoned(n, d, z.dtype)
+    search_module._search_pass(z, codebook, (codebook * codebook).sum(1), indices, distances, quantized, 1, True,
+                               "ieee", None, 32, DEVICE == "cpu", flags=flags)
+    on = flags.bool()
+    _check(z[on], codebook, indices[on], distances[on], quantized[on])
+    assert bool((indices[~on] == -1).all()) and bool(torch.isnan(distances[~on]).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tf32 rounding exists only on a GPU")
+def test_tf32_without_recheck_differs_and_with_it_does_not():
+    # Near-ties within tf32's error: the unchecked tf32 search must miss some (else this
+    # data would not test the re-check), the re-checked one none.
+    g = torch.Generator(device="cpu").manual_seed(1)
+    base = torch.randn(1, 64, generator=g) * 3
+    codebook = (base + 0.02 * torch.randn(4096, 64, generator=g)).cuda()
+    z = (base + 0.02 * torch.randn(4096, 64, generator=g)).cuda()
+    exact = _search(z, codebook, fp32_precision="ieee")[0]
+    unchecked = _search(z, codebook, fp32_precision="tf32", recheck=False)[0]
+    assert not torch.equal(unchecked, exact)
+    for precision in ("tf32", "tf32x3"):
+        assert torch.equal(_search(z, codebook, fp32_precision=precision)[0], exact)
+
+
 def test_split_k_env_reaches_public_api(monkeypatch):
     z = torch.randn(40, 12, device=DEVICE)
     codebook = torch.randn(500, 12, device=DEVICE)
@@ -445,19 +514,31 @@ def compile_(fn, sig, consts, warps=4, stages=3):
         failures.append(f"{fn.__name__} {consts} warps={warps}: {type(exc).__name__}: {str(exc)[:200]}")
 for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")], [3, 64, 256]):
     dot_fp32 = zt != ct or zt == "fp32"
-    bd = S._block_d(d, dot_fp32, "ieee", False)
     sig = {"z_ptr": P[zt], "cb_ptr": P[ct], "norms_ptr": "*fp32", "idx_out_ptr": "*i64", "dist_ptr": "*fp32",
-           "q_ptr": P[zt], "part_val_ptr": "*fp32", "part_idx_ptr": "*i64", "N": "i32", "K": "i32", "D": "i32",
-           "stride_zm": "i32", "stride_k": "i32", "stride_qm": "i32", "num_splits": "i32"}
-    for cfg in S._search_configs():
-        for split in (False, True):
-            consts = dict(SPLIT=split, INTERPRET=False, ONE_CHUNK=d <= bd, DOT_FP32=dot_fp32,
-                          INPUT_PRECISION="ieee", BLOCK_D=bd, EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
-            compile_(S._search_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts, cfg.num_warps, cfg.num_stages)
-    consts = dict(INTERPRET=False, BLOCK_S=S.REDUCE_BLOCK_S, BLOCK_M=64, BLOCK_D=S.EPI_BLOCK_D)
-    compile_(S._split_reduce_kernel, {"z_ptr": P[zt], "cb_ptr": P[ct], "part_val_ptr": "*fp32", "part_idx_ptr": "*i64",
-             "idx_out_ptr": "*i64", "dist_ptr": "*fp32", "q_ptr": P[zt], "N": "i32", "D": "i32", "stride_zm": "i32",
-             "stride_k": "i32", "stride_qm": "i32", "num_splits": "i32", **{k: "constexpr" for k in consts}}, consts)
+           "q_ptr": P[zt], "part_val_ptr": "*fp32", "part_idx_ptr": "*i64", "second_ptr": "*fp32", "flag_ptr": "*i8",
+           "N": "i32", "K": "i32", "D": "i32", "stride_zm": "i32", "stride_k": "i32", "stride_qm": "i32",
+           "num_splits": "i32"}
+    # (precision, tracks the runner-up, re-check pass): ieee alone; tensor-core fp32
+    # searches with the runner-up, then the ieee re-check of flagged rows.
+    modes = [("ieee", False, False)]
+    if dot_fp32:
+        modes += [("tf32", True, False), ("tf32x3", True, False), ("ieee", False, True)]
+    for precision, track, row_filter in modes:
+        bd = S._block_d(d, dot_fp32, precision, False)
+        for cfg in S._search_configs():
+            for split in ((False, True) if not row_filter else (False,)):
+                consts = dict(SPLIT=split, INTERPRET=False, ONE_CHUNK=d <= bd, DOT_FP32=dot_fp32,
+                              INPUT_PRECISION=precision, TRACK_SECOND=track, ROW_FILTER=row_filter, BLOCK_D=bd,
+                              EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
+                compile_(S._search_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts, cfg.num_warps,
+                         cfg.num_stages)
+    for track in (False, True):
+        consts = dict(INTERPRET=False, TRACK_SECOND=track, BLOCK_S=S.REDUCE_BLOCK_S, BLOCK_M=64, BLOCK_D=S.EPI_BLOCK_D)
+        compile_(S._split_reduce_kernel, {"z_ptr": P[zt], "cb_ptr": P[ct], "part_val_ptr": "*fp32",
+                 "part_idx_ptr": "*i64", "idx_out_ptr": "*i64", "dist_ptr": "*fp32", "q_ptr": P[zt],
+                 "part_second_ptr": "*fp32", "best_ptr": "*fp32", "second_ptr": "*fp32", "N": "i32", "D": "i32",
+                 "stride_zm": "i32", "stride_k": "i32", "stride_qm": "i32", "num_splits": "i32",
+                 **{k: "constexpr" for k in consts}}, consts)
     consts = dict(BLOCK_K=64, BLOCK_D=32)
     compile_(S._code_norms_kernel, {"cb_ptr": P[ct], "norms_ptr": "*fp32", "K": "i32", "D": "i32", "stride_k": "i32",
              **{k: "constexpr" for k in consts}}, consts)

@@ -18,9 +18,13 @@ index still wins) and runs the same epilogue.
 Precision: fp16/bf16 operands of one dtype go to ``tl.dot`` as they are (their
 products are exact in fp32, accumulated in fp32); mixed dtypes are upcast to
 fp32. fp32 dots use ``input_precision="ieee"`` by default, so the fp32 search
-ranks codes as exactly as an fp32 reference; ``VQKERN_TRITON_FP32_PRECISION=tf32``
-trades that for tensor-core speed (no re-check yet: a near-tie may then pick a
-code whose distance exceeds the nearest by ~1e-3 of |z|^2 + |e|^2).
+ranks codes as exactly as an fp32 reference. ``VQKERN_TRITON_FP32_PRECISION=tf32``
+or ``tf32x3`` search fp32 on tensor cores instead, keeping each row's two best
+scores; the rows whose gap lies within the worst-case error of that precision
+are searched again with ieee dots (only the row blocks holding one), so the codes
+stay those of the ieee search (``VQKERN_TRITON_RECHECK=0`` skips the re-check, to
+measure it). tf32x3 (three tf32 products) is about 2^-21 relative, so its re-check
+touches few rows; tf32's 2^-10 flags rows whose two best codes are close.
 """
 from __future__ import annotations
 
@@ -71,8 +75,10 @@ def _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_
 
 @triton.jit
 def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_val_ptr, part_idx_ptr,
+                   second_ptr, flag_ptr,
                    N, K, D, stride_zm, stride_k, stride_qm, num_splits,
                    SPLIT: tl.constexpr, INTERPRET: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   TRACK_SECOND: tl.constexpr, ROW_FILTER: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    EPI_BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -84,7 +90,15 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_N), num_splits)
     k_start = split * tiles_per_split * BLOCK_N
     k_stop = tl.minimum(K, k_start + tiles_per_split * BLOCK_N)
+    if ROW_FILTER:
+        # The exact re-check of the tf32 search: only flagged rows are scored and
+        # written; a block without one scans nothing (an empty loop, no early return).
+        flags = tl.load(flag_ptr + rows, mask=row_mask, other=0)
+        row_mask = row_mask & (flags != 0)
+        k_stop = tl.where(tl.max(flags.to(tl.int32), axis=0) > 0, k_stop, k_start)
     best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    # The runner-up score, for the re-check of near-ties after a tf32 search.
+    second = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     # Index 0 is a valid code: a row whose scores are all NaN or +inf keeps it.
     best_idx = tl.zeros((BLOCK_M,), dtype=tl.int64)
     if ONE_CHUNK:
@@ -137,6 +151,10 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
         # code, depending on the reduction order. NaN never wins, as in the CUDA kernel.
         scores = tl.where(code_mask[None, :] & (tl.abs(scores) < float("inf")), scores, float("inf"))
         tile_min, tile_arg = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        if TRACK_SECOND:
+            others = tl.where(tl.arange(0, BLOCK_N)[None, :] == tile_arg[:, None], float("inf"), scores)
+            # The second smallest of {best, second, tile_min, tile's second}.
+            second = tl.minimum(tl.maximum(best, tile_min), tl.minimum(second, tl.min(others, axis=1)))
         # Strictly smaller only: earlier tiles keep ties.
         better = tile_min < best
         best = tl.where(better, tile_min, best)
@@ -144,22 +162,29 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
     if not SPLIT:
         _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
                   stride_zm, stride_k, stride_qm, INTERPRET, EPI_BLOCK_D)
+        if TRACK_SECOND:
+            tl.store(part_val_ptr + rows, best, mask=row_mask)
+            tl.store(second_ptr + rows, second, mask=row_mask)
     else:
         part = rows * num_splits + split
         tl.store(part_val_ptr + part, best, mask=row_mask)
         tl.store(part_idx_ptr + part, best_idx, mask=row_mask)
+        if TRACK_SECOND:
+            tl.store(second_ptr + part, second, mask=row_mask)
 
 
 @triton.jit
 def _split_reduce_kernel(z_ptr, cb_ptr, part_val_ptr, part_idx_ptr, idx_out_ptr, dist_ptr, q_ptr,
+                         part_second_ptr, best_ptr, second_ptr,
                          N, D, stride_zm, stride_k, stride_qm, num_splits,
-                         INTERPRET: tl.constexpr, BLOCK_S: tl.constexpr,
+                         INTERPRET: tl.constexpr, TRACK_SECOND: tl.constexpr, BLOCK_S: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < N
     best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     best_idx = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    second = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     # BLOCK_S splits at a time keeps the tile small (64 x 512 at once would spill).
     # Split s covers lower codes than split s + 1, so the leftmost minimal split holds
     # the lowest minimal index: ties keep the earlier chunk and, inside one, the left.
@@ -172,11 +197,19 @@ def _split_reduce_kernel(z_ptr, cb_ptr, part_val_ptr, part_idx_ptr, idx_out_ptr,
         idxs = tl.load(part_idx_ptr + part, mask=mask, other=0)
         chunk_min, which = tl.min(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
         chunk_idx = tl.sum(tl.where(tl.arange(0, BLOCK_S)[None, :] == which[:, None], idxs, 0), axis=1)
+        if TRACK_SECOND:
+            seconds = tl.load(part_second_ptr + part, mask=mask, other=float("inf"))
+            others = tl.where(tl.arange(0, BLOCK_S)[None, :] == which[:, None], float("inf"), vals)
+            chunk_second = tl.minimum(tl.min(others, axis=1), tl.min(seconds, axis=1))
+            second = tl.minimum(tl.maximum(best, chunk_min), tl.minimum(second, chunk_second))
         better = chunk_min < best
         best = tl.where(better, chunk_min, best)
         best_idx = tl.where(better, chunk_idx, best_idx)
     _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_idx, D,
               stride_zm, stride_k, stride_qm, INTERPRET, BLOCK_D)
+    if TRACK_SECOND:
+        tl.store(best_ptr + rows, best, mask=row_mask)
+        tl.store(second_ptr + rows, second, mask=row_mask)
 
 
 def _interpreting() -> bool:
@@ -202,7 +235,7 @@ def _search_configs():
 def _tuned_search_kernel():
     # The split count is a run-time argument (a new N never recompiles); only whether
     # the kernel writes partials or runs the epilogue is compiled in.
-    key = ["K", "D", "SPLIT", "DOT_FP32", "INPUT_PRECISION"]
+    key = ["K", "D", "SPLIT", "DOT_FP32", "INPUT_PRECISION", "TRACK_SECOND", "ROW_FILTER"]
     return triton.autotune(configs=_search_configs(), key=key)(_search_kernel)
 
 
@@ -254,63 +287,119 @@ def _choose_splits(z: torch.Tensor, n: int, k: int) -> int:
     return max(1, min(triton.cdiv(target, row_blocks), k // MIN_CODES_PER_SPLIT))
 
 
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+# Worst-case error of the difference of two codes' scores |e|^2 - 2 z.e, in units of
+# |z| * max|e|, for each tensor-core precision and D: operands rounded to tf32
+# (relative 2^-11 each, so 2^-10 a product) or split in three tf32 products
+# (3 * 2^-22), plus fp32 accumulation over D terms (D * 2^-24, which the ieee search
+# has too), for each of the two scores and each of their two terms' factor 2.
+def _recheck_bound(precision: str, d: int) -> float:
+    rounding = {"tf32": 2.0 ** -10, "tf32x3": 3 * 2.0 ** -22}[precision]
+    return 2 * 2 * 2 * (rounding + d * 2.0 ** -24)
+
+
 def _fp32_precision() -> str:
     mode = os.environ.get("VQKERN_TRITON_FP32_PRECISION", "ieee").lower()
-    if mode not in ("ieee", "tf32"):
-        raise ValueError(f"VQKERN_TRITON_FP32_PRECISION must be 'ieee' or 'tf32', got {mode!r}")
+    if mode not in FP32_PRECISIONS:
+        raise ValueError(f"VQKERN_TRITON_FP32_PRECISION must be one of {FP32_PRECISIONS}, got {mode!r}")
     return mode
 
 
+def _recheck_enabled() -> bool:
+    return os.environ.get("VQKERN_TRITON_RECHECK", "1").strip() != "0"
+
+
 def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None, block_d=None,
-                  block_n=None):
+                  block_n=None, fp32_precision=None, recheck=None):
     """Search with explicit knobs, so tests reach every path: ``num_splits`` > 1
     forces the split-K path, ``block_d`` the D chunk and ``block_n`` the code tile
-    (powers of two >= 16; a given ``block_n`` bypasses autotuning, BLOCK_M = 64)."""
+    (powers of two >= 16; a given ``block_n`` bypasses autotuning, BLOCK_M = 64);
+    ``fp32_precision`` ("ieee", "tf32", "tf32x3") the tl.dot precision of fp32
+    operands and ``recheck`` the exact re-check that follows a tensor-core fp32 search.
+
+    A tensor-core fp32 search ("tf32", "tf32x3") keeps each row's two best scores;
+    the rows whose gap is within the worst-case error of that precision
+    (``_recheck_bound``) are searched again with "ieee" dots, so the codes are those
+    of the fp32 search whatever the precision. The bound's scale (|z| and the
+    largest |e|) and the flags are computed on the device: no host sync."""
     n, d = z.shape
     k = codebook.shape[0]
     interpreting = _interpreting()
     # Operands of one 16-bit dtype go to tl.dot as they are; mixed dtypes meet in
     # fp32 (the interpreter's product is fp32 whatever the dtypes).
     dot_fp32 = z.dtype != codebook.dtype or z.dtype == torch.float32
-    fp32_precision = "ieee" if interpreting else _fp32_precision()
-    if block_d is None:
-        block_d = _block_d(d, dot_fp32, fp32_precision, interpreting)
-    one_chunk = d <= block_d
+    if fp32_precision is None:
+        fp32_precision = "ieee" if interpreting else _fp32_precision()
+    if recheck is None:
+        recheck = _recheck_enabled()
+    track_second = dot_fp32 and fp32_precision != "ieee" and recheck
     splits = _choose_splits(z, n, k) if num_splits is None else max(1, int(num_splits))
-
     norms = torch.empty(k, dtype=torch.float32, device=z.device)
     norm_block_d = min(_pow2_at_least_16(d), 128 if interpreting else 32)
     norm_block_k = INTERPRET_NORM_BLOCK_K if interpreting else 64
-    if splits > 1:
-        part_val = torch.empty((n, splits), dtype=torch.float32, device=z.device)
-        part_idx = torch.empty((n, splits), dtype=torch.int64, device=z.device)
-    else:
-        part_val, part_idx = distances, indices  # unused by the kernel when SPLIT is False
-    args = (z, codebook, norms, indices, distances, quantized, part_val, part_idx,
-            n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits)
-    epi_block_d = min(_pow2_at_least_16(d), 128) if interpreting else EPI_BLOCK_D
-    meta = dict(SPLIT=splits > 1, INTERPRET=interpreting, ONE_CHUNK=one_chunk, DOT_FP32=dot_fp32,
-                INPUT_PRECISION=fp32_precision, BLOCK_D=block_d, EPI_BLOCK_D=epi_block_d)
+    best = second = None
+    if track_second:
+        best = torch.empty(n, dtype=torch.float32, device=z.device)
+        second = torch.empty(n, dtype=torch.float32, device=z.device)
     with on_device(z):
         _code_norms_kernel[(triton.cdiv(k, norm_block_k),)](codebook, norms, k, d, codebook.stride(0),
                                                             BLOCK_K=norm_block_k, BLOCK_D=norm_block_d)
-        if interpreting or block_n is not None:
-            block_m = INTERPRET_BLOCK_M if interpreting else 64
-            grid = (triton.cdiv(n, block_m), splits)
-            if block_n is None:
-                block_n = min(INTERPRET_BLOCK_N, INTERPRET_MAX_PRODUCT // (block_m * block_d))
-            _search_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-        else:
-            def grid(m):
-                return (triton.cdiv(n, m["BLOCK_M"]), splits)
-            _tuned_search_kernel()[grid](*args, **meta)
-        if splits > 1:
-            reduce_block_m = 64
-            _split_reduce_kernel[(triton.cdiv(n, reduce_block_m),)](
-                z, codebook, part_val, part_idx, indices, distances, quantized,
-                n, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits,
-                INTERPRET=interpreting, BLOCK_S=REDUCE_BLOCK_S,
-                BLOCK_M=reduce_block_m, BLOCK_D=epi_block_d, num_warps=4)
+        _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, fp32_precision,
+                     block_d, block_n, interpreting, best=best, second=second)
+        if track_second:
+            scale = (z.float().square().sum(dim=1) * norms.max()).sqrt_()
+            flags = ((second - best) <= scale.mul_(_recheck_bound(fp32_precision, d))).to(torch.int8)
+            _search_pass(z, codebook, norms, indices, distances, quantized, 1, dot_fp32, "ieee",
+                         None, block_n, interpreting, flags=flags)
+
+
+def _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, precision, block_d,
+                 block_n, interpreting, *, best=None, second=None, flags=None):
+    """One search over every code: best and second (N,) fp32 given -> each row's two
+    best scores are written there; flags (N,) int8 given -> only the flagged rows are
+    searched and written."""
+    n, d = z.shape
+    k = codebook.shape[0]
+    if block_d is None:
+        block_d = _block_d(d, dot_fp32, precision, interpreting)
+    one_chunk = d <= block_d
+    track_second = second is not None
+    part_second = second
+    if splits > 1:
+        part_val = torch.empty((n, splits), dtype=torch.float32, device=z.device)
+        part_idx = torch.empty((n, splits), dtype=torch.int64, device=z.device)
+        if track_second:
+            part_second = torch.empty((n, splits), dtype=torch.float32, device=z.device)
+    else:
+        # Without a split the kernel writes the best score to part_val only when it
+        # tracks the runner-up; part_idx is never read.
+        part_val, part_idx = (best if track_second else distances), indices
+    args = (z, codebook, norms, indices, distances, quantized, part_val, part_idx,
+            part_second if track_second else distances, flags if flags is not None else indices,
+            n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits)
+    epi_block_d = min(_pow2_at_least_16(d), 128) if interpreting else EPI_BLOCK_D
+    meta = dict(SPLIT=splits > 1, INTERPRET=interpreting, ONE_CHUNK=one_chunk, DOT_FP32=dot_fp32,
+                INPUT_PRECISION=precision, TRACK_SECOND=track_second, ROW_FILTER=flags is not None,
+                BLOCK_D=block_d, EPI_BLOCK_D=epi_block_d)
+    if interpreting or block_n is not None:
+        block_m = INTERPRET_BLOCK_M if interpreting else 64
+        grid = (triton.cdiv(n, block_m), splits)
+        if block_n is None:
+            block_n = min(INTERPRET_BLOCK_N, INTERPRET_MAX_PRODUCT // (block_m * block_d))
+        _search_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    else:
+        def grid(m):
+            return (triton.cdiv(n, m["BLOCK_M"]), splits)
+        _tuned_search_kernel()[grid](*args, **meta)
+    if splits > 1:
+        reduce_block_m = 64
+        _split_reduce_kernel[(triton.cdiv(n, reduce_block_m),)](
+            z, codebook, part_val, part_idx, indices, distances, quantized,
+            part_second if track_second else part_val, best if track_second else part_val,
+            second if track_second else part_val,
+            n, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits,
+            INTERPRET=interpreting, TRACK_SECOND=track_second, BLOCK_S=REDUCE_BLOCK_S,
+            BLOCK_M=reduce_block_m, BLOCK_D=epi_block_d, num_warps=4)
 
 
 def search(z, codebook, indices, distances, quantized) -> None:
