@@ -26,7 +26,8 @@
 # their paths in the repo; packed again after every step).
 #
 # Environment: BUDGET seconds for the whole command (540; the call's timeout_s a little more),
-# PYTHON (python3), QUICK (1: VQKERN_GPU_QUICK for the tests), FUZZ_CASES (40), TRAIN_STEPS (1000),
+# PYTHON (python3), QUICK (1: VQKERN_GPU_QUICK for the tests), FUZZ_CASES (40: VQKERN_FUZZ_CASES for
+# tests/test_fuzz.py; empty: its own default), TRAIN_STEPS (1000),
 # TEST_ARGS, LIMIT_<STEP> (override a step's limit, e.g. LIMIT_TESTS=300), BENCH_SHAPES
 # ("N,K,D;N,K,D" for the bench step), BENCH_DTYPES (bf16), BENCH_PASSES, BENCH_PROVIDERS,
 # VQKERN_CUDA_ARCHS (90a), WORK (build/gpu-session), SITE (/tmp/site: the carried wheels).
@@ -55,9 +56,9 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/gpu-out}
 WORK=${WORK:-$ROOT/build/gpu-session}
 BUDGET=${BUDGET:-540}
-RESERVE=${RESERVE:-15}          # seconds kept for the last summary and packing
+RESERVE=${RESERVE:-20}          # seconds kept for the closing record and packing
 SITE=${SITE:-/tmp/site}
-FUZZ_CASES=${FUZZ_CASES:-40}
+FUZZ_CASES=${FUZZ_CASES-40}    # set empty: the fuzz test's own default count
 TRAIN_STEPS=${TRAIN_STEPS:-1000}
 LOG=$WORK/logs
 SUMMARY=$OUT/summary.txt
@@ -232,8 +233,8 @@ do_build() {
   rc=$?
   if [ -f "$LOG/build.log" ]; then
     "$PY" benchmarks/gpu/tools.py ptxas "$LOG/build.log" >"$OUT/ptxas.txt" 2>&1
-    note "  ptxas (registers, shared memory, stack frame, spills per CUDA kernel; all in $OUT/ptxas.txt):"
-    grep -E "SPILLS|STACK|kernels x archs|no ptxas report" "$OUT/ptxas.txt" | tee -a "$SUMMARY"
+    note "  ptxas (registers, shared memory, stack frame, spills per CUDA kernel; also $OUT/ptxas.txt):"
+    cut -c1-200 "$OUT/ptxas.txt" | tee -a "$SUMMARY"
   fi
   backends
   return $rc
@@ -255,7 +256,9 @@ gpu_ready() {  # a GPU step runs on a GPU, or on the CPU in a dry run
   return 1
 }
 
-PYTEST_OPTS=(-q -rfEs --tb=short -o faulthandler_timeout=60 --durations=5)
+# -v: one line per case as it finishes, so a group killed at its limit still shows which
+# cases passed and failed; faulthandler names a case that hangs.
+PYTEST_OPTS=(-v -rfEs --tb=short -o faulthandler_timeout=60 --durations=5)
 do_tests() {
   local lim t0 name rc line quick=${QUICK:-1}
   local -a names=() pids=() args
@@ -280,9 +283,8 @@ do_tests() {
            if [ "$DRY" = 1 ]; then args+=(-k "(cuda or triton or torch) and (empty_input or k_equals_one)")
            else args+=(-k "cuda or triton or torch"); fi ;;
     esac
-    VQKERN_GPU_QUICK=$quick VQKERN_FUZZ_CASES=$FUZZ_CASES \
-      run_limited "tests-$name" "$lim" "$PY" -m pytest "${args[@]}" "${PYTEST_OPTS[@]}" \
-      --junitxml="$LOG/tests-$name.xml" &
+    run_limited "tests-$name" "$lim" env VQKERN_GPU_QUICK="$quick" ${FUZZ_CASES:+VQKERN_FUZZ_CASES="$FUZZ_CASES"} \
+      "$PY" -m pytest "${args[@]}" "${PYTEST_OPTS[@]}" --junitxml="$LOG/tests-$name.xml" &
     pids+=($!)
     names+=("$name")
   done
@@ -292,8 +294,14 @@ do_tests() {
     name=tests-${names[$i]}
     line=$(pytest_line "$LOG/$name.log")
     verdict "$name" "$rc" $((SECONDS - t0)) "$lim" "${EXPECT[tests]}"
-    [ -n "$line" ] && note "  $name: $line"
-    grep -E "^(FAILED|ERROR) " "$LOG/$name.log" | head -n 12 | cut -c1-220 | sed 's/^/    /' | tee -a "$SUMMARY"
+    if [ -n "$line" ]; then
+      note "  $name: $line"
+      grep -E "^(FAILED|ERROR) " "$LOG/$name.log" | head -n 12 | cut -c1-220 | sed 's/^/    /' | tee -a "$SUMMARY"
+    else  # cut off before pytest's closing lines: count the per-case lines written so far
+      note "  $name: cut off after $(grep -cE ' PASSED( |$)' "$LOG/$name.log") passed," \
+           "$(grep -cE ' (FAILED|ERROR)( |$)' "$LOG/$name.log") failed"
+      grep -E " (FAILED|ERROR)( |$)" "$LOG/$name.log" | head -n 12 | cut -c1-220 | sed 's/^/    /' | tee -a "$SUMMARY"
+    fi
     grep -E "^SKIPPED" "$LOG/$name.log" | sed 's/^SKIPPED \[[0-9]*\] //' | cut -c1-160 | sort | uniq -c | sort -rn \
       | head -n 3 | sed 's/^ */    skipped x/' | tee -a "$SUMMARY"
     grep -E "VQKERN_GPU_QUICK=1:" "$LOG/$name.log" | head -n 1 | cut -c1-200 | sed 's/^/    /' | tee -a "$SUMMARY"
@@ -426,7 +434,10 @@ done
 
 note "# done: $((SECONDS - START))s of BUDGET ${BUDGET}s; $([ "$FAILED" = 0 ] && echo 'every step passed' || echo 'NOT ALL PASSED')"
 # The summary with its provenance, among the results (and so in logs.tar.gz).
-RESULTS_DIR=$RESULTS timeout 60 "$PY" benchmarks/gpu/tools.py session-record "$SUMMARY" \
+# 15 s on the GPU machine (inside RESERVE); a busy CPU host may take longer to import torch.
+rec_limit=15
+[ "$DRY" = 1 ] && rec_limit=90
+[ "$DRY" = 1 ] || [ "$HAVE_GPU" = 1 ] && RESULTS_DIR=$RESULTS timeout "$rec_limit" "$PY" benchmarks/gpu/tools.py session-record "$SUMMARY" \
   "$([ "$DRY" = 1 ] && echo 'DRY_RUN=1 ')bash benchmarks/gpu/session.sh ${STEPS[*]}" >"$LOG/record.log" 2>&1
 pack
 echo
