@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
     config._vqkern_quick = counts
 
 
-def pytest_report_collectionfinish(config, start_path, items):
+def pytest_report_collectionfinish(config):
     counts = getattr(config, "_vqkern_quick", None)
     if counts is not None:
         import gpu_quick

@@ -116,6 +116,8 @@ def select(items) -> tuple[list, list, dict]:
 
 def report_line(counts: dict) -> str:
     kept = counts["parametrized"] - counts["reduced"]
-    return (f"{ENV}=1: {kept} of {counts['parametrized']} parametrized cases kept (every value of every "
-            f"parameter at least once, boolean modes crossed); {counts['skipped']} deselected by name "
-            f"({', '.join(QUICK_SKIP)})")
+    line = (f"{ENV}=1: {kept} of {counts['parametrized']} parametrized cases kept (every value of every "
+            f"parameter at least once; backends and boolean modes crossed)")
+    if counts["skipped"]:
+        line += f"; {counts['skipped']} left out by name ({', '.join(QUICK_SKIP)})"
+    return line

@@ -2,7 +2,7 @@
 # One GPU call's work, run in the repo root of the GPU machine (benchmarks/gpu/README.md):
 #
 #   bash benchmarks/gpu/session.sh                      call 1: build tests sanitize bench
-#   BUDGET=170 bash benchmarks/gpu/session.sh racecheck next     call 2 (optional, right after)
+#   BUDGET=170 bash benchmarks/gpu/session.sh next      call 2 (optional, right after)
 #   DRY_RUN=1 bash benchmarks/gpu/session.sh            the same script on this CPU (or --dry-run)
 #
 # Steps, run in the order given, each under its own time limit and never past BUDGET:
