@@ -34,3 +34,24 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# VQKERN_GPU_QUICK=1 (benchmarks/gpu/session.sh): a covering subset of each parametrized
+# grid, so that a short GPU lease reaches every kernel path (tests/gpu_quick.py).
+def pytest_collection_modifyitems(config, items):
+    import gpu_quick
+
+    if not gpu_quick.enabled():
+        return
+    kept, gone, counts = gpu_quick.select(items)
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = kept
+    config._vqkern_quick = counts
+
+
+def pytest_report_collectionfinish(config):
+    counts = getattr(config, "_vqkern_quick", None)
+    if counts is not None:
+        import gpu_quick
+        return gpu_quick.report_line(counts)

@@ -1,24 +1,27 @@
 """Helpers of benchmarks/gpu/session.sh, also run by hand after a GPU session.
 
-    python benchmarks/gpu/tools.py check-site SITE          # carried wheels: requirements met, peers import
+    python benchmarks/gpu/tools.py check-site [SITE]        # carried wheels: requirements met, peers import
+    python benchmarks/gpu/tools.py machine [SITE]           # versions, device, backends, then check-site
     python benchmarks/gpu/tools.py commit                   # the commit under test (git, else the stamp)
     python benchmarks/gpu/tools.py fix-commit FILE.json...  # fill an 'unknown' git_commit from the stamp
     python benchmarks/gpu/tools.py ptxas BUILD.log          # registers, stack and spills per CUDA kernel
     python benchmarks/gpu/tools.py bench-summary FILE.json...
     python benchmarks/gpu/tools.py train-record RUN_DIR NAME COMMAND...
-    python benchmarks/gpu/tools.py verify-record SUMMARY.txt COMMAND...
+    python benchmarks/gpu/tools.py session-record SUMMARY.txt COMMAND...
     python benchmarks/gpu/tools.py merge --name full FILE.json...   # parts of one sweep -> one JSON, MD, PNGs
 
 The GPU machine receives a copy of the working tree, possibly without .git: the
 commit then comes from .gpudata/source.txt, written here by prepare.sh just
 before the call (CONVENTIONS.md section 6: a result without its provenance is not
-a result).
+a result). Records go under benchmarks/results/<device>/, or under $RESULTS_DIR/<device>/
+when that is set (session.sh's dry run).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,21 +30,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 STAMP = ROOT / ".gpudata" / "source.txt"
-PEERS = ("vector_quantize_pytorch", "einx", "einops", "loguru", "torch_einops_utils", "flash_kmeans", "faiss")
+# The GPU benchmark's peers and what they import; faiss travels only with WITH_FAISS=1
+# (faiss-cpu has no GPU index, so on the GPU machine it only reports itself skipped).
+PEERS = ("vector_quantize_pytorch", "einx", "einops", "loguru", "torch_einops_utils", "flash_kmeans")
+OPTIONAL_PEERS = ("faiss",)
+
+
+def results_root() -> Path:
+    return Path(os.environ["RESULTS_DIR"]) if os.environ.get("RESULTS_DIR") else ROOT / "benchmarks" / "results"
 
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def check_site(site: str) -> int:
-    """Every Requires-Dist (no extras) of the wheels installed in SITE is met on sys.path; peers import."""
+def check_site(site: str | None) -> int:
+    """Every Requires-Dist (no extras) of the wheels installed in SITE is met on sys.path; the
+    peers import (without SITE: only the imports, from this environment)."""
     from importlib import metadata
+    import importlib.util
 
     from packaging.requirements import Requirement
 
     problems = []
-    for info in sorted(Path(site).glob("*.dist-info")):
+    for info in sorted(Path(site).glob("*.dist-info")) if site else []:
         dist = metadata.Distribution.at(info)
         for line in dist.requires or []:
             req = Requirement(line)
@@ -57,7 +69,10 @@ def check_site(site: str) -> int:
     for line in problems:
         print(f"  UNMET {line}")
     dists = metadata.packages_distributions()
-    for module in PEERS:
+    for module in PEERS + OPTIONAL_PEERS:
+        if module in OPTIONAL_PEERS and importlib.util.find_spec(module) is None:
+            print(f"  absent {module}: not installed (optional)")
+            continue
         try:
             mod = __import__(module)
             version = ", ".join(f"{d} {metadata.version(d)}" for d in sorted(set(dists.get(module, []))))
@@ -65,7 +80,39 @@ def check_site(site: str) -> int:
         except Exception as exc:  # report every peer, then fail
             problems.append(module)
             print(f"  FAIL import {module}: {type(exc).__name__}: {exc}")
+    if problems and not site:
+        print("  (no SITE given: this environment lacks them; the benchmark records those peers as skipped)")
     return 1 if problems else 0
+
+
+def machine(site: str | None) -> int:
+    """One line of versions and device, each backend's availability on it, then check_site:
+    everything the session's set-up asks of Python, in one process (an import of torch costs
+    seconds on a busy host)."""
+    import platform
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:  # reported, the rest still runs
+        triton_version = f"unavailable ({type(exc).__name__}: {exc})"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        where = (f"{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, "
+                 f"capability {p.major}.{p.minor}")
+    else:
+        where = "no CUDA device"
+    print(f"{where}; Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+          f"triton {triton_version}")
+    from vqkern import backends
+
+    for name, (ok, why) in backends.report(device).items():
+        print(f"  backend {name} on {device}: {'ok' if ok else 'UNAVAILABLE'} ({why})"[:240])
+    return check_site(site)
 
 
 def commit() -> str:
@@ -202,7 +249,7 @@ def train_record(run_dir: str, name: str, command: list[str]) -> int:
         meta["git_commit"] = commit()
     run = Path(run_dir)
     result = json.loads((run / "compare.json").read_text())
-    folder = ROOT / "benchmarks" / "results" / measure.device_slug(device)
+    folder = results_root() / measure.device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}-{name}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "compare": result}, indent=1) + "\n")
@@ -218,8 +265,8 @@ def train_record(run_dir: str, name: str, command: list[str]) -> int:
     return 0
 
 
-def verify_record(summary: str, command: list[str]) -> int:
-    """The verify phase's summary with its provenance -> benchmarks/results/<device>/<date>-verify.md."""
+def session_record(summary: str, command: list[str]) -> int:
+    """A session's summary with its provenance -> <results>/<device>/<date>-gpu-session-<HHMM>.md."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -229,16 +276,16 @@ def verify_record(summary: str, command: list[str]) -> int:
     meta = measure.provenance(device, [])
     if meta["git_commit"].startswith("unknown"):
         meta["git_commit"] = commit()
-    folder = ROOT / "benchmarks" / "results" / measure.device_slug(device)
+    folder = results_root() / measure.device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{meta['date'][:10]}-verify.md"
-    lines = [f"# GPU verification: {meta['device']}", "",
+    path = folder / f"{meta['date'][:10]}-gpu-session-{meta['date'][11:13]}{meta['date'][14:16]}.md"
+    lines = [f"# GPU session: {meta['device']}", "",
              f"- date {meta['date']}, commit `{meta['git_commit']}`, torch {meta['torch']}, triton {meta['triton']}, "
              f"CUDA {meta['cuda']}, Python {meta['python']}",
-             f"- command: `{' '.join(command)}` (csrc/gpu_verify.sh, then the rest of the suite)", "",
+             f"- command: `{' '.join(command)}` (benchmarks/gpu/README.md)", "",
              "```", Path(summary).read_text().rstrip(), "```", ""]
     path.write_text("\n".join(lines))
-    print(f"  -> {path.relative_to(ROOT)}")
+    print(f"  -> {path}")
     return 0
 
 
@@ -275,7 +322,8 @@ def merge(files: list[str], name: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/gpu/tools.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check-site").add_argument("site")
+    sub.add_parser("check-site").add_argument("site", nargs="?")
+    sub.add_parser("machine").add_argument("site", nargs="?")
     sub.add_parser("commit")
     sub.add_parser("fix-commit").add_argument("files", nargs="+")
     sub.add_parser("ptxas").add_argument("log")
@@ -284,7 +332,7 @@ def main(argv=None) -> int:
     t.add_argument("run_dir")
     t.add_argument("name")
     t.add_argument("command", nargs=argparse.REMAINDER)
-    v = sub.add_parser("verify-record")
+    v = sub.add_parser("session-record")
     v.add_argument("summary")
     v.add_argument("command", nargs=argparse.REMAINDER)
     m = sub.add_parser("merge")
@@ -293,6 +341,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "check-site":
         return check_site(a.site)
+    if a.cmd == "machine":
+        return machine(a.site)
     if a.cmd == "commit":
         print(commit())
         return 0
@@ -304,8 +354,8 @@ def main(argv=None) -> int:
         return bench_summary(a.files)
     if a.cmd == "train-record":
         return train_record(a.run_dir, a.name, a.command)
-    if a.cmd == "verify-record":
-        return verify_record(a.summary, a.command)
+    if a.cmd == "session-record":
+        return session_record(a.summary, a.command)
     return merge(a.files, a.name)
 
 
