@@ -176,11 +176,12 @@ def test_loss_terms_route_gradients(backend, device):
     codebook = torch.randn(9, 8, device=device, requires_grad=True)
     out = vqkern.quantize(z, codebook, backend=backend)
     out.commitment_loss.backward(retain_graph=True)
-    assert codebook.grad is None or bool((codebook.grad == 0).all())
+    # No gradient at all (None, not zeros: an optimizer treats zeros as a step).
+    assert codebook.grad is None
     assert z.grad is not None and z.grad.abs().sum() > 0
     z.grad = None
     out.codebook_loss.backward()
-    assert z.grad is None or bool((z.grad == 0).all())
+    assert z.grad is None
     assert codebook.grad.abs().sum() > 0
 
 

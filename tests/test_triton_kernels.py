@@ -558,12 +558,12 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
         consts = dict(HAS_BASE=has_base, PIECE=G.GPU_PIECE, PIECES_PER_PROGRAM=G.GPU_PIECES_PER_PROGRAM,
                       BLOCK_R=G.GPU_BLOCK_R, BLOCK_D=G.GPU_BLOCK_D)
         compile_(G._segment_pieces_kernel, {"order_ptr": "*i64", "bounds_ptr": "*i64", "piece_code_ptr": "*i64",
-                 "piece_start_ptr": "*i64", "pieces_ptr": "*i64", "val_ptr": P[zt], "base_ptr": P[ct],
+                 "piece_start_ptr": "*i64", "pieces_ptr": "*i64", "multi_start_ptr": "*i64", "val_ptr": P[zt], "base_ptr": P[ct],
                  "sums_ptr": "*fp32", "partial_ptr": "*fp32", "K": "i32", "D": "i32", "num_pieces": "i32",
                  "stride_v": "i32", "stride_v_d": "i32", "stride_b": "i32", "stride_s": "i32",
                  **{k: "constexpr" for k in consts}}, consts)
     consts = dict(BLOCK_P=G.GPU_BLOCK_P, BLOCK_D=G.GPU_BLOCK_D)
-    compile_(G._segment_combine_kernel, {"multi_ptr": "*i64", "piece_start_ptr": "*i64", "pieces_ptr": "*i64",
+    compile_(G._segment_combine_kernel, {"multi_ptr": "*i64", "multi_start_ptr": "*i64", "pieces_ptr": "*i64",
              "sums_ptr": "*fp32", "partial_ptr": "*fp32", "K": "i32", "D": "i32", "stride_s": "i32",
              **{k: "constexpr" for k in consts}}, consts)
 print("\n".join(failures))

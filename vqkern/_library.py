@@ -121,17 +121,22 @@ def _quantize_setup_context(ctx, inputs, output):
     _, indices, _, _ = output
     ctx.save_for_backward(z, codebook, indices)
     ctx.backend = backend
+    # Outputs that get no gradient arrive as None, not materialized zeros: a loss term
+    # left out of the graph then costs nothing and leaves its input's .grad None.
+    ctx.set_materialize_grads(False)
 
 
 def _quantize_backward(ctx, grad_quantized, grad_indices, grad_commitment, grad_codebook_loss):
     z, codebook, indices = ctx.saved_tensors
-    need_z = ctx.needs_input_grad[0]
+    # z's gradient comes through quantized and commitment_loss; without either it is None.
+    need_z = ctx.needs_input_grad[0] and (grad_quantized is not None or grad_commitment is not None)
     # The codebook's gradient comes only through codebook_loss: without one it is zero (None).
     need_codebook = ctx.needs_input_grad[1] and grad_codebook_loss is not None
     if not (need_z or need_codebook):
         return None, None, None
     if grad_quantized is None:
-        grad_quantized = torch.zeros_like(z)
+        # Read only for grad_z; otherwise any (N, D) tensor of z's kind will do.
+        grad_quantized = torch.zeros_like(z) if need_z else z
     if grad_commitment is None:
         grad_commitment = z.new_zeros((), dtype=torch.float32)
     if grad_codebook_loss is None:

@@ -221,7 +221,10 @@ def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, det
 @contextlib.contextmanager
 def _deterministic(device: torch.device, on: bool):
     """index_add_ is sequential on CPU; on CUDA its deterministic kernel is chosen by
-    the global flag, so set it for the call when the caller asks for reproducibility."""
+    the global flag, so set it for the call when the caller asks for reproducibility.
+    The flag is process-wide: another thread running meanwhile (a second device's
+    autograd thread) sees it too. The backward never flips it (it passes the global
+    setting); only an explicit ``segment_sum(..., deterministic=True)`` on CUDA does."""
     if not on or device.type == "cpu" or torch.are_deterministic_algorithms_enabled():
         yield
         return

@@ -47,7 +47,7 @@ def _segment_sum_atomic_kernel(idx_ptr, val_ptr, counts_ptr, sums_ptr, N, D,
 
 @triton.jit
 def _segment_pieces_kernel(order_ptr, bounds_ptr, piece_code_ptr, piece_start_ptr, pieces_ptr,
-                           val_ptr, base_ptr, sums_ptr, partial_ptr, K, D, num_pieces,
+                           multi_start_ptr, val_ptr, base_ptr, sums_ptr, partial_ptr, K, D, num_pieces,
                            stride_v, stride_v_d, stride_b, stride_s,
                            HAS_BASE: tl.constexpr, PIECE: tl.constexpr, PIECES_PER_PROGRAM: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -83,11 +83,11 @@ def _segment_pieces_kernel(order_ptr, bounds_ptr, piece_code_ptr, piece_start_pt
                 dst = sums_ptr + code * stride_s + cols
                 tl.store(dst, tl.load(dst, mask=col_mask, other=0.0) + total, mask=col_mask)
             else:
-                tl.store(partial_ptr + piece * D + cols, total, mask=col_mask)
+                tl.store(partial_ptr + (tl.load(multi_start_ptr + code) + j) * D + cols, total, mask=col_mask)
 
 
 @triton.jit
-def _segment_combine_kernel(multi_ptr, piece_start_ptr, pieces_ptr, sums_ptr, partial_ptr, K, D, stride_s,
+def _segment_combine_kernel(multi_ptr, multi_start_ptr, pieces_ptr, sums_ptr, partial_ptr, K, D, stride_s,
                             BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
@@ -97,7 +97,7 @@ def _segment_combine_kernel(multi_ptr, piece_start_ptr, pieces_ptr, sums_ptr, pa
     if count > 1:
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
         col_mask = cols < D
-        first = tl.load(piece_start_ptr + code)
+        first = tl.load(multi_start_ptr + code)
         acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
         for p0 in range(0, count, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -142,17 +142,21 @@ def _deterministic_segment_sum(indices, values, counts, sums, base) -> None:
     # Codes of several pieces have more than `piece` rows: at most n // (piece + 1) + 1 of them.
     max_multi = min(k, n // (piece + 1) + 1)
     multi = torch.sort((pieces <= 1).to(torch.int8), stable=True).indices[:max_multi]
-    partial = torch.empty((max_pieces, d), dtype=torch.float32, device=values.device)
+    # Only the pieces of multi-piece codes are parked: at most n // piece + max_multi rows
+    # (a code of l > piece rows has ceil(l / piece) <= l / piece + 1 pieces), not one row per piece.
+    multi_pieces = torch.where(pieces > 1, pieces, 0)
+    multi_start = torch.cumsum(multi_pieces, 0) - multi_pieces
+    partial = torch.empty((n // piece + max_multi, d), dtype=torch.float32, device=values.device)
     has_base = base is not None
     base_arg = base if has_base else values
     with on_device(values):
         _segment_pieces_kernel[(triton.cdiv(max_pieces, per_program), triton.cdiv(d, block_d))](
-            order, bounds, piece_code, piece_start, pieces, values, base_arg, sums, partial, k, d, max_pieces,
+            order, bounds, piece_code, piece_start, pieces, multi_start, values, base_arg, sums, partial, k, d, max_pieces,
             values.stride(0), values.stride(1), base_arg.stride(0), sums.stride(0),
             HAS_BASE=has_base, PIECE=piece, PIECES_PER_PROGRAM=per_program, BLOCK_R=block_r,
             BLOCK_D=block_d, num_warps=4)
         _segment_combine_kernel[(max_multi, triton.cdiv(d, block_d))](
-            multi, piece_start, pieces, sums, partial, k, d, sums.stride(0),
+            multi, multi_start, pieces, sums, partial, k, d, sums.stride(0),
             BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4)
 
 
