@@ -327,3 +327,28 @@ def test_torch_backend_on_cuda_ignores_tf32_setting():
     finally:
         torch.set_float32_matmul_precision(previous)
     assert_nearest(z.cpu(), codebook.cpu(), idx.cpu(), dist.cpu())
+
+
+@pytest.mark.parametrize("path", ["auto", "tiled", "generic"])
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf"])
+def test_torch_backend_non_finite_codes_never_win(path, poison, monkeypatch):
+    # torch's min/argmin return a NaN as the minimum: without the mapping to +inf a NaN
+    # (or inf - inf) score would pick the poisoned code for every row of its tile.
+    from vqkern.backends import torch_
+    z = torch.randn(90, 8)
+    codebook = torch.randn(200, 8)
+    bad = torch.tensor([0, 31, 32, 150, 199])
+    codebook[bad, 2] = float(poison)
+    good = torch.ones(200, dtype=torch.bool)
+    good[bad] = False
+    if path == "generic":
+        indices = torch.full((90,), -1, dtype=torch.int64)
+        torch_._search_blocked(z, codebook, indices)
+    else:
+        if path == "tiled":
+            monkeypatch.setenv("VQKERN_CPU_KERNEL", "0")
+            monkeypatch.setenv("VQKERN_TORCH_TILE_CODES", "64")  # bad codes in several tiles
+        indices, _ = vqkern.nearest_code(z, codebook, backend="torch")
+    assert bool(good[indices].all())
+    kept = torch.nonzero(good).flatten()
+    assert_nearest(z, codebook[kept], torch.searchsorted(kept, indices))

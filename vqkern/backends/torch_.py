@@ -128,8 +128,20 @@ def _row_argmin(scores: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
     return value, index
 
 
+_INF = float("inf")
+
+
+def _never_win(scores: torch.Tensor) -> torch.Tensor:
+    """Non-finite scores (a NaN or infinite code: NaN, or inf - inf) become +inf in place:
+    torch's min and argmin return a NaN as the minimum, so a NaN code would win."""
+    return scores.nan_to_num_(nan=_INF, posinf=_INF, neginf=_INF)
+
+
 def _search_cpu(z, cb, cb_norm, indices) -> None:
     n, k = z.shape[0], cb.shape[0]
+    # Only a non-finite code norm can give a finite row a NaN score (a NaN row of z may
+    # take any index): checked once per call, so finite codebooks skip the extra pass.
+    sanitize = not bool(torch.isfinite(cb_norm).all())
     tile_rows, tile_codes, group = _cpu_tile()
     tile_rows, tile_codes = min(tile_rows, n), min(tile_codes, k)
     buffer = torch.empty(tile_rows * tile_codes, dtype=cb.dtype)
@@ -141,6 +153,8 @@ def _search_cpu(z, cb, cb_norm, indices) -> None:
             k1 = min(k, k0 + tile_codes)
             scores = buffer[: (stop - start) * (k1 - k0)].view(stop - start, k1 - k0)
             torch.addmm(cb_norm[k0:k1], zc, cb[k0:k1].t(), beta=1.0, alpha=-2.0, out=scores)
+            if sanitize:
+                _never_win(scores)
             val, idx = _row_argmin(scores, group)
             if best_val is None:
                 best_val, best_idx = val, idx
@@ -165,7 +179,8 @@ def _search_blocked(z, codebook, indices) -> None:
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             scores = torch.addmm(cb_norm, zs[start:stop], cb.t(), beta=1.0, alpha=-2.0)
-            indices[start:stop] = scores.argmin(dim=1)
+            # Always (no host read of the norms on a GPU): one pass over the block.
+            indices[start:stop] = _never_win(scores).argmin(dim=1)
 
 
 @torch.no_grad()  # out= ops refuse inputs that require grad; the search has no gradient
