@@ -39,8 +39,11 @@ def distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index (N,) int64 of the nearest code for each row of z (N, D); first index wins ties."""
-    return distances(z, codebook).argmin(dim=1)
+    """Index (N,) int64 of the nearest code for each row of z (N, D); first index wins ties.
+
+    A NaN distance (a code or row holding a NaN, or inf - inf) never wins: torch.argmin
+    would return it as the minimum."""
+    return distances(z, codebook).nan_to_num_(nan=float("inf")).argmin(dim=1)
 
 
 def quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25) -> ReferenceOutput:

@@ -29,4 +29,6 @@ def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, det
 def segment_sum(indices, values, counts, sums, deterministic) -> None:
     one_hot = torch.nn.functional.one_hot(indices, counts.shape[0]).float()
     counts.add_(one_hot.sum(dim=0))
-    sums.add_(one_hot.t() @ values.float())
+    # Not one_hot.t() @ values: a row holding an infinity would put 0 * inf = NaN into
+    # every code's sum.
+    sums.index_add_(0, indices, values.float())
