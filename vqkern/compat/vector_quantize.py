@@ -274,10 +274,16 @@ class VectorQuantize(nn.Module):
     update_ema_indices = update_indices
 
     def expire_codes_(self, x: Tensor) -> None:
-        """Re-seed dead codes from x (B, N, codebook_dim * heads) rows in codebook space (training only)."""
-        flat = self._codebook.transform_input(self._split_heads(x))
-        c, r, n, d = flat.shape
-        self._codebook.expire_codes_(flat.reshape(c, r * n, d).detach().float())
+        """Re-seed dead codes (training only) from rows x (B, M, codebook_dim) in codebook space.
+
+        As vector_quantize_pytorch (whose ResidualVQ calls this with a shared codebook),
+        the leading axis is taken as the codebook axis: codebook c draws from x[c], so a
+        single codebook draws from the first batch element's rows only.
+        """
+        if self.heads != 1:
+            raise ValueError("expire_codes_ supports heads = 1 (as ResidualVQ uses it)")
+        flat = self._codebook.transform_input(x)[: self._codebook.num_codebooks]
+        self._codebook.expire_codes_(flat.detach().float())
 
     def update_in_place_optimizer(self) -> None:
         """No in-place codebook optimizer is supported, so there is nothing to step."""
@@ -314,24 +320,26 @@ class VectorQuantize(nn.Module):
         temp = self.sample_codebook_temp if sample_codebook_temp is None else float(sample_codebook_temp)
         if not temp >= 0:
             raise ValueError(f"sample_codebook_temp must be >= 0, got {sample_codebook_temp}")
-        if lens is not None:
-            if not isinstance(lens, Tensor) or lens.dim() != 1 or lens.dtype.is_floating_point:
-                raise ValueError(f"lens must be a (B,) integer tensor, got {getattr(lens, 'shape', type(lens))}")
-            mask = torch.arange(x.shape[1], device=lens.device) < lens[:, None]
+        if lens is not None and (not isinstance(lens, Tensor) or lens.dim() != 1 or lens.dtype.is_floating_point):
+            raise ValueError(f"lens must be a (B,) integer tensor, got {getattr(lens, 'shape', type(lens))}")
         input_requires_grad = x.requires_grad
         only_one = x.dim() == 2
         if only_one:
-            if mask is not None:
+            if mask is not None or lens is not None:
                 raise ValueError("mask (or lens) needs a sequence: x is (B, dim)")
             x = x.unsqueeze(1)
             unlayout = lambda t, channels_first: t  # noqa: E731
         else:
-            if mask is not None and self._is_fmap:
+            if (mask is not None or lens is not None) and self._is_fmap:
                 raise ValueError("mask (or lens) is not supported with accept_image_fmap or accept_3d_fmap")
             x, unlayout = self._to_rows(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have dim = {self.dim} features, got {x.shape[-1]} (shape {tuple(x.shape)})")
         batch, n = x.shape[:2]
+        if lens is not None:
+            # Lengths along the sequence axis whatever the layout (vector_quantize_pytorch
+            # measures them along x.shape[1], the features of a channel-first input).
+            mask = torch.arange(n, device=lens.device) < lens[:, None]
         if mask is not None:
             mask = self._check_mask(mask, batch, n).to(x.device)
         orig_input = x
