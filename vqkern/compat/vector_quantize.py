@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import backends, distributed
 from ._args import reject_unsupported
 from .codebook import Codebook
+from .losses import mean_cross_entropy
 from .rotation import rotate_to
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
@@ -24,14 +25,14 @@ LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity",
 # vector_quantize_pytorch arguments the drop-in does not implement, with the
 # defaults under which they are inert.
 UNSUPPORTED = dict(
-    commitment_use_cross_entropy_loss=False, orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False,
+    orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False,
     orthogonal_reg_max_codes=None, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
     straight_through=False, directional_reparam=False,
     directional_reparam_variance=5e-3, sync_affine_param=False, vq_bridge=None,
     in_place_codebook_optimizer=None, affine_param=False,
     affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
 )
-UNSUPPORTED_FORWARD = dict(indices=None, topk=None, codebook_transform_fn=None)
+UNSUPPORTED_FORWARD = dict(topk=None, codebook_transform_fn=None)
 
 
 class VectorQuantize(nn.Module):
@@ -112,6 +113,7 @@ class VectorQuantize(nn.Module):
         self.eps = eps
         self.commitment_weight = commitment_weight
         self.has_commitment_loss = commitment_weight > 0.0
+        self.commitment_use_cross_entropy_loss = bool(commitment_use_cross_entropy_loss)
         self.learnable_codebook = learnable_codebook
         self.rotation_trick = rotation_trick
         self.use_cosine_sim = use_cosine_sim
@@ -245,6 +247,16 @@ class VectorQuantize(nn.Module):
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
         return mask
 
+    def _check_indices(self, indices, b: int, n: int) -> Tensor:
+        """forward's index layout (B, N[, heads]) or (B, H, W[, heads]) -> (B, N, heads) int64."""
+        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32) or \
+                indices.numel() != b * n * self.heads:
+            raise ValueError(f"indices must be an integer tensor with one code per row and head "
+                             f"({b} x {n} x {self.heads}), got {getattr(indices, 'shape', type(indices))}")
+        if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}) or be -1 (ignored)")
+        return indices.long().reshape(b, n, self.heads)
+
     def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
         """Run the EMA update (and dead-code re-seeding in training) for codes chosen elsewhere.
 
@@ -311,7 +323,7 @@ class VectorQuantize(nn.Module):
         LossBreakdown of scalars with ``return_loss_breakdown=True``.
         """
         reject_unsupported("VectorQuantize.forward", dict(
-            indices=indices, topk=topk, codebook_transform_fn=codebook_transform_fn), UNSUPPORTED_FORWARD)
+            topk=topk, codebook_transform_fn=codebook_transform_fn), UNSUPPORTED_FORWARD)
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got {type(x).__name__}")
         if mask is not None and lens is not None:
@@ -351,12 +363,20 @@ class VectorQuantize(nn.Module):
         split_mask = None if mask is None else self._split_mask(mask)
         flatten = x.float().reshape(c, rows * n, d)
         stochastic = self.stochastic_sample_codes and self.training and temp > 0
+        wants_ce = indices is not None or (self.training and self.has_commitment_loss
+                                           and self.commitment_use_cross_entropy_loss)
+        if wants_ce:
+            if indices is not None:
+                target = self._split_heads(self._check_indices(indices, batch, n)).reshape(c, rows * n)
+            # The logits are those of the codebook before this step's EMA update rewrites it.
+            ce_embed = self._codebook.embed if self.learnable_codebook else self._codebook.embed.detach().clone()
         quantize, embed_ind = self._codebook(
             flatten, update=self.training and not freeze,
             mask=None if split_mask is None else split_mask.reshape(c, rows * n),
             sample_temp=temp if stochastic else 0.0, ema_update=ema_update,
             ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
         quantize = quantize.reshape(c, rows, n, d).type(dtype)
+        codes_flat = embed_ind
         embed_ind = embed_ind.reshape(c, rows, n)
 
         commit_loss = self.zero
@@ -367,6 +387,12 @@ class VectorQuantize(nn.Module):
                     quantize = rotate_to(x, quantize)
                 else:
                     quantize = x + (quantize - x).detach()
+
+        if indices is not None:
+            # As vector_quantize_pytorch: the quantized codes (codebook space, before
+            # project_out) and the cross-entropy of the given codes.
+            ce = mean_cross_entropy(flatten, ce_embed, target, cosine=self.use_cosine_sim)
+            return (quantize[0] if self.heads == 1 else quantize), ce
 
         embed_ind = self._merge_heads(embed_ind, batch)
         if self.heads == 1:
@@ -379,7 +405,11 @@ class VectorQuantize(nn.Module):
                 # with no loss term; dynamo cannot return such a fresh leaf.
                 loss = loss.clone().requires_grad_()
             if self.has_commitment_loss:
-                if mask is None:
+                if self.commitment_use_cross_entropy_loss:
+                    target = codes_flat if split_mask is None else codes_flat.masked_fill(
+                        ~split_mask.reshape(c, rows * n), -1)
+                    commit_loss = mean_cross_entropy(flatten, ce_embed, target, cosine=self.use_cosine_sim)
+                elif mask is None:
                     commit_loss = F.mse_loss(commit_quantize, x)
                 elif self.heads == 1 and not self.has_projections:
                     # Against the layer's input as given, as vector_quantize_pytorch does
