@@ -227,11 +227,12 @@ SUPPORTED = ("dim", "codebook_size", "codebook_dim", "heads", "separate_codebook
              "accept_image_fmap", "commitment_weight", "rotation_trick", "learnable_codebook", "ema_update",
              "sync_codebook", "freeze_codebook", "sync_kmeans", "layernorm_after_project_in", "accept_3d_fmap",
              "stochastic_sample_codes", "sample_codebook_temp", "manual_ema_update",
-             "manual_in_place_optimizer_update", "return_zeros_for_masked_padding", "route_gradients_to_input")
+             "manual_in_place_optimizer_update", "return_zeros_for_masked_padding", "route_gradients_to_input",
+             "commitment_use_cross_entropy_loss", "directional_reparam", "directional_reparam_variance")
 RVQ_SUPPORTED = ("dim", "num_quantizers", "codebook_size", "codebook_dim", "heads", "accept_image_fmap",
                  "shared_codebook", "quantize_dropout", "quantize_dropout_cutoff_index",
-                 "quantize_dropout_multiple_of", "quant_grad_frac", "return_zeros_for_masked_padding")
-FORWARD_SUPPORTED = ("x", "return_loss_breakdown", "mask", "lens", "sample_codebook_temp", "freeze_codebook",
+                 "quantize_dropout_multiple_of", "quant_grad_frac", "return_zeros_for_masked_padding", "diveq")
+FORWARD_SUPPORTED = ("x", "return_loss_breakdown", "indices", "mask", "lens", "sample_codebook_temp", "freeze_codebook",
                      "ema_update_weight", "accum_ema_update", "ema_update")
 RVQ_FORWARD_SUPPORTED = ("x", "return_all_codes", "mask", "sample_codebook_temp", "freeze_codebook",
                          "rand_quantize_dropout_fixed_seed")

@@ -11,10 +11,11 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ._args import reject_unsupported
+from .rotation import directional_reparam
 from .vector_quantize import VectorQuantize
 
 UNSUPPORTED = dict(
-    diveq=False, implicit_neural_codebook=False, mlp_kwargs={}, beam_size=None,
+    implicit_neural_codebook=False, mlp_kwargs={}, beam_size=None,
     eval_beam_size=None, beam_score_quantizer_weights=None,
 )
 UNSUPPORTED_FORWARD = dict(indices=None, beam_size=None)
@@ -107,6 +108,12 @@ class ResidualVQ(nn.Module):
         vq_kwargs.update(return_zeros_for_masked_padding=return_zeros_for_masked_padding)
         if shared_codebook:
             vq_kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
+        self.diveq = bool(diveq)
+        if self.diveq:
+            # DiVeQ learns the codebook by gradient through the directional
+            # reparameterization of the summed output, in place of the commitment loss.
+            vq_kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
+                             commitment_weight=0.0)
 
         sizes = codebook_size if isinstance(codebook_size, tuple) else (codebook_size,) * num_quantizers
         num_quantizers = len(sizes) if num_quantizers is None else num_quantizers
@@ -125,7 +132,7 @@ class ResidualVQ(nn.Module):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.vq_is_ema_updating = self.layers[0].ema_update
-        self.quant_grad_frac = float(quant_grad_frac)
+        self.quant_grad_frac = 1.0 if self.diveq else float(quant_grad_frac)
         self._dropout_seed = DropoutSeed()
         self.shared_codebook = bool(shared_codebook)
         if shared_codebook:
@@ -218,6 +225,9 @@ class ResidualVQ(nn.Module):
             stacked = torch.stack(all_residuals, dim=-2)
             shared.expire_codes_(stacked.reshape(stacked.shape[0], -1, stacked.shape[-1]))
 
+        if self.diveq:
+            # In evaluation too, as vector_quantize_pytorch.
+            quantized_out = directional_reparam(x, quantized_out)
         quantized_out = self.project_out(quantized_out)
         if mask is not None:
             padding = torch.zeros_like(quantized_out) if self.return_zeros_for_masked_padding else orig_input

@@ -18,6 +18,7 @@ from .. import backends, distributed
 from ._args import reject_unsupported
 from .codebook import Codebook
 from .losses import mean_cross_entropy
+from .rotation import directional_reparam as directional_reparam_fn
 from .rotation import rotate_to
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
@@ -27,8 +28,7 @@ LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity",
 UNSUPPORTED = dict(
     orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False,
     orthogonal_reg_max_codes=None, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
-    straight_through=False, directional_reparam=False,
-    directional_reparam_variance=5e-3, sync_affine_param=False, vq_bridge=None,
+    straight_through=False, sync_affine_param=False, vq_bridge=None,
     in_place_codebook_optimizer=None, affine_param=False,
     affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
 )
@@ -88,9 +88,15 @@ class VectorQuantize(nn.Module):
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + backends.BACKENDS}, got {backend!r}")
 
-        ema_update = True if ema_update is None else bool(ema_update)
-        learnable_codebook = False if learnable_codebook is None else bool(learnable_codebook)
-        rotation_trick = dim > 1 if rotation_trick is None else bool(rotation_trick)
+        directional_reparam = bool(directional_reparam)
+        ema_update = (not directional_reparam) if ema_update is None else bool(ema_update)
+        learnable_codebook = directional_reparam if learnable_codebook is None else bool(learnable_codebook)
+        rotation_trick = (not directional_reparam and dim > 1) if rotation_trick is None else bool(rotation_trick)
+        if rotation_trick and directional_reparam:
+            raise ValueError("rotation_trick and directional_reparam cannot both be True")
+        if directional_reparam and not threshold_ema_dead_code > 0:
+            raise ValueError("directional_reparam=True needs threshold_ema_dead_code > 0 (periodic dead-code "
+                             "replacement), as in vector_quantize_pytorch")
         if use_cosine_sim and learnable_codebook:
             raise ValueError("use_cosine_sim=True is not compatible with learnable_codebook=True")
         if ema_update and learnable_codebook:
@@ -112,7 +118,9 @@ class VectorQuantize(nn.Module):
         self.has_projections = requires_projection
         self.eps = eps
         self.commitment_weight = commitment_weight
-        self.has_commitment_loss = commitment_weight > 0.0
+        self.has_commitment_loss = commitment_weight > 0.0 and not directional_reparam
+        self.directional_reparam = directional_reparam
+        self.directional_reparam_variance = float(directional_reparam_variance)
         self.commitment_use_cross_entropy_loss = bool(commitment_use_cross_entropy_loss)
         self.learnable_codebook = learnable_codebook
         self.rotation_trick = rotation_trick
@@ -385,6 +393,8 @@ class VectorQuantize(nn.Module):
             if input_requires_grad and self.route_gradients_to_input:
                 if self.rotation_trick:
                     quantize = rotate_to(x, quantize)
+                elif self.directional_reparam:
+                    quantize = directional_reparam_fn(x, quantize, self.directional_reparam_variance)
                 else:
                     quantize = x + (quantize - x).detach()
 
