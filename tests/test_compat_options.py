@@ -382,3 +382,85 @@ def test_grouped_residual_vq_matches(kw):
     torch.testing.assert_close(ours.get_output_from_indices(i_o), ref.get_output_from_indices(i_r))
     torch.testing.assert_close(ours.get_codes_from_indices(i_o), ref.get_codes_from_indices(i_r))
     assert torch.equal(ours.codebooks, ref.codebooks)
+
+
+# ---- top-k codes and beam search ---------------------------------------------------------
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kw", [dict(), dict(use_cosine_sim=True, rotation_trick=False), dict(commitment_weight=0.0),
+                                dict(channel_last=False)], ids=["l2", "cosine_ste", "no_commitment", "channel_first"])
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
+def test_topk_matches(kw, training, masked):
+    kw = dict(dim=DIM, codebook_size=K, **kw)
+    ref, ours = make_pair(**kw)
+    ref.train(training), ours.train(training)
+    for s in range(2):
+        x = make_input(kw, seed=s)
+        forward_kw = dict(topk=3, mask=random_mask(3, 10, seed=s) if masked else None)
+        r, o = step(ref, x, s, **forward_kw), step(ours, x, s, **forward_kw)
+        assert o[1].shape == (3, 10, 3)
+        assert_steps_match(r, o, s)
+    assert_states_close(ref, ours)
+
+
+def test_topk_one_is_the_search():
+    vq = VectorQuantize(dim=DIM, codebook_size=K).eval()
+    x = make_input({})
+    q1, i1, _ = vq(x, topk=1)
+    q, i, _ = vq(x)
+    assert torch.equal(i1[..., 0], i) and torch.equal(q1[..., 0, :], q)
+    with pytest.raises(ValueError, match="topk"):
+        vq(x, topk=0)
+    with pytest.raises(ValueError, match="topk"):
+        VectorQuantize(dim=DIM, codebook_size=K, heads=2)(x, topk=2)
+
+
+BEAM_OPTIONS = {
+    "beam": dict(num_quantizers=3, codebook_size=K, beam_size=2, eval_beam_size=3),
+    "beam_dropout_projected": dict(num_quantizers=4, codebook_size=K, beam_size=3, quantize_dropout=True,
+                                   codebook_dim=8),
+    "beam_weights_dead_code": dict(num_quantizers=3, codebook_size=K, beam_size=2, threshold_ema_dead_code=1,
+                                   beam_score_quantizer_weights=[1.0, 0.5, 2.0]),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
+@pytest.mark.parametrize("name", list(BEAM_OPTIONS))
+def test_beam_search_matches(name, masked):
+    import copy
+
+    kw = dict(dim=DIM, **BEAM_OPTIONS[name])
+    ref, ours = make_pair(vqp.ResidualVQ, ResidualVQ, **kw)
+    before = copy.deepcopy(ours)
+    x = make_input({}, batch=1, n=12, seed=0)
+    mask = random_mask(1, 12, seed=0) if masked else None
+    r, o = step(ref, x, 30, mask=mask), step(ours, x, 30, mask=mask)
+    assert o[1].shape == (1, 12, kw["num_quantizers"]) and o[2].shape == (kw["num_quantizers"],)
+    assert_steps_match(r, o, 0)
+    for p_r, p_o in zip(ref.parameters(), ours.parameters()):
+        if p_r.grad is not None:
+            torch.testing.assert_close(p_o.grad, p_r.grad, atol=1e-5, rtol=1e-4)
+    # The first layer is updated as vector_quantize_pytorch updates it. The others:
+    # vector_quantize_pytorch updates none of them (it passes the first layer's input
+    # for every layer and zip stops after one); vqkern updates each used layer from
+    # its input on the best path and that path's codes.
+    assert_states_close(ref.layers[0], ours.layers[0])
+    indices = o[1]
+    residual = before.project_in(x)
+    torch.manual_seed(30)  # the forward draws nothing before the updates (no dropout with dead codes here)
+    for q, layer in enumerate(before.layers):
+        codes = indices[..., q]
+        if (codes == -1).all():
+            break
+        code_vectors = layer.get_codes_from_indices(codes.clamp(min=0)) * (codes >= 0).unsqueeze(-1)
+        layer.update_indices(residual, codes, mask=mask)
+        residual = residual - code_vectors
+        if q > 0:
+            assert_states_close(layer, ours.layers[q])
+    # Evaluation from one state: the same outputs.
+    ref.load_state_dict(ours.state_dict())
+    ref.eval(), ours.eval()
+    for s in range(2):
+        x = make_input({}, batch=1, n=12, seed=8 + s)
+        for a, b in zip(ours(x, return_all_codes=True, mask=mask), ref(x, return_all_codes=True, mask=mask)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

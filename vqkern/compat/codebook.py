@@ -83,8 +83,8 @@ class Codebook(nn.Module):
     # ---- search -------------------------------------------------------------
 
     def forward(self, flatten: Tensor, *, update: bool, mask: Tensor | None = None, sample_temp: float = 0.0,
-                ema_update: bool | None = None, ema_update_weight=None, accum_ema_update: bool = False
-                ) -> tuple[Tensor, Tensor]:
+                ema_update: bool | None = None, ema_update_weight=None, accum_ema_update: bool = False,
+                topk: int | None = None) -> tuple[Tensor, Tensor]:
         """Search (or sample) the code of every row, then update the codebook.
 
         Args:
@@ -95,6 +95,8 @@ class Codebook(nn.Module):
             sample_temp: > 0 draws each row's code from softmax(-distance / sample_temp)
                 (Gumbel-max, see :mod:`vqkern.compat.sampling`) instead of the nearest code.
             ema_update, ema_update_weight, accum_ema_update: see :meth:`update_codebook`.
+            topk: the k best codes of each row (quantize (C, M, k, D), indices (C, M, k));
+                no codebook update then, as vector_quantize_pytorch.
         Returns:
             (quantize (C, M, D) float32, indices (C, M) int64); ``quantize`` carries gradient
             to ``embed`` when the codebook is learnable.
@@ -104,6 +106,12 @@ class Codebook(nn.Module):
         embed = self.embed if self.learnable_codebook else self.embed.detach()
         metric = "cosine" if self.use_cosine_sim else "l2"
         search_embed = embed.detach()
+        if topk is not None and (topk > 1 or sample_temp > 0):
+            indices = torch.stack([
+                sampling.topk_codes(flatten[c].detach(), search_embed[c], topk, cosine=self.use_cosine_sim,
+                                    temperature=sample_temp) for c in range(flatten.shape[0])])
+            c, m, k = indices.shape
+            return self.gather(embed, indices.reshape(c, m * k)).reshape(c, m, k, -1), indices
         if sample_temp > 0:
             indices = torch.stack([
                 sampling.gumbel_sample_codes(flatten[c].detach(), search_embed[c], sample_temp, cosine=self.use_cosine_sim)
@@ -114,6 +122,8 @@ class Codebook(nn.Module):
                 for c in range(flatten.shape[0])
             ])
         quantize = self.gather(embed, indices)
+        if topk is not None:  # k = 1: the fused search
+            return quantize.unsqueeze(2), indices.unsqueeze(2)
         ema_update = self.ema_update if ema_update is None else ema_update
         if update and (ema_update or self.has_dead_code_replacement):
             self.update_codebook(flatten, indices, mask=mask, ema_update=ema_update,

@@ -7,6 +7,7 @@ import random
 from math import ceil
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
@@ -15,10 +16,9 @@ from .rotation import directional_reparam
 from .vector_quantize import VectorQuantize
 
 UNSUPPORTED = dict(
-    implicit_neural_codebook=False, mlp_kwargs={}, beam_size=None,
-    eval_beam_size=None, beam_score_quantizer_weights=None,
+    implicit_neural_codebook=False, mlp_kwargs={},
 )
-UNSUPPORTED_FORWARD = dict(indices=None, beam_size=None)
+UNSUPPORTED_FORWARD = dict(indices=None)
 
 
 class DropoutSeed:
@@ -133,6 +133,14 @@ class ResidualVQ(nn.Module):
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.vq_is_ema_updating = self.layers[0].ema_update
         self.quant_grad_frac = 1.0 if self.diveq else float(quant_grad_frac)
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("eval_beam_size needs beam_size")
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        weights = [1.0] * num_quantizers if beam_score_quantizer_weights is None else list(beam_score_quantizer_weights)
+        if len(weights) != num_quantizers:
+            raise ValueError(f"beam_score_quantizer_weights needs {num_quantizers} weights, got {len(weights)}")
+        self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
         self._dropout_seed = DropoutSeed()
         self.shared_codebook = bool(shared_codebook)
         if shared_codebook:
@@ -192,13 +200,20 @@ class ResidualVQ(nn.Module):
         Returns (quantized like x, indices int64 (B, N, num_quantizers), losses float32
         (num_quantizers,)), plus all codes (num_quantizers, B, N, D) with ``return_all_codes``.
         """
-        reject_unsupported("ResidualVQ.forward", dict(indices=indices, beam_size=beam_size), UNSUPPORTED_FORWARD)
+        reject_unsupported("ResidualVQ.forward", dict(indices=indices), UNSUPPORTED_FORWARD)
         orig_input = x
         x = self.project_in(x)
         quantized_out = torch.zeros_like(x)
         residual = x
         dropout = self.training and self.quantize_dropout
         depth = self._dropout_depth(rand_quantize_dropout_fixed_seed) if dropout else self.num_quantizers - 1
+        if beam_size is None:
+            beam_size = self.beam_size if self.training else self.eval_beam_size
+        if beam_size is not None and beam_size > 1:
+            quantized_out, all_indices, all_losses, all_residuals = self._beam_search(
+                x, mask, int(beam_size), depth, sample_codebook_temp, freeze_codebook)
+            return self._finish(x, orig_input, quantized_out, all_indices, all_losses, all_residuals, mask,
+                                return_all_codes)
         all_indices, all_losses, all_residuals = [], [], []
         for q, layer in enumerate(self.layers):
             if q > depth:
@@ -215,7 +230,11 @@ class ResidualVQ(nn.Module):
             all_losses.append(loss.reshape(1).float())
         all_indices = torch.stack(all_indices, dim=-1)
         all_losses = torch.cat(all_losses)
+        return self._finish(x, orig_input, quantized_out, all_indices, all_losses, all_residuals, mask,
+                            return_all_codes)
 
+    def _finish(self, x, orig_input, quantized_out, all_indices, all_losses, all_residuals, mask, return_all_codes):
+        """Shared-codebook EMA and re-seeding, DiVeQ, project_out and padding of forward."""
         if self.training and self.shared_codebook:
             shared = self.layers[0]
             if self.vq_is_ema_updating:
@@ -235,6 +254,63 @@ class ResidualVQ(nn.Module):
         if not return_all_codes:
             return quantized_out, all_indices, all_losses
         return quantized_out, all_indices, all_losses, self.get_codes_from_indices(all_indices)
+
+    def _beam_search(self, x, mask, beam, depth, sample_codebook_temp, freeze_codebook):
+        """Residual quantization keeping the ``beam`` best code paths per row, scored by
+        the (weighted) sum of the layers' per-row commitment losses, as
+        vector_quantize_pytorch; each layer searches its top ``beam`` codes for every
+        path (a running top-k over code tiles). The codebooks are updated at the end, from
+        the best path's codes. Returns (quantized (B, N, D), indices (B, N, Q), losses (Q,),
+        residuals of each used layer (B, N, D) list)."""
+        b, n, d = x.shape
+        scores = x.new_zeros(b, n, 1)
+        residual, quantized_out = x.unsqueeze(2), torch.zeros_like(x).unsqueeze(2)   # (B, N, paths, D)
+        indices = torch.empty(b, n, 1, 0, dtype=torch.int64, device=x.device)
+        losses = x.new_zeros(b, n, 1, 0)
+        residuals = x.new_zeros(b, n, 1, 0, d)
+
+        def select(t, picked):   # t (B, N, paths, ...) at picked (B, N, kept) -> (B, N, kept, ...)
+            index = picked.reshape(*picked.shape, *([1] * (t.dim() - 3))).expand(*picked.shape, *t.shape[3:])
+            return t.gather(2, index)
+
+        for q, layer in enumerate(self.layers):
+            if q > depth:
+                indices = F.pad(indices, (0, 1), value=-1)
+                losses = F.pad(losses, (0, 1), value=0.0)
+                continue
+            paths = residual.shape[2]
+            residuals = torch.cat([residuals, residual.unsqueeze(3)], dim=3)
+            path_mask = None if mask is None else mask.unsqueeze(-1).expand(b, n, paths).reshape(b, n * paths)
+            quantized, codes, loss = layer(residual.reshape(b, n * paths, d), mask=path_mask, topk=beam,
+                                           sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
+            k = codes.shape[-1]
+            quantized = quantized.reshape(b, n, paths, k, d)
+            codes, loss = codes.reshape(b, n, paths, k), loss.reshape(b, n, paths, k)
+            scores = (scores.unsqueeze(-1) - loss * self.beam_score_weights[q]).reshape(b, n, paths * k)
+            residual = (residual.unsqueeze(3) - self._frac_gradient(quantized)).reshape(b, n, paths * k, d)
+            quantized_out = (quantized_out.unsqueeze(3) + quantized).reshape(b, n, paths * k, d)
+            residuals = residuals.unsqueeze(3).expand(b, n, paths, k, *residuals.shape[3:]).reshape(
+                b, n, paths * k, *residuals.shape[3:])
+            indices = torch.cat([indices.unsqueeze(3).expand(b, n, paths, k, indices.shape[-1]),
+                                 codes.unsqueeze(-1)], dim=-1).reshape(b, n, paths * k, -1)
+            losses = torch.cat([losses.unsqueeze(3).expand(b, n, paths, k, losses.shape[-1]),
+                                loss.unsqueeze(-1)], dim=-1).reshape(b, n, paths * k, -1)
+            kept = 1 if q == (depth if self.training and self.quantize_dropout else self.num_quantizers - 1) else beam
+            if scores.shape[-1] > kept:
+                scores, picked = scores.topk(kept, dim=-1)
+                residual, quantized_out = select(residual, picked), select(quantized_out, picked)
+                indices, losses, residuals = select(indices, picked), select(losses, picked), select(residuals, picked)
+
+        quantized_out, indices, losses, residuals = (t[:, :, 0] for t in (quantized_out, indices, losses, residuals))
+        if mask is not None:
+            losses = torch.where(mask.unsqueeze(-1), losses, torch.zeros_like(losses))
+            losses = losses.sum(dim=(0, 1)) / mask.sum().clamp_min(1e-4)
+        else:
+            losses = losses.mean(dim=(0, 1))
+        if self.training:
+            for layer, layer_input, codes in zip(self.layers, residuals.unbind(dim=-2), indices.unbind(dim=-1)):
+                layer.update_indices(layer_input, codes, mask=mask)
+        return quantized_out, indices, losses, list(residuals.unbind(dim=-2))
 
     def _frac_gradient(self, t: Tensor) -> Tensor:
         if self.quant_grad_frac <= 0:

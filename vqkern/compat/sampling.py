@@ -83,3 +83,43 @@ def gumbel_sample_codes(x: Tensor, codebook: Tensor, temperature: float, *, cosi
             best = torch.where(better, tile_best, best)
             best_idx.copy_(torch.where(better, tile_idx + c0, best_idx))
     return out
+
+
+@torch.no_grad()
+def topk_codes(x: Tensor, codebook: Tensor, k: int, *, cosine: bool = False, temperature: float = 0.0,
+               generator: torch.Generator | None = None, tile_bytes: int | None = None) -> Tensor:
+    """The k codes of largest logit per row (nearest first), or of largest
+    ``logit / temperature + Gumbel noise`` when temperature > 0 (k draws without
+    replacement from softmax(logit / temperature)), kept as a running top-k over code tiles.
+
+    Args:
+        x: (N, D) float rows; codebook: (K, D) float codes; 1 <= k <= K.
+        cosine, generator, tile_bytes: as :func:`gumbel_sample_codes`.
+    Returns:
+        (N, k) int64, best first. Memory O(N * k + tile), never N x K.
+    """
+    n, num_codes = x.shape[0], codebook.shape[0]
+    if not 1 <= k <= num_codes:
+        raise ValueError(f"topk must lie in [1, {num_codes}], got {k}")
+    x, codebook = x.float(), codebook.float()
+    out = torch.zeros(n, k, dtype=torch.int64, device=x.device)
+    if n == 0:
+        return out
+    budget = max(1, (TILE_BYTES if tile_bytes is None else tile_bytes) // 4)
+    tile_codes = max(k, min(num_codes, budget // max(1, min(n, 1024))))
+    tile_rows = max(1, min(n, budget // tile_codes))
+    for r0 in range(0, n, tile_rows):
+        xr = x[r0:r0 + tile_rows]
+        xr_sq = xr.square().sum(-1)
+        best = best_idx = None
+        for c0 in range(0, num_codes, tile_codes):
+            scores = _logits(xr, xr_sq, codebook[c0:c0 + tile_codes], cosine)
+            if temperature > 0:
+                scores = scores.mul_(1.0 / temperature).add_(_gumbel_(torch.empty_like(scores), generator))
+            idx = torch.arange(c0, c0 + scores.shape[1], device=x.device).expand_as(scores)
+            if best is not None:
+                scores, idx = torch.cat([best, scores], dim=1), torch.cat([best_idx, idx], dim=1)
+            best, pos = scores.topk(min(k, scores.shape[1]), dim=1)
+            best_idx = idx.gather(1, pos)
+        out[r0:r0 + tile_rows] = best_idx
+    return out

@@ -32,7 +32,7 @@ UNSUPPORTED = dict(
     in_place_codebook_optimizer=None, affine_param=False,
     affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
 )
-UNSUPPORTED_FORWARD = dict(topk=None, codebook_transform_fn=None)
+UNSUPPORTED_FORWARD = dict(codebook_transform_fn=None)
 
 
 class VectorQuantize(nn.Module):
@@ -310,6 +310,42 @@ class VectorQuantize(nn.Module):
 
     # ---- forward ------------------------------------------------------------------
 
+    def _straight_through(self, x: Tensor, quantize: Tensor) -> Tensor:
+        """The forward value of quantize with the gradient estimator of the options."""
+        if self.rotation_trick:
+            return rotate_to(x, quantize)
+        if self.directional_reparam:
+            return directional_reparam_fn(x, quantize, self.directional_reparam_variance)
+        return x + (quantize - x).detach()
+
+    def _finish_topk(self, x, quantize, indices, mask, orig_input, freeze, input_requires_grad):
+        """The rest of forward for topk (heads = 1): x (B, N, D), quantize (B, N, k, D),
+        indices (B, N, k) -> (quantize (B, N, k, dim), indices, loss, commitment)."""
+        xk = x.unsqueeze(-2).expand_as(quantize)
+        commit_quantize = quantize
+        if self.training:
+            commit_quantize = quantize if self.learnable_codebook and not freeze else quantize.detach()
+            if input_requires_grad and self.route_gradients_to_input:
+                quantize = self._straight_through(xk, quantize)
+        # One loss per row and candidate (vector_quantize_pytorch's beam-search scores).
+        per_code = F.mse_loss(commit_quantize, xk, reduction="none").mean(-1)
+        if mask is not None:
+            per_code = torch.where(mask.unsqueeze(-1), per_code, torch.zeros_like(per_code))
+        weighted = per_code * self.commitment_weight if self.has_commitment_loss else per_code
+        if self.training:
+            loss = self.zero if torch.compiler.is_compiling() else self.zero.clone().requires_grad_()
+            commit_loss = per_code if self.has_commitment_loss else self.zero
+            if self.has_commitment_loss:
+                loss = loss + weighted
+        else:
+            loss, commit_loss = weighted, per_code
+        quantize = self.project_out(quantize)
+        if mask is not None:
+            padding = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding else orig_input
+            quantize = torch.where(mask[..., None, None], quantize, padding.unsqueeze(-2).expand_as(quantize))
+            indices = indices.masked_fill(~mask.unsqueeze(-1), -1)
+        return quantize, indices, loss, commit_loss
+
     def forward(self, x: Tensor, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None):
@@ -330,8 +366,14 @@ class VectorQuantize(nn.Module):
         (B,) with a trailing heads axis when heads > 1, loss float32 scalar), plus a
         LossBreakdown of scalars with ``return_loss_breakdown=True``.
         """
-        reject_unsupported("VectorQuantize.forward", dict(
-            topk=topk, codebook_transform_fn=codebook_transform_fn), UNSUPPORTED_FORWARD)
+        reject_unsupported("VectorQuantize.forward", dict(codebook_transform_fn=codebook_transform_fn),
+                           UNSUPPORTED_FORWARD)
+        if topk is not None:
+            if isinstance(topk, bool) or int(topk) != topk or topk < 1:
+                raise ValueError(f"topk must be a positive int, got {topk!r}")
+            topk = min(int(topk), self.codebook_size)
+            if self.heads != 1 or indices is not None or (self.commitment_use_cross_entropy_loss and self.training):
+                raise ValueError("topk needs heads = 1, no indices and no cross-entropy commitment loss in training")
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got {type(x).__name__}")
         if mask is not None and lens is not None:
@@ -382,7 +424,20 @@ class VectorQuantize(nn.Module):
             flatten, update=self.training and not freeze,
             mask=None if split_mask is None else split_mask.reshape(c, rows * n),
             sample_temp=temp if stochastic else 0.0, ema_update=ema_update,
-            ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
+            ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, topk=topk)
+        if topk is not None:
+            out = self._finish_topk(x[0], quantize.reshape(rows, n, topk, d).type(dtype),
+                                    embed_ind.reshape(rows, n, topk), mask, orig_input, freeze,
+                                    input_requires_grad)
+            quantize, embed_ind, loss, commit_loss = out
+            if only_one:
+                quantize, embed_ind, loss = quantize[:, 0], embed_ind[:, 0], (loss[:, 0] if loss.dim() else loss)
+            else:
+                quantize, embed_ind = unlayout(quantize, True), unlayout(embed_ind, False)
+                loss = unlayout(loss, False) if loss.dim() else loss
+            if not return_loss_breakdown:
+                return quantize, embed_ind, loss
+            return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, self.zero, self.zero)
         quantize = quantize.reshape(c, rows, n, d).type(dtype)
         codes_flat = embed_ind
         embed_ind = embed_ind.reshape(c, rows, n)
@@ -391,12 +446,7 @@ class VectorQuantize(nn.Module):
         if self.training:
             commit_quantize = quantize if self.learnable_codebook and not freeze else quantize.detach()
             if input_requires_grad and self.route_gradients_to_input:
-                if self.rotation_trick:
-                    quantize = rotate_to(x, quantize)
-                elif self.directional_reparam:
-                    quantize = directional_reparam_fn(x, quantize, self.directional_reparam_variance)
-                else:
-                    quantize = x + (quantize - x).detach()
+                quantize = self._straight_through(x, quantize)
 
         if indices is not None:
             # As vector_quantize_pytorch: the quantized codes (codebook space, before
