@@ -228,7 +228,8 @@ SUPPORTED = ("dim", "codebook_size", "codebook_dim", "heads", "separate_codebook
              "sync_codebook", "freeze_codebook", "sync_kmeans", "layernorm_after_project_in", "accept_3d_fmap",
              "stochastic_sample_codes", "sample_codebook_temp", "manual_ema_update",
              "manual_in_place_optimizer_update", "return_zeros_for_masked_padding", "route_gradients_to_input",
-             "commitment_use_cross_entropy_loss", "directional_reparam", "directional_reparam_variance")
+             "commitment_use_cross_entropy_loss", "directional_reparam", "directional_reparam_variance",
+             "sync_update_v")
 RVQ_SUPPORTED = ("dim", "num_quantizers", "codebook_size", "codebook_dim", "heads", "accept_image_fmap",
                  "shared_codebook", "quantize_dropout", "quantize_dropout_cutoff_index",
                  "quantize_dropout_multiple_of", "quant_grad_frac", "return_zeros_for_masked_padding", "diveq",

@@ -178,6 +178,7 @@ CTOR_OPTIONS = {
     "sync_kmeans_off": dict(sync_kmeans=False, kmeans_init=True, kmeans_iters=2),
     "accept_3d_fmap": dict(accept_3d_fmap=True, heads=2, separate_codebook_per_head=True, codebook_dim=DIM // 2),
     "stochastic_eval_only_temp": dict(stochastic_sample_codes=True, sample_codebook_temp=0.0),
+    "sync_update_v": dict(learnable_codebook=True, ema_update=False, sync_update_v=0.4),
     "directional_reparam": dict(directional_reparam=True, threshold_ema_dead_code=1, directional_reparam_variance=0.1),
 }
 

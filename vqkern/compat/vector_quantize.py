@@ -30,7 +30,7 @@ UNSUPPORTED = dict(
     orthogonal_reg_max_codes=None, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
     straight_through=False, sync_affine_param=False, vq_bridge=None,
     in_place_codebook_optimizer=None, affine_param=False,
-    affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.0,
+    affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9,
 )
 UNSUPPORTED_FORWARD = dict(codebook_transform_fn=None)
 
@@ -101,6 +101,11 @@ class VectorQuantize(nn.Module):
             raise ValueError("use_cosine_sim=True is not compatible with learnable_codebook=True")
         if ema_update and learnable_codebook:
             raise ValueError("learnable_codebook=True needs ema_update=False (the codebook is then learned by gradient)")
+        if not 0.0 <= float(sync_update_v) <= 1.0:
+            raise ValueError(f"sync_update_v must lie in [0, 1], got {sync_update_v}")
+        if sync_update_v > 0 and not learnable_codebook:
+            raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
+        self.sync_update_v = float(sync_update_v)
 
         self.dim, self.heads, self.separate_codebook_per_head = dim, heads, separate_codebook_per_head
         codebook_dim = dim if codebook_dim is None else codebook_dim
@@ -318,6 +323,13 @@ class VectorQuantize(nn.Module):
             return directional_reparam_fn(x, quantize, self.directional_reparam_variance)
         return x + (quantize - x).detach()
 
+    def _sync_update(self, quantize: Tensor) -> Tensor:
+        # Rule (21) of https://minyoungg.github.io/vqtorch/assets/draft_050523.pdf: the
+        # codebook's gradient also moves it with the encoder (optimistic for v > 0).
+        if self.sync_update_v > 0:
+            return quantize + self.sync_update_v * (quantize - quantize.detach())
+        return quantize
+
     def _finish_topk(self, x, quantize, indices, mask, orig_input, freeze, input_requires_grad):
         """The rest of forward for topk (heads = 1): x (B, N, D), quantize (B, N, k, D),
         indices (B, N, k) -> (quantize (B, N, k, dim), indices, loss, commitment)."""
@@ -327,6 +339,7 @@ class VectorQuantize(nn.Module):
             commit_quantize = quantize if self.learnable_codebook and not freeze else quantize.detach()
             if input_requires_grad and self.route_gradients_to_input:
                 quantize = self._straight_through(xk, quantize)
+            quantize = self._sync_update(quantize)
         # One loss per row and candidate (vector_quantize_pytorch's beam-search scores).
         per_code = F.mse_loss(commit_quantize, xk, reduction="none").mean(-1)
         if mask is not None:
@@ -447,6 +460,7 @@ class VectorQuantize(nn.Module):
             commit_quantize = quantize if self.learnable_codebook and not freeze else quantize.detach()
             if input_requires_grad and self.route_gradients_to_input:
                 quantize = self._straight_through(x, quantize)
+            quantize = self._sync_update(quantize)
 
         if indices is not None:
             # As vector_quantize_pytorch: the quantized codes (codebook space, before
