@@ -351,11 +351,11 @@ class GroupedResidualVQ(nn.Module):
         return 1 if self.accept_image_fmap else -1
 
     def get_codes_from_indices(self, indices) -> Tensor:
-        """indices (groups, B, N, Q) int64 -> codes (groups, num_quantizers, B, N, D)."""
+        """indices int64 of shape (groups, B, N, Q) -> float codes of shape (groups, num_quantizers, B, N, D)."""
         return torch.stack(tuple(rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)))
 
     def get_output_from_indices(self, indices) -> Tensor:
-        """indices (groups, B, N, Q) int64 -> the output (B, N, dim) float32."""
+        """indices int64 of shape (groups, B, N, Q) -> the output, float32 of shape (B, N, dim)."""
         return torch.cat(tuple(rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)),
                          dim=self.split_dim)
 

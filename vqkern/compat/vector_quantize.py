@@ -299,7 +299,7 @@ class VectorQuantize(nn.Module):
     update_ema_indices = update_indices
 
     def expire_codes_(self, x: Tensor) -> None:
-        """Re-seed dead codes (training only) from rows x (B, M, codebook_dim) in codebook space.
+        """Re-seed dead codes (training only) from float rows x (B, M, codebook_dim) in codebook space.
 
         As vector_quantize_pytorch (whose ResidualVQ calls this with a shared codebook),
         the leading axis is taken as the codebook axis: codebook c draws from x[c], so a
