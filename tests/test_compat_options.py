@@ -293,6 +293,11 @@ RVQ_OPTIONS = {
     "learnable_grad_frac": dict(num_quantizers=2, codebook_size=K, quant_grad_frac=0.5, learnable_codebook=True,
                                 ema_update=False),
     "diveq": dict(num_quantizers=3, codebook_size=K, diveq=True),
+    "implicit_neural_codebook": dict(num_quantizers=3, codebook_size=K, implicit_neural_codebook=True,
+                                     mlp_kwargs=dict(depth=2, dim_hidden=8)),
+    "implicit_dropout_projected": dict(num_quantizers=3, codebook_size=K, implicit_neural_codebook=True,
+                                      quantize_dropout=True, codebook_dim=8),
+    "implicit_shared": dict(num_quantizers=2, codebook_size=K, implicit_neural_codebook=True, shared_codebook=True),
 }
 
 
@@ -327,6 +332,9 @@ def test_residual_vq_options_match(name, masked):
     torch.manual_seed(0)
     for a, b in zip(out_ours, ref(x, return_all_codes=True)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    if not kw.get("diveq"):
+        # The output is the sum of the codes it names (for QINCo, codes remade layer by layer).
+        torch.testing.assert_close(ours.get_output_from_indices(out_ours[1]), out_ours[0], atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_fixed_seed_and_codes_from_indices():

@@ -84,7 +84,7 @@ class Codebook(nn.Module):
 
     def forward(self, flatten: Tensor, *, update: bool, mask: Tensor | None = None, sample_temp: float = 0.0,
                 ema_update: bool | None = None, ema_update_weight=None, accum_ema_update: bool = False,
-                topk: int | None = None) -> tuple[Tensor, Tensor]:
+                topk: int | None = None, transform=None) -> tuple[Tensor, Tensor]:
         """Search (or sample) the code of every row, then update the codebook.
 
         Args:
@@ -97,6 +97,9 @@ class Codebook(nn.Module):
             ema_update, ema_update_weight, accum_ema_update: see :meth:`update_codebook`.
             topk: the k best codes of each row (quantize (C, M, k, D), indices (C, M, k));
                 no codebook update then, as vector_quantize_pytorch.
+            transform: optional callable embed (C, K, D) -> (C, B, N, K, D) codes made per row
+                (ResidualVQ's implicit neural codebook, M = B * N); this materializes the
+                (M, K, D) tensor it returns, as the option defines it.
         Returns:
             (quantize (C, M, D) float32, indices (C, M) int64); ``quantize`` carries gradient
             to ``embed`` when the codebook is learnable.
@@ -106,6 +109,13 @@ class Codebook(nn.Module):
         embed = self.embed if self.learnable_codebook else self.embed.detach()
         metric = "cosine" if self.use_cosine_sim else "l2"
         search_embed = embed.detach()
+        if transform is not None:
+            quantize, indices = self._search_transformed(flatten, transform(embed))
+            effective = self.ema_update if ema_update is None else ema_update
+            if update and (effective or self.has_dead_code_replacement):
+                self.update_codebook(flatten, indices, mask=mask, ema_update=ema_update,
+                                     ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
+            return quantize, indices
         if topk is not None and (topk > 1 or sample_temp > 0):
             indices = torch.stack([
                 sampling.topk_codes(flatten[c].detach(), search_embed[c], topk, cosine=self.use_cosine_sim,
@@ -128,6 +138,20 @@ class Codebook(nn.Module):
         if update and (ema_update or self.has_dead_code_replacement):
             self.update_codebook(flatten, indices, mask=mask, ema_update=ema_update,
                                  ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
+        return quantize, indices
+
+    def _search_transformed(self, flatten: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """flatten (C, M, D) against per-row codes (C, B, N, K, D) with B * N = M ->
+        (quantize (C, M, D), indices (C, M) int64), with vector_quantize_pytorch's distances."""
+        c, m, d = flatten.shape
+        codes = codes.reshape(c, m, codes.shape[-2], d)
+        if self.use_cosine_sim:
+            codes = l2norm(codes)
+            logits = torch.einsum("cmd,cmkd->cmk", flatten, codes)
+        else:
+            logits = -F.pairwise_distance(flatten.unsqueeze(2), codes)
+        indices = logits.detach().argmax(dim=-1)
+        quantize = codes.gather(2, indices[..., None, None].expand(c, m, 1, d)).squeeze(2)
         return quantize, indices
 
     @staticmethod

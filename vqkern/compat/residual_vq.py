@@ -15,9 +15,7 @@ from ._args import reject_unsupported
 from .rotation import directional_reparam
 from .vector_quantize import VectorQuantize
 
-UNSUPPORTED = dict(
-    implicit_neural_codebook=False, mlp_kwargs={},
-)
+UNSUPPORTED = dict()
 UNSUPPORTED_FORWARD = dict(indices=None)
 
 
@@ -52,6 +50,45 @@ class DropoutSeed:
             self._base = int(base.item())
         self._step += 1
         return random.Random(self._base * 1_000_003 + self._step).randrange(10_000)
+
+
+class ImplicitCodebookMLP(nn.Module):
+    """QINCo's codebook generator (Huijben et al. 2024, https://arxiv.org/abs/2401.14732):
+    each code is remade for each row from the code and what the earlier layers have
+    reconstructed there. Same parameters (names, shapes, creation order) as
+    vector_quantize_pytorch's MLP.
+
+    forward(codes (K, D) or (C, K, D) float, condition (B, N, D) or (B, D) float) ->
+    codes (B, N, K, D) or (C, B, N, K, D): the (rows x K x D) tensor the method defines.
+    """
+
+    def __init__(self, dim, dim_hidden=None, depth=4, l2norm_output=False):
+        super().__init__()
+        dim_hidden = dim if dim_hidden is None else dim_hidden
+        self.proj_in = nn.Linear(2 * dim, dim)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(dim, dim_hidden), nn.SiLU(), nn.Linear(dim_hidden, dim))
+                                     for _ in range(depth)])
+        self.l2norm_output = l2norm_output
+
+    def forward(self, codes: Tensor, *, condition: Tensor) -> Tensor:
+        """codes (K, D) or (C, K, D) float, condition (B, N, D) or (B, D) float ->
+        float codes (B, N, K, D) or (C, B, N, K, D)."""
+        one_headed = codes.dim() == 2
+        if condition.dim() == 2:
+            condition = condition.unsqueeze(1)
+        condition = condition.reshape(condition.shape[0], -1, condition.shape[-1])
+        if one_headed:
+            codes = codes.unsqueeze(0)
+        h, k, d = codes.shape
+        b, n = condition.shape[:2]
+        x = torch.cat([condition[None, :, :, None].expand(h, b, n, k, d),
+                       codes[:, None, None].expand(h, b, n, k, d)], dim=-1)
+        x = self.proj_in(x)
+        for layer in self.layers:
+            x = layer(x) + x
+        if self.l2norm_output:
+            x = F.normalize(x, dim=-1)
+        return x[0] if one_headed else x
 
 
 def _round_up_multiple(num: int, mult: int) -> int:
@@ -108,6 +145,9 @@ class ResidualVQ(nn.Module):
         vq_kwargs.update(return_zeros_for_masked_padding=return_zeros_for_masked_padding)
         if shared_codebook:
             vq_kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
+        self.implicit_neural_codebook = bool(implicit_neural_codebook)
+        if self.implicit_neural_codebook:
+            vq_kwargs.update(learnable_codebook=True, ema_update=False)
         self.diveq = bool(diveq)
         if self.diveq:
             # DiVeQ learns the codebook by gradient through the directional
@@ -141,6 +181,10 @@ class ResidualVQ(nn.Module):
         if len(weights) != num_quantizers:
             raise ValueError(f"beam_score_quantizer_weights needs {num_quantizers} weights, got {len(weights)}")
         self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
+        # Created after the layers, as vector_quantize_pytorch, so one seed gives both the same weights.
+        self.mlps = nn.ModuleList([
+            ImplicitCodebookMLP(dim=codebook_dim, l2norm_output=self.layers[0].use_cosine_sim, **(mlp_kwargs or {}))
+            for _ in range(num_quantizers - 1)]) if self.implicit_neural_codebook else None
         self._dropout_seed = DropoutSeed()
         self.shared_codebook = bool(shared_codebook)
         if shared_codebook:
@@ -172,7 +216,23 @@ class ResidualVQ(nn.Module):
             indices = torch.cat([indices, pad], dim=-1)
         dropped = indices == -1
         safe = indices.masked_fill(dropped, 0)
-        codes = torch.stack([layer._codebook.embed[0][safe[..., i]] for i, layer in enumerate(self.layers)])
+        if not self.implicit_neural_codebook:
+            codes = torch.stack([layer._codebook.embed[0][safe[..., i]] for i, layer in enumerate(self.layers)])
+        else:
+            # Layer by layer: each layer's codes are remade from what the earlier ones reconstructed.
+            flat = safe.reshape(safe.shape[0], -1, safe.shape[-1])
+            out, codes = 0.0, []
+            for i, layer in enumerate(self.layers):
+                table = layer._codebook.embed[0]
+                if i == 0:
+                    picked = table[flat[..., 0]]
+                else:
+                    remade = self.mlps[i - 1](table, condition=out)
+                    picked = remade.gather(2, flat[..., i, None, None].expand(*flat.shape[:2], 1, table.shape[-1]))
+                    picked = picked.squeeze(2)
+                codes.append(picked)
+                out = out + picked
+            codes = torch.stack(codes).reshape(len(self.layers), *safe.shape[:-1], -1)
         return codes.masked_fill(dropped.movedim(-1, 0).unsqueeze(-1), 0.0)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
@@ -210,6 +270,8 @@ class ResidualVQ(nn.Module):
         if beam_size is None:
             beam_size = self.beam_size if self.training else self.eval_beam_size
         if beam_size is not None and beam_size > 1:
+            if self.implicit_neural_codebook:
+                raise ValueError("beam search is not supported with implicit_neural_codebook")
             quantized_out, all_indices, all_losses, all_residuals = self._beam_search(
                 x, mask, int(beam_size), depth, sample_codebook_temp, freeze_codebook)
             return self._finish(x, orig_input, quantized_out, all_indices, all_losses, all_residuals, mask,
@@ -222,8 +284,14 @@ class ResidualVQ(nn.Module):
                 continue
             if self.shared_codebook:
                 all_residuals.append(residual)
+            transform = None
+            if self.implicit_neural_codebook and q > 0:
+                mlp, condition = self.mlps[q - 1], quantized_out
+
+                def transform(codes, mlp=mlp, condition=condition):
+                    return mlp(codes, condition=condition)
             quantized, embed_indices, loss = layer(residual, mask=mask, sample_codebook_temp=sample_codebook_temp,
-                                                   freeze_codebook=freeze_codebook)
+                                                   freeze_codebook=freeze_codebook, codebook_transform_fn=transform)
             residual = residual - self._frac_gradient(quantized)
             quantized_out = quantized_out + quantized
             all_indices.append(embed_indices)

@@ -32,7 +32,6 @@ UNSUPPORTED = dict(
     in_place_codebook_optimizer=None, affine_param=False,
     affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9,
 )
-UNSUPPORTED_FORWARD = dict(codebook_transform_fn=None)
 
 
 class VectorQuantize(nn.Module):
@@ -323,6 +322,16 @@ class VectorQuantize(nn.Module):
             return directional_reparam_fn(x, quantize, self.directional_reparam_variance)
         return x + (quantize - x).detach()
 
+    @staticmethod
+    def _transform(fn, b: int, n: int):
+        def transform(embed):
+            codes = fn(embed)
+            if codes.dim() != 5 or codes.shape[1:3] != (b, n):
+                raise ValueError(f"codebook_transform_fn must return codes of shape (C, B, N, K, D) with "
+                                 f"B, N = {b}, {n}, got {tuple(codes.shape)}")
+            return codes
+        return transform
+
     def _sync_update(self, quantize: Tensor) -> Tensor:
         # Rule (21) of https://minyoungg.github.io/vqtorch/assets/draft_050523.pdf: the
         # codebook's gradient also moves it with the encoder (optimistic for v > 0).
@@ -375,12 +384,14 @@ class VectorQuantize(nn.Module):
                 callable ``(sums, counts) -> weight``.
             accum_ema_update: accumulate this step's statistics for the next update.
             ema_update: override the constructor's ``ema_update`` for this call.
+            codebook_transform_fn: callable embed (1, K, D) -> codes (1, B, N, K, D) made for
+                each row (heads = 1), searched and returned in place of the codebook.
         Returns (quantized like x in x's dtype, indices int64 (B, N) / (B, H, W) / (B, D, H, W) /
         (B,) with a trailing heads axis when heads > 1, loss float32 scalar), plus a
         LossBreakdown of scalars with ``return_loss_breakdown=True``.
         """
-        reject_unsupported("VectorQuantize.forward", dict(codebook_transform_fn=codebook_transform_fn),
-                           UNSUPPORTED_FORWARD)
+        if codebook_transform_fn is not None and (self.heads != 1 or topk is not None):
+            raise ValueError("codebook_transform_fn needs heads = 1 and no topk")
         if topk is not None:
             if isinstance(topk, bool) or int(topk) != topk or topk < 1:
                 raise ValueError(f"topk must be a positive int, got {topk!r}")
@@ -437,7 +448,8 @@ class VectorQuantize(nn.Module):
             flatten, update=self.training and not freeze,
             mask=None if split_mask is None else split_mask.reshape(c, rows * n),
             sample_temp=temp if stochastic else 0.0, ema_update=ema_update,
-            ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, topk=topk)
+            ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, topk=topk,
+            transform=None if codebook_transform_fn is None else self._transform(codebook_transform_fn, batch, n))
         if topk is not None:
             out = self._finish_topk(x[0], quantize.reshape(rows, n, topk, d).type(dtype),
                                     embed_ind.reshape(rows, n, topk), mask, orig_input, freeze,
