@@ -178,6 +178,11 @@ CTOR_OPTIONS = {
     "sync_kmeans_off": dict(sync_kmeans=False, kmeans_init=True, kmeans_iters=2),
     "accept_3d_fmap": dict(accept_3d_fmap=True, heads=2, separate_codebook_per_head=True, codebook_dim=DIM // 2),
     "stochastic_eval_only_temp": dict(stochastic_sample_codes=True, sample_codebook_temp=0.0),
+    "orthogonal_reg": dict(orthogonal_reg_weight=0.5),
+    "orthogonal_reg_active_max": dict(orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True,
+                                      orthogonal_reg_max_codes=5, codebook_dim=4),
+    "orthogonal_reg_learnable": dict(orthogonal_reg_weight=0.3, learnable_codebook=True, ema_update=False,
+                                     orthogonal_reg_max_codes=7),
     "sync_update_v": dict(learnable_codebook=True, ema_update=False, sync_update_v=0.4),
     "directional_reparam": dict(directional_reparam=True, threshold_ema_dead_code=1, directional_reparam_variance=0.1),
 }
@@ -192,6 +197,7 @@ def test_constructor_options_match(name):
         assert_steps_match(step(ref, x, s), step(ours, x, s), s)
         if ref._codebook.learnable_codebook:
             torch.testing.assert_close(ours._codebook.embed.grad, ref._codebook.embed.grad, atol=1e-6, rtol=1e-5)
+            ref.zero_grad(), ours.zero_grad()
     assert_states_close(ref, ours)
     ref.eval(), ours.eval()
     x = torch.randn(2, DIM, 2, 3, 2) if kw.get("accept_3d_fmap") else make_input(kw, seed=7)

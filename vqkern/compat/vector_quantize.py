@@ -26,8 +26,7 @@ LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity",
 # vector_quantize_pytorch arguments the drop-in does not implement, with the
 # defaults under which they are inert.
 UNSUPPORTED = dict(
-    orthogonal_reg_weight=0.0, orthogonal_reg_active_codes_only=False,
-    orthogonal_reg_max_codes=None, codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
+    codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
     straight_through=False, sync_affine_param=False, vq_bridge=None,
     in_place_codebook_optimizer=None, affine_param=False,
     affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9,
@@ -105,6 +104,12 @@ class VectorQuantize(nn.Module):
         if sync_update_v > 0 and not learnable_codebook:
             raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
         self.sync_update_v = float(sync_update_v)
+        self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0.0
+        self.orthogonal_reg_weight = orthogonal_reg_weight
+        self.orthogonal_reg_active_codes_only = bool(orthogonal_reg_active_codes_only)
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        if self.orthogonal_reg_active_codes_only and heads > 1 and separate_codebook_per_head:
+            raise ValueError("orthogonal_reg_active_codes_only is not compatible with separate codebooks per head")
 
         self.dim, self.heads, self.separate_codebook_per_head = dim, heads, separate_codebook_per_head
         codebook_dim = dim if codebook_dim is None else codebook_dim
@@ -143,7 +148,9 @@ class VectorQuantize(nn.Module):
             codebook_dim, codebook_size, heads if separate_codebook_per_head else 1,
             kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, decay=decay, eps=eps,
             threshold_ema_dead_code=threshold_ema_dead_code, use_ddp=bool(sync_codebook),
-            learnable_codebook=learnable_codebook, ema_update=ema_update, use_cosine_sim=use_cosine_sim,
+            # The orthogonal loss reaches the codes by gradient, so they are a Parameter then (as upstream).
+            learnable_codebook=learnable_codebook or orthogonal_reg_weight > 0.0, ema_update=ema_update,
+            use_cosine_sim=use_cosine_sim,
             backend=backend, manual_ema_update=bool(manual_ema_update), sync_kmeans=bool(sync_kmeans))
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
 
@@ -332,6 +339,21 @@ class VectorQuantize(nn.Module):
             return codes
         return transform
 
+    def _orthogonal_loss(self, embed_ind: Tensor) -> Tensor:
+        """Eq. (2) of https://arxiv.org/abs/2112.00384 over the codes (of this batch with
+        ``orthogonal_reg_active_codes_only``; at most ``orthogonal_reg_max_codes``, drawn at
+        random): a (C, K', K') code-by-code matrix, never one of rows by codes."""
+        codebook = self._codebook.embed
+        if self.orthogonal_reg_active_codes_only:
+            codebook = codebook[:, torch.unique(embed_ind)]
+        num_codes = codebook.shape[-2]
+        if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
+            codebook = codebook[:, torch.randperm(num_codes, device=codebook.device)[:self.orthogonal_reg_max_codes]]
+        h, n = codebook.shape[:2]
+        normed = F.normalize(codebook, p=2, dim=-1, eps=1e-6)
+        cosine = normed @ normed.transpose(-1, -2)
+        return cosine.square().sum() / (h * n ** 2) - 1 / n
+
     def _sync_update(self, quantize: Tensor) -> Tensor:
         # Rule (21) of https://minyoungg.github.io/vqtorch/assets/draft_050523.pdf: the
         # codebook's gradient also moves it with the encoder (optimistic for v > 0).
@@ -359,6 +381,8 @@ class VectorQuantize(nn.Module):
             commit_loss = per_code if self.has_commitment_loss else self.zero
             if self.has_commitment_loss:
                 loss = loss + weighted
+            if self.has_codebook_orthogonal_loss:
+                loss = loss + self._orthogonal_loss(indices) * self.orthogonal_reg_weight
         else:
             loss, commit_loss = weighted, per_code
         quantize = self.project_out(quantize)
@@ -462,12 +486,12 @@ class VectorQuantize(nn.Module):
                 loss = unlayout(loss, False) if loss.dim() else loss
             if not return_loss_breakdown:
                 return quantize, embed_ind, loss
-            return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, self.zero, self.zero)
+            return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, orthogonal_reg_loss, self.zero)
         quantize = quantize.reshape(c, rows, n, d).type(dtype)
         codes_flat = embed_ind
         embed_ind = embed_ind.reshape(c, rows, n)
 
-        commit_loss = self.zero
+        commit_loss = orthogonal_reg_loss = self.zero
         if self.training:
             commit_quantize = quantize if self.learnable_codebook and not freeze else quantize.detach()
             if input_requires_grad and self.route_gradients_to_input:
@@ -504,6 +528,9 @@ class VectorQuantize(nn.Module):
                 else:
                     commit_loss = F.mse_loss(commit_quantize, x, reduction="none")[split_mask].mean()
                 loss = loss + commit_loss * self.commitment_weight
+            if self.has_codebook_orthogonal_loss:
+                orthogonal_reg_loss = self._orthogonal_loss(embed_ind)
+                loss = loss + orthogonal_reg_loss * self.orthogonal_reg_weight
         else:
             loss = self.zero
 
@@ -523,4 +550,4 @@ class VectorQuantize(nn.Module):
 
         if not return_loss_breakdown:
             return quantize, embed_ind, loss
-        return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, self.zero, self.zero)
+        return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, orthogonal_reg_loss, self.zero)
