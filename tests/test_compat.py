@@ -229,7 +229,8 @@ SUPPORTED = ("dim", "codebook_size", "codebook_dim", "heads", "separate_codebook
              "stochastic_sample_codes", "sample_codebook_temp", "manual_ema_update",
              "manual_in_place_optimizer_update", "return_zeros_for_masked_padding", "route_gradients_to_input",
              "commitment_use_cross_entropy_loss", "directional_reparam", "directional_reparam_variance",
-             "sync_update_v", "orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes")
+             "sync_update_v", "orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes",
+             "codebook_diversity_loss_weight", "codebook_diversity_temperature")
 RVQ_SUPPORTED = ("dim", "num_quantizers", "codebook_size", "codebook_dim", "heads", "accept_image_fmap",
                  "shared_codebook", "quantize_dropout", "quantize_dropout_cutoff_index",
                  "quantize_dropout_multiple_of", "quant_grad_frac", "return_zeros_for_masked_padding", "diveq",
@@ -289,7 +290,7 @@ def test_every_other_forward_argument_is_refused_by_name(cls, required, keep):
             module(make_input({}), **{name: _non_default(param.default)})
 
 
-@pytest.mark.parametrize("arg,value", [("codebook_diversity_loss_weight", 0.1), ("straight_through", True),
+@pytest.mark.parametrize("arg,value", [("vq_bridge", torch.nn.Identity()), ("straight_through", True),
                                        ("affine_param", True)])
 def test_unsupported_arguments_are_named(arg, value):
     with pytest.raises(NotImplementedError, match=arg):

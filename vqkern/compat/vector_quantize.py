@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import backends, distributed
 from ._args import reject_unsupported
 from .codebook import Codebook
-from .losses import mean_cross_entropy
+from .losses import codebook_diversity_loss, mean_cross_entropy
 from .rotation import directional_reparam as directional_reparam_fn
 from .rotation import rotate_to
 
@@ -26,7 +26,6 @@ LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity",
 # vector_quantize_pytorch arguments the drop-in does not implement, with the
 # defaults under which they are inert.
 UNSUPPORTED = dict(
-    codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
     straight_through=False, sync_affine_param=False, vq_bridge=None,
     in_place_codebook_optimizer=None, affine_param=False,
     affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9,
@@ -104,6 +103,9 @@ class VectorQuantize(nn.Module):
         if sync_update_v > 0 and not learnable_codebook:
             raise ValueError("sync_update_v > 0 needs learnable_codebook=True")
         self.sync_update_v = float(sync_update_v)
+        self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0.0
+        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.codebook_diversity_temperature = codebook_diversity_temperature
         self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0.0
         self.orthogonal_reg_weight = orthogonal_reg_weight
         self.orthogonal_reg_active_codes_only = bool(orthogonal_reg_active_codes_only)
@@ -420,8 +422,10 @@ class VectorQuantize(nn.Module):
             if isinstance(topk, bool) or int(topk) != topk or topk < 1:
                 raise ValueError(f"topk must be a positive int, got {topk!r}")
             topk = min(int(topk), self.codebook_size)
-            if self.heads != 1 or indices is not None or (self.commitment_use_cross_entropy_loss and self.training):
-                raise ValueError("topk needs heads = 1, no indices and no cross-entropy commitment loss in training")
+            if self.heads != 1 or indices is not None or (self.training and (
+                    self.commitment_use_cross_entropy_loss or self.has_codebook_diversity_loss)):
+                raise ValueError("topk needs heads = 1, no indices, and in training no cross-entropy commitment "
+                                 "or codebook diversity loss")
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got {type(x).__name__}")
         if mask is not None and lens is not None:
@@ -462,7 +466,8 @@ class VectorQuantize(nn.Module):
         flatten = x.float().reshape(c, rows * n, d)
         stochastic = self.stochastic_sample_codes and self.training and temp > 0
         wants_ce = indices is not None or (self.training and self.has_commitment_loss
-                                           and self.commitment_use_cross_entropy_loss)
+                                           and self.commitment_use_cross_entropy_loss) or (
+            self.training and self.has_codebook_diversity_loss)
         if wants_ce:
             if indices is not None:
                 target = self._split_heads(self._check_indices(indices, batch, n)).reshape(c, rows * n)
@@ -486,12 +491,12 @@ class VectorQuantize(nn.Module):
                 loss = unlayout(loss, False) if loss.dim() else loss
             if not return_loss_breakdown:
                 return quantize, embed_ind, loss
-            return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, orthogonal_reg_loss, self.zero)
+            return quantize, embed_ind, loss, LossBreakdown(commit_loss, diversity_loss, orthogonal_reg_loss, self.zero)
         quantize = quantize.reshape(c, rows, n, d).type(dtype)
         codes_flat = embed_ind
         embed_ind = embed_ind.reshape(c, rows, n)
 
-        commit_loss = orthogonal_reg_loss = self.zero
+        commit_loss = orthogonal_reg_loss = diversity_loss = self.zero
         if self.training:
             commit_quantize = quantize if self.learnable_codebook and not freeze else quantize.detach()
             if input_requires_grad and self.route_gradients_to_input:
@@ -514,6 +519,11 @@ class VectorQuantize(nn.Module):
                 # vector_quantize_pytorch's training loss always requires grad, even
                 # with no loss term; dynamo cannot return such a fresh leaf.
                 loss = loss.clone().requires_grad_()
+            if self.has_codebook_diversity_loss:
+                diversity_loss = codebook_diversity_loss(flatten, ce_embed, positions=n,
+                                                         temperature=self.codebook_diversity_temperature,
+                                                         cosine=self.use_cosine_sim)
+                loss = loss + diversity_loss * self.codebook_diversity_loss_weight
             if self.has_commitment_loss:
                 if self.commitment_use_cross_entropy_loss:
                     target = codes_flat if split_mask is None else codes_flat.masked_fill(
@@ -550,4 +560,4 @@ class VectorQuantize(nn.Module):
 
         if not return_loss_breakdown:
             return quantize, embed_ind, loss
-        return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, orthogonal_reg_loss, self.zero)
+        return quantize, embed_ind, loss, LossBreakdown(commit_loss, diversity_loss, orthogonal_reg_loss, self.zero)
