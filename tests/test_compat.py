@@ -225,8 +225,21 @@ def test_search_and_statistics_go_through_vqkern_ops(monkeypatch):
 SUPPORTED = ("dim", "codebook_size", "codebook_dim", "heads", "separate_codebook_per_head", "decay", "eps",
              "kmeans_init", "kmeans_iters", "use_cosine_sim", "threshold_ema_dead_code", "channel_last",
              "accept_image_fmap", "commitment_weight", "rotation_trick", "learnable_codebook", "ema_update",
-             "sync_codebook")
-RVQ_SUPPORTED = ("dim", "num_quantizers", "codebook_size", "codebook_dim", "heads", "accept_image_fmap")
+             "sync_codebook", "freeze_codebook", "sync_kmeans", "layernorm_after_project_in", "accept_3d_fmap",
+             "stochastic_sample_codes", "sample_codebook_temp", "manual_ema_update",
+             "manual_in_place_optimizer_update", "return_zeros_for_masked_padding", "route_gradients_to_input",
+             "commitment_use_cross_entropy_loss", "directional_reparam", "directional_reparam_variance",
+             "sync_update_v", "orthogonal_reg_weight", "orthogonal_reg_active_codes_only", "orthogonal_reg_max_codes",
+             "codebook_diversity_loss_weight", "codebook_diversity_temperature")
+RVQ_SUPPORTED = ("dim", "num_quantizers", "codebook_size", "codebook_dim", "heads", "accept_image_fmap",
+                 "shared_codebook", "quantize_dropout", "quantize_dropout_cutoff_index",
+                 "quantize_dropout_multiple_of", "quant_grad_frac", "return_zeros_for_masked_padding", "diveq",
+                 "beam_size", "eval_beam_size", "beam_score_quantizer_weights", "implicit_neural_codebook",
+                 "mlp_kwargs")
+FORWARD_SUPPORTED = ("x", "return_loss_breakdown", "indices", "mask", "topk", "codebook_transform_fn", "lens", "sample_codebook_temp", "freeze_codebook",
+                     "ema_update_weight", "accum_ema_update", "ema_update")
+RVQ_FORWARD_SUPPORTED = ("x", "return_all_codes", "mask", "sample_codebook_temp", "freeze_codebook",
+                         "rand_quantize_dropout_fixed_seed", "beam_size")
 
 
 def _non_default(default):
@@ -262,8 +275,8 @@ def test_every_argument_is_supported_with_its_default_or_refused_by_name(cls, su
 
 
 @pytest.mark.parametrize("cls,required,keep", [
-    (VectorQuantize, dict(dim=DIM, codebook_size=K), ("x", "return_loss_breakdown")),
-    (ResidualVQ, dict(dim=DIM, num_quantizers=2, codebook_size=K), ("x", "return_all_codes")),
+    (VectorQuantize, dict(dim=DIM, codebook_size=K), FORWARD_SUPPORTED),
+    (ResidualVQ, dict(dim=DIM, num_quantizers=2, codebook_size=K), RVQ_FORWARD_SUPPORTED),
 ], ids=["VectorQuantize", "ResidualVQ"])
 def test_every_other_forward_argument_is_refused_by_name(cls, required, keep):
     import inspect
@@ -277,19 +290,16 @@ def test_every_other_forward_argument_is_refused_by_name(cls, required, keep):
             module(make_input({}), **{name: _non_default(param.default)})
 
 
-@pytest.mark.parametrize("arg,value", [("orthogonal_reg_weight", 0.1), ("straight_through", True),
-                                       ("sync_kmeans", False), ("affine_param", True),
-                                       ("layernorm_after_project_in", True), ("freeze_codebook", True)])
+@pytest.mark.parametrize("arg,value", [("vq_bridge", torch.nn.Identity()), ("straight_through", True),
+                                       ("affine_param", True)])
 def test_unsupported_arguments_are_named(arg, value):
     with pytest.raises(NotImplementedError, match=arg):
         VectorQuantize(dim=DIM, codebook_size=K, **{arg: value})
 
 
-@pytest.mark.parametrize("arg,value", [("mask", torch.ones(3, 10, dtype=torch.bool)), ("topk", 2),
-                                       ("freeze_codebook", True)])
-def test_unsupported_forward_arguments_are_named(arg, value):
-    with pytest.raises(NotImplementedError, match=arg):
-        VectorQuantize(dim=DIM, codebook_size=K)(make_input({}), **{arg: value})
+def test_bad_forward_arguments_are_named():
+    with pytest.raises(ValueError, match="codebook_transform_fn"):
+        VectorQuantize(dim=DIM, codebook_size=K)(make_input({}), codebook_transform_fn=lambda e: e)
 
 
 def test_bad_arguments_raise_clearly():
@@ -299,8 +309,8 @@ def test_bad_arguments_raise_clearly():
         VectorQuantize(dim=DIM, codebook_size=0)
     with pytest.raises(ValueError, match="dim"):
         VectorQuantize(dim=DIM, codebook_size=K)(torch.randn(2, 3, DIM + 1))
-    with pytest.raises(NotImplementedError, match="shared_codebook"):
-        ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K, shared_codebook=True)
+    with pytest.raises(NotImplementedError, match="indices"):
+        ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K)(make_input({}), indices=torch.zeros(3, 10, 2))
     with pytest.raises(ValueError, match="heads"):
         ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K, heads=2)
 

@@ -8,11 +8,12 @@ from .functional import QuantizeOutput, nearest_code, quantize, segment_sum
 from .modules import VectorQuantizer, VQOutput
 # vqkern.kmeans is the function; its module stays importable as vqkern.kmeans (sys.modules).
 from .kmeans import KMeansOutput, kmeans
-from .compat import ResidualVQ, VectorQuantize
+from .compat import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GroupedResidualVQ",
     "KMeansOutput",
     "QuantizeOutput",
     "ResidualVQ",

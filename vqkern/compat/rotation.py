@@ -9,6 +9,7 @@ matmuls.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,3 +36,17 @@ def rotate_to(src: Tensor, tgt: Tensor) -> Tensor:
     e = src
     rotated = e - 2 * (e * w).sum(-1, keepdim=True) * w + 2 * (e * u).sum(-1, keepdim=True) * q
     return rotated * _safe_div(norm_tgt, norm_src).detach()
+
+
+def directional_reparam(src: Tensor, tgt: Tensor, noise_variance: float = 5e-3) -> Tensor:
+    """DiVeQ's directional reparameterization (https://openreview.net/forum?id=KRVnpTbx7R, figure 1).
+
+    ``src + u * |tgt - src|`` with u the unit direction of ``tgt - src`` perturbed by
+    Gaussian noise of variance ``noise_variance`` (drawn from the global generator) and
+    detached: the value is close to ``tgt``, and the gradient reaches ``src`` and,
+    through the distance, ``tgt`` (a learnable codebook). src, tgt: (..., D) float.
+    """
+    error = tgt - src
+    norm = error.norm(dim=-1, keepdim=True)
+    noised = error + noise_variance ** 0.5 * torch.randn_like(error)
+    return src + F.normalize(noised, p=2, dim=-1, eps=1e-6).detach() * norm
