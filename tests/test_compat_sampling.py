@@ -7,6 +7,8 @@ import textwrap
 import pytest
 import torch
 
+import vqkern
+
 from vqkern.compat import ResidualVQ, VectorQuantize
 from vqkern.compat.sampling import gumbel_sample_codes
 
@@ -29,7 +31,12 @@ def chi_square_p_value(counts, probs):
 @pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cosine"])
 @pytest.mark.parametrize("tile_bytes", [None, 4 * 1024 * 2], ids=["one_tile", "tiles_of_2_codes"])
 @pytest.mark.parametrize("temperature", [0.3, 2.0])
-def test_sampled_frequencies_follow_softmax(cosine, tile_bytes, temperature):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampled_frequencies_follow_softmax(cosine, tile_bytes, temperature, backend, monkeypatch):
+    if backend == "triton" and not vqkern.backends.availability("triton", "cpu")[0]:
+        pytest.skip("triton: no interpreter here")
+    if tile_bytes is not None:
+        monkeypatch.setenv("VQKERN_SAMPLE_TILE_BYTES", str(tile_bytes))  # the torch backend's code tiles
     g = torch.Generator().manual_seed(0)
     codebook = torch.randn(7, 5, generator=g) * 0.5
     x = torch.randn(1, 5, generator=g) * 0.5
@@ -40,7 +47,7 @@ def test_sampled_frequencies_follow_softmax(cosine, tile_bytes, temperature):
     assert probs.min() > 1e-3 and probs.max() < 0.9, "the case must exercise several codes"
     n = 30000
     draws = gumbel_sample_codes(x.expand(n, 5), codebook, temperature, cosine=cosine,
-                                generator=torch.Generator().manual_seed(1), tile_bytes=tile_bytes)
+                                generator=torch.Generator().manual_seed(1), backend=backend)
     assert draws.shape == (n,) and draws.dtype == torch.int64
     counts = torch.bincount(draws, minlength=7).double()
     p = chi_square_p_value(counts, probs)
@@ -56,11 +63,12 @@ def test_chi_square_detects_a_wrong_temperature():
     assert chi_square_p_value(counts, exact_probs(x, codebook, 0.6, False)[0]) < 1e-6
 
 
-def test_low_temperature_is_the_nearest_code():
+def test_low_temperature_is_the_nearest_code(monkeypatch):
+    monkeypatch.setenv("VQKERN_SAMPLE_TILE_BYTES", str(4 * 64 * 16))
     g = torch.Generator().manual_seed(3)
     codebook = torch.randn(50, 8, generator=g)
     x = codebook[torch.randint(0, 50, (300,), generator=g)] + 0.01 * torch.randn(300, 8, generator=g)
-    draws = gumbel_sample_codes(x, codebook, 1e-6, tile_bytes=4 * 64 * 16)
+    draws = gumbel_sample_codes(x, codebook, 1e-6)
     assert torch.equal(draws, torch.cdist(x, codebook).argmin(-1))
 
 

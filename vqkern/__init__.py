@@ -4,7 +4,7 @@ Nearest-code search, straight-through gradients and codebook statistics
 without ever materializing the N x K distance matrix.
 """
 from . import _library, backends, reference
-from .functional import QuantizeOutput, nearest_code, quantize, segment_sum
+from .functional import QuantizeOutput, nearest_code, quantize, sample_code, segment_sum
 from .modules import VectorQuantizer, VQOutput
 # vqkern.kmeans is the function; its module stays importable as vqkern.kmeans (sys.modules).
 from .kmeans import KMeansOutput, kmeans
@@ -25,5 +25,6 @@ __all__ = [
     "nearest_code",
     "quantize",
     "reference",
+    "sample_code",
     "segment_sum",
 ]

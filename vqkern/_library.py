@@ -34,6 +34,22 @@ def _(z, codebook, backend):
     return _search_outputs(z)
 
 
+@torch.library.custom_op("vqkern::sample", mutates_args=())
+def sample(z: Tensor, codebook: Tensor, inv_temperature: float, seed: int, cosine: bool,
+           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices int64 (N,), distances fp32 (N,), quantized (N, D)): a code per row drawn
+    from softmax(logit / T), inv_temperature = 1 / T."""
+    indices, distances, quantized = _search_outputs(z)
+    if z.shape[0] > 0:
+        backends.get(backend).sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quantized)
+    return indices, distances, quantized
+
+
+@sample.register_fake
+def _(z, codebook, inv_temperature, seed, cosine, backend):
+    return _search_outputs(z)
+
+
 @torch.library.custom_op("vqkern::quantize", mutates_args=())
 def quantize(z: Tensor, codebook: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(quantized (N, D), indices (N,), commitment_loss (), codebook_loss ()).

@@ -100,6 +100,45 @@ def nearest_code(z: Tensor, codebook: Tensor, *, metric: str = "l2", backend: st
     return indices.reshape(lead), distances.reshape(lead)
 
 
+def sample_code(z: Tensor, codebook: Tensor, temperature: float, *, metric: str = "l2",
+                seed: int | None = None, backend: str = "auto"):
+    """A code per row of z drawn from softmax(logit / temperature), without an N x K matrix.
+
+    The logits are those of vector-quantize-pytorch's ``stochastic_sample_codes``:
+    ``-|z - e|`` (the Euclidean distance, not squared) for "l2", the cosine similarity for
+    "cosine". The draw is the Gumbel-max trick inside the search: on the Triton backend
+    the fused kernel adds Philox noise of (seed, row * K + code) to each tile's logits
+    (the same draw whatever the tiling or split); the torch and reference backends draw
+    the noise with a torch.Generator seeded with ``seed``, one tile at a time. The cuda
+    backend has no sampler: it samples with the Triton kernel on CUDA tensors.
+
+    Args:
+        z: (..., D) float; codebook: (K, D) float.
+        temperature: T > 0 (a float).
+        seed: int seed of the noise; None draws one from torch's default CPU generator
+            (so ``torch.manual_seed`` makes it reproducible; no device sync).
+    Returns:
+        (indices int64, distances float32), both of shape z.shape[:-1]; distances as
+        ``nearest_code``'s (of the drawn code).
+    """
+    temperature = check_finite("temperature", temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
+    flat, cb, name = _prepare(z, codebook, metric, backend)
+    if not hasattr(backends.get(name), "sample"):
+        name = "triton" if backends.availability("triton", z.device)[0] else "torch"
+    with torch.no_grad():
+        indices, distances, _ = _library.sample(flat, cb, 1.0 / temperature, seed, metric == "cosine", name)
+    if metric == "cosine":
+        distances = distances * 0.5
+    lead = z.shape[:-1]
+    return indices.reshape(lead), distances.reshape(lead)
+
+
 def quantize(z: Tensor, codebook: Tensor, *, beta: float = 0.25, metric: str = "l2",
              backend: str = "auto") -> QuantizeOutput:
     """Vector-quantize z against codebook with the straight-through estimator.

@@ -27,6 +27,11 @@ outputs it is given:
     in fp32. ``deterministic=True`` must give bitwise-identical results for
     identical inputs.
 
+``sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quantized)``
+    (optional: the cuda backend has none) writes, like ``search``, a code per row drawn
+    from softmax(logit / T) (``inv_temperature`` = 1 / T, a float), logit ``-|z - e|``
+    or, with ``cosine``, ``z . e`` of unit rows, with noise derived from the int ``seed``.
+
 A backend module also exposes ``availability(device) -> (bool, reason)``.
 """
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
+from .._gumbel import gumbel_, logits
 
 
 def availability(device: torch.device) -> tuple[bool, str]:
@@ -12,6 +13,19 @@ def availability(device: torch.device) -> tuple[bool, str]:
 
 def search(z, codebook, indices, distances, quantized) -> None:
     idx = ref.nearest_code(z, codebook)
+    chosen = codebook[idx]
+    indices.copy_(idx)
+    distances.copy_(((z.float() - chosen.float()) ** 2).sum(dim=1))
+    quantized.copy_(chosen)
+
+
+def sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quantized) -> None:
+    generator = torch.Generator(device=z.device)
+    generator.manual_seed(int(seed))
+    x = z.double()
+    scores = logits(x, x.square().sum(-1), codebook.double(), cosine) * inv_temperature
+    scores = scores + gumbel_(torch.empty_like(scores), generator)
+    idx = scores.nan_to_num_(nan=-float("inf")).argmax(dim=1)
     chosen = codebook[idx]
     indices.copy_(idx)
     distances.copy_(((z.float() - chosen.float()) ** 2).sum(dim=1))

@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from .._gumbel import gumbel_, logits
+
 # Non-CPU devices: one (rows x K) block of at most this many bytes per step.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 # CPU tile, rows x codes (fp32): 1024 x 1024 = 4 MB stays in L2+L3 and keeps
@@ -205,6 +207,41 @@ def search(z, codebook, indices, distances, quantized) -> None:
         _search_cpu(z.float(), cb, (cb * cb).sum(dim=1), indices)
     else:
         _search_blocked(z, codebook, indices)
+    chosen = codebook.index_select(0, indices)
+    distances.copy_(residual_distance(z, chosen))
+    quantized.copy_(chosen)
+
+
+# A tile of logits and noise in the sampling loop stays under this many bytes.
+SAMPLE_TILE_BYTES = 16 << 20
+
+
+@torch.no_grad()
+def sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quantized) -> None:
+    """Gumbel-max over code tiles: the argmax of logit / T + G kept as a running
+    (best, index) per row, one (rows x codes) tile of noise at a time, never N x K.
+    The noise comes from a torch.Generator seeded with ``seed`` on z's device."""
+    n, k = z.shape[0], codebook.shape[0]
+    x, cb = z.float(), codebook.float()
+    generator = torch.Generator(device=z.device)
+    generator.manual_seed(int(seed))
+    budget = max(1, int(os.environ.get("VQKERN_SAMPLE_TILE_BYTES", SAMPLE_TILE_BYTES)) // 4)
+    tile_codes = max(1, min(k, budget // max(1, min(n, 1024))))
+    tile_rows = max(1, min(n, budget // tile_codes))
+    with _ieee_fp32_matmul(z.device):
+        for r0 in range(0, n, tile_rows):
+            xr = x[r0:r0 + tile_rows]
+            xr_sq = xr.square().sum(-1)
+            best = torch.full((xr.shape[0],), -_INF, device=z.device)
+            best_idx = indices[r0:r0 + tile_rows].zero_()
+            for c0 in range(0, k, tile_codes):
+                scores = logits(xr, xr_sq, cb[c0:c0 + tile_codes], cosine).mul_(inv_temperature)
+                scores.add_(gumbel_(torch.empty_like(scores), generator))
+                tile_best, tile_idx = scores.nan_to_num_(nan=-_INF, posinf=-_INF, neginf=-_INF).max(dim=1)
+                # Strictly greater: an exact tie keeps the earlier (lower) code, as argmax does.
+                better = tile_best > best
+                best = torch.where(better, tile_best, best)
+                best_idx.copy_(torch.where(better, tile_idx + c0, best_idx))
     chosen = codebook.index_select(0, indices)
     distances.copy_(residual_distance(z, chosen))
     quantized.copy_(chosen)

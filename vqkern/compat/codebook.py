@@ -124,7 +124,8 @@ class Codebook(nn.Module):
             return self.gather(embed, indices.reshape(c, m * k)).reshape(c, m, k, -1), indices
         if sample_temp > 0:
             indices = torch.stack([
-                sampling.gumbel_sample_codes(flatten[c].detach(), search_embed[c], sample_temp, cosine=self.use_cosine_sim)
+                sampling.gumbel_sample_codes(flatten[c].detach(), search_embed[c], sample_temp,
+                                             cosine=self.use_cosine_sim, backend=self.backend)
                 for c in range(flatten.shape[0])])
         else:
             indices = torch.stack([

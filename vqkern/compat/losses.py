@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sampling import TILE_BYTES, _logits
+from .._gumbel import logits as _logits
+from .sampling import TILE_BYTES
 
 
 def _blocks(n: int, k: int, tile_bytes: int | None):

@@ -12,10 +12,10 @@ import os
 import torch
 
 from .backward import backward, launch_backward
-from .search import launch_search, search
+from .search import launch_sample, launch_search, sample, search
 from .segment_sum import launch_segment_sum, segment_sum
 
-__all__ = ["availability", "search", "launch_search", "backward", "launch_backward", "segment_sum",
+__all__ = ["availability", "search", "launch_search", "sample", "launch_sample", "backward", "launch_backward", "segment_sum",
            "launch_segment_sum"]
 
 

@@ -75,10 +75,10 @@ def _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_
 
 @triton.jit
 def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_val_ptr, part_idx_ptr,
-                   second_ptr, flag_ptr,
-                   N, K, D, stride_zm, stride_k, stride_qm, num_splits,
+                   second_ptr, flag_ptr, zn2_ptr,
+                   N, K, D, stride_zm, stride_k, stride_qm, num_splits, inv_temperature, seed,
                    SPLIT: tl.constexpr, INTERPRET: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                   TRACK_SECOND: tl.constexpr, ROW_FILTER: tl.constexpr,
+                   TRACK_SECOND: tl.constexpr, ROW_FILTER: tl.constexpr, SAMPLE: tl.constexpr, COSINE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    EPI_BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -96,6 +96,8 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
         flags = tl.load(flag_ptr + rows, mask=row_mask, other=0)
         row_mask = row_mask & (flags != 0)
         k_stop = tl.where(tl.max(flags.to(tl.int32), axis=0) > 0, k_stop, k_start)
+    if SAMPLE:
+        zn2 = tl.load(zn2_ptr + rows, mask=row_mask, other=0.0)
     best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     # The runner-up score, for the re-check of near-ties after a tf32 search.
     second = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
@@ -144,7 +146,21 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                 else:
                     acc = tl.dot(z, e, acc, input_precision=INPUT_PRECISION)
         norms = tl.load(norms_ptr + codes, mask=code_mask, other=float("inf"))
-        scores = norms[None, :] - 2.0 * acc
+        if SAMPLE:
+            # Gumbel-max: the argmin of -(logit / T + G), G = -log(-log U) i.i.d., is a draw
+            # from softmax(logit / T); the argmin splits over code tiles like the search's.
+            # Logits as vector-quantize-pytorch's: -|z - e| from the expansion clamped at
+            # 1e-8 (l2), z.e of unit vectors (cosine). Philox noise counted by row * K + code:
+            # the same draw whatever the tiling, split or GPU.
+            if COSINE:
+                logits = acc
+            else:
+                logits = -tl.sqrt(tl.maximum(zn2[:, None] + norms[None, :] - 2.0 * acc, 1e-8))
+            u = tl.rand(seed, rows[:, None] * K + codes[None, :])
+            gumbel = -tl.log(tl.maximum(-tl.log(tl.maximum(u, 1e-20)), 1e-20))
+            scores = -(logits * inv_temperature + gumbel)
+        else:
+            scores = norms[None, :] - 2.0 * acc
         # Non-finite scores (a NaN or infinite code or row: NaN, or inf - inf) become +inf
         # before the reduction: min's combine keeps an operand when a comparison with NaN
         # is false, so one NaN could become the tile's minimum and drop the true nearest
@@ -235,7 +251,7 @@ def _search_configs():
 def _tuned_search_kernel():
     # The split count is a run-time argument (a new N never recompiles); only whether
     # the kernel writes partials or runs the epilogue is compiled in.
-    key = ["K", "D", "SPLIT", "DOT_FP32", "INPUT_PRECISION", "TRACK_SECOND", "ROW_FILTER"]
+    key = ["K", "D", "SPLIT", "DOT_FP32", "INPUT_PRECISION", "TRACK_SECOND", "ROW_FILTER", "SAMPLE", "COSINE"]
     return triton.autotune(configs=_search_configs(), key=key)(_search_kernel)
 
 
@@ -354,10 +370,11 @@ def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None
 
 
 def _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, precision, block_d,
-                 block_n, interpreting, *, best=None, second=None, flags=None):
+                 block_n, interpreting, *, best=None, second=None, flags=None, sample=None):
     """One search over every code: best and second (N,) fp32 given -> each row's two
     best scores are written there; flags (N,) int8 given -> only the flagged rows are
-    searched and written."""
+    searched and written; sample (zn2 (N,) fp32, 1 / temperature, seed, cosine) given ->
+    each row's code is drawn from softmax(logit / temperature) instead (Gumbel-max)."""
     n, d = z.shape
     k = codebook.shape[0]
     if block_d is None:
@@ -374,12 +391,14 @@ def _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_
         # Without a split the kernel writes the best score to part_val only when it
         # tracks the runner-up; part_idx is never read.
         part_val, part_idx = (best if track_second else distances), indices
+    zn2, inv_temperature, seed, cosine = sample if sample is not None else (distances, 1.0, 0, False)
     args = (z, codebook, norms, indices, distances, quantized, part_val, part_idx,
-            part_second if track_second else distances, flags if flags is not None else indices,
-            n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits)
+            part_second if track_second else distances, flags if flags is not None else indices, zn2,
+            n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits, inv_temperature, seed)
     epi_block_d = min(_pow2_at_least_16(d), 128) if interpreting else EPI_BLOCK_D
     meta = dict(SPLIT=splits > 1, INTERPRET=interpreting, ONE_CHUNK=one_chunk, DOT_FP32=dot_fp32,
                 INPUT_PRECISION=precision, TRACK_SECOND=track_second, ROW_FILTER=flags is not None,
+                SAMPLE=sample is not None, COSINE=cosine,
                 BLOCK_D=block_d, EPI_BLOCK_D=epi_block_d)
     if interpreting or block_n is not None:
         block_m = INTERPRET_BLOCK_M if interpreting else 64
@@ -400,6 +419,33 @@ def _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_
             n, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits,
             INTERPRET=interpreting, TRACK_SECOND=track_second, BLOCK_S=REDUCE_BLOCK_S,
             BLOCK_M=reduce_block_m, BLOCK_D=epi_block_d, num_warps=4)
+
+
+def launch_sample(z, codebook, indices, distances, quantized, inv_temperature, seed, cosine, *,
+                  num_splits=None, block_n=None):
+    """A code per row drawn from softmax(logit / temperature) by the fused search (Gumbel-max
+    over code tiles, Philox noise of (seed, row * K + code)): logit -|z - e| (l2) or z.e
+    (cosine: z and codebook unit rows). Writes indices, the drawn code's exact distance and
+    row like the search; fp32 operands use ieee dots. Never N x K."""
+    n, d = z.shape
+    k = codebook.shape[0]
+    interpreting = _interpreting()
+    dot_fp32 = z.dtype != codebook.dtype or z.dtype == torch.float32
+    splits = _choose_splits(z, n, k) if num_splits is None else max(1, int(num_splits))
+    norms = torch.empty(k, dtype=torch.float32, device=z.device)
+    norm_block_d = min(_pow2_at_least_16(d), 128 if interpreting else 32)
+    norm_block_k = INTERPRET_NORM_BLOCK_K if interpreting else 64
+    zn2 = z.float().square().sum(dim=1)
+    with on_device(z):
+        _code_norms_kernel[(triton.cdiv(k, norm_block_k),)](codebook, norms, k, d, codebook.stride(0),
+                                                            BLOCK_K=norm_block_k, BLOCK_D=norm_block_d)
+        _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, "ieee", None, block_n,
+                     interpreting, sample=(zn2, float(inv_temperature), int(seed), bool(cosine)))
+
+
+def sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quantized) -> None:
+    """Launcher of the backend interface (see ``vqkern.backends``)."""
+    launch_sample(z, codebook, indices, distances, quantized, inv_temperature, seed, cosine)
 
 
 def search(z, codebook, indices, distances, quantized) -> None:
