@@ -239,6 +239,8 @@ def test_conditional_prior_end_to_end(labelled_vqvae, tmp_path, capsys):
     per_class = list(record["prompt_accuracy_per_class"].values())
     assert all(0 <= a <= 1 for a in per_class) and record["prompt_accuracy"] == pytest.approx(np.mean(per_class))
     assert 0 < record["ceiling"] <= 1 and (out / "classifier.pt").is_file()
+    ceilings = record["ceiling_per_class"]  # the test set has about 20 images per class
+    assert set(ceilings) == set(CLASSES) and all(0 <= a <= 1 for a in ceilings.values())
     with Image.open(out / "prior-transformer-prompts.png") as im:  # 6 samples for each of 3 classes
         assert im.size == grid_size(18, 6, 28, 28)
     # The cached classifier is reused: same ceiling without retraining it.

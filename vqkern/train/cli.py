@@ -121,9 +121,10 @@ def _prior_summary(r: dict) -> str:
             f"{r['ms_per_step']:.1f} ms/step" if r["ms_per_step"] else
             f"{kind}: held-out NLL {r['test_nll']:.4f} nats/code (train {r['train_nll']:.4f})")
     if "prompt_accuracy" in r:
-        per = ", ".join(f"{k} {v:.2f}" for k, v in r["prompt_accuracy_per_class"].items())
+        per = ", ".join(f"{k} {v:.2f} ({r['ceiling_per_class'][k]:.2f})"
+                        for k, v in r["prompt_accuracy_per_class"].items())
         line += (f"\nprompt accuracy {r['prompt_accuracy']:.3f} (ceiling {r['ceiling']:.3f}: the classifier on "
-                 f"reconstructed test images; {r['prompt_accuracy_vs_ceiling']:.1%} of it); per class: {per}")
+                 f"reconstructed test images; {r['prompt_accuracy_vs_ceiling']:.1%} of it); per class (ceiling): {per}")
     return line
 
 

@@ -251,12 +251,13 @@ def prompt_accuracy(prior, vqvae, vocab: Vocabulary, grid, train, train_labels, 
     """Draw cfg.eval_samples images per class name (temperature 1, no top-k), classify them.
 
     Returns prompt_accuracy (mean over classes), prompt_accuracy_per_class, the
-    ceiling (classifier accuracy on reconstructions of the real test images) and
-    the classifier's accuracy on the real test images.
+    ceiling (classifier accuracy on reconstructions of the real test images: all of
+    them, and per class) and the classifier's accuracy on the real test images.
     """
     classifier, info = load_or_train(out / "classifier.pt", train, train_labels, test, test_labels, vocab.classes,
                                      device, steps=cfg.classifier_steps, seed=cfg.seed)
-    ceiling = reconstruction_accuracy(classifier, vqvae, test, test_labels, device)
+    ceiling, ceiling_per_class = reconstruction_accuracy(classifier, vqvae, test, test_labels, len(vocab.classes),
+                                                         device)
     n = cfg.eval_samples
     targets = torch.arange(len(vocab.classes)).repeat_interleave(n)
     tokens = vocab.class_tokens()[targets]
@@ -273,7 +274,8 @@ def prompt_accuracy(prior, vqvae, vocab: Vocabulary, grid, train, train_labels, 
         outputs.save_grid(outputs.to_uint8(first.reshape(-1, *images.shape[1:])), png, columns=min(columns, n))
     overall = float(hits.mean())
     return {"prompt_accuracy": overall, "prompt_accuracy_per_class": dict(zip(vocab.classes, hits.tolist())),
-            "ceiling": ceiling, "prompt_accuracy_vs_ceiling": overall / ceiling if ceiling else None,
+            "ceiling": ceiling, "ceiling_per_class": dict(zip(vocab.classes, ceiling_per_class)),
+            "prompt_accuracy_vs_ceiling": overall / ceiling if ceiling else None,
             "classifier_test_accuracy": info["test_accuracy"], "eval_samples_per_class": n,
             "eval_sample_s": sample_s}
 
