@@ -124,6 +124,9 @@ def test_idx_labels_and_class_names(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[20:28], False)
     with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: expected 10 integer labels"):
         data_mod.load_data(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()  # labels for one split only: the data is unlabelled
+    s = data_mod.load_data(tmp_path)
+    assert s.train_labels is None and s.test_labels is None and s.classes == () and len(s.train) == 20
 
 
 def test_class_sub_folders(tmp_path):

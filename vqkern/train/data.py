@@ -10,7 +10,7 @@ Accepted sources (``--data``):
 - a folder of PNG/JPEG images, or a folder of class sub-folders of them.
 
 Labels, for a prior conditioned on the class name: an IDX folder's
-``train-labels-idx1-ubyte`` and ``t10k-labels-idx1-ubyte`` (class names from a
+``train-labels-idx1-ubyte`` and ``t10k-labels-idx1-ubyte``, both (class names from a
 ``classes.txt`` beside them, one per line; Fashion-MNIST's ten names for the
 default data or a folder named fashion-mnist; else the label numbers), or the
 sub-folder names of an image folder. A ``.npy`` array and a flat image folder
@@ -230,9 +230,9 @@ def load_data(data: str | os.PathLike | None = None, *, holdout: float = 0.1, se
             raise ValueError(f"{path}: train images {train.shape[1:]} and test images {test.shape[1:]} differ in shape")
         train_labels = _idx_labels(path, "train-labels", len(train))
         test_labels = _idx_labels(path, "t10k-labels", len(test))
-        if (train_labels is None) != (test_labels is None):
-            raise ValueError(f"{path}: has labels for only one of the train and test images")
-        if train_labels is None:
+        # Labels for one split only cannot condition a prior that is measured on the other;
+        # the images still train a VQ-VAE (and an unconditional prior).
+        if train_labels is None or test_labels is None:
             return DataSplits(train, test, str(path))
         classes = _class_names(path, np.concatenate([train_labels, test_labels]))
         return DataSplits(train, test, str(path), train_labels, test_labels, classes)

@@ -158,7 +158,7 @@ def train_prior(cfg: PriorConfig, *, resume: bool = False, progress: bool = True
     train, test, train_labels, test_labels, classes = labeled_splits(vcfg)
     if cfg.conditional and train_labels is None:
         raise ValueError(f"a conditional prior needs labels, and {vcfg.data or 'the data'} has none (IDX label "
-                         "files or one sub-folder per class)")
+                         "files train-labels-idx1-ubyte and t10k-labels-idx1-ubyte, or one sub-folder per class)")
     conditional = train_labels is not None if cfg.conditional is None else cfg.conditional
     name = prior_name(cfg.prior, conditional)
     ckpt_path, log_path = out / f"{name}.pt", out / f"{name}.jsonl"
