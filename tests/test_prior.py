@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_train import _one_thread, synthetic_images, tiny_config, write_idx  # noqa: F401 (fixture)
+from test_train import _one_thread, tiny_config, write_idx  # noqa: F401 (_one_thread: an autouse fixture)
 from vqkern.train import data as data_mod
 from vqkern.train.cli import main
 from vqkern.train.data import FASHION_MNIST_CLASSES

@@ -108,6 +108,7 @@ class GatedPixelCNN(nn.Module):
             self.cond = nn.ModuleList(nn.Linear(channels, 4 * channels) for _ in range(layers))
 
     def forward(self, indices: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """indices (B, H, W) int64, tokens (B, L) int64 or None -> logits (B, K, H, W) float."""
         if indices.dtype != torch.int64 or indices.dim() != 3:
             raise ValueError(f"indices must be an int64 tensor (B, H, W), got {indices.dtype} {tuple(indices.shape)}")
         conditional = _prompt_check(self, indices, tokens)
@@ -204,6 +205,7 @@ class TransformerPrior(nn.Module):
         return self.head(self.norm(x[:, self.prompt_len:]))
 
     def forward(self, indices: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """indices (B, H, W) int64 (H * W = positions), tokens (B, prompt_len) int64 or None -> (B, K, H, W) float."""
         if indices.dtype != torch.int64 or indices.dim() != 3:
             raise ValueError(f"indices must be an int64 tensor (B, H, W), got {indices.dtype} {tuple(indices.shape)}")
         b, hgt, wid = indices.shape
@@ -228,5 +230,6 @@ class TransformerPrior(nn.Module):
         for _ in range(self.positions):
             # Causal: the codes not drawn yet cannot change these logits, so they are not fed.
             logits = self._logits(self._sequence(codes, tokens))[:, -1]
-            codes = torch.cat([codes, draw(logits, temperature=temperature, top_k=top_k, generator=generator)[:, None]], 1)
+            code = draw(logits, temperature=temperature, top_k=top_k, generator=generator)
+            codes = torch.cat([codes, code[:, None]], 1)
         return codes.reshape(n, height, width)

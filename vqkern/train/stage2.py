@@ -18,7 +18,6 @@ from a generator seeded with (seed, step), and the models have no dropout, so
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -227,7 +226,8 @@ def train_prior(cfg: PriorConfig, *, resume: bool = False, progress: bool = True
     train_tokens = vocab.class_tokens()[labels[:2000]] if vocab else None
     result = {"prior": cfg.prior, "conditional": conditional, "name": name, "step": max(start, cfg.steps),
               "parameters": sum(p.numel() for p in prior.parameters()),
-              "channels": cfg.channels or DEFAULT_SIZE[cfg.prior][0], "layers": cfg.layers or DEFAULT_SIZE[cfg.prior][1],
+              "channels": cfg.channels or DEFAULT_SIZE[cfg.prior][0],
+              "layers": cfg.layers or DEFAULT_SIZE[cfg.prior][1],
               "batch_size": cfg.batch_size, "lr": cfg.lr, "grid": list(grid), "num_codes": vcfg.num_embeddings,
               "first_nll": records[0]["nll"] if records else None,
               "train_nll": heldout_nll(prior, train_grids[:2000], train_tokens, device),
