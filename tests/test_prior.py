@@ -281,6 +281,8 @@ def test_unlabelled_data_trains_an_unconditional_prior(tmp_path, capsys):
         assert im.size == grid_size(4, 2, 28, 28)
     with pytest.raises(ValueError, match="is an unconditional prior"):
         sample_images(resolve_prior(run, "pixelcnn"), tmp_path / "t.png", prompt="dot", device="cpu")
+    with pytest.raises(ValueError, match="--eval-samples must be >= 0"):
+        train_prior(prior_config(run, steps=5, eval_samples=-1), progress=False)
     with pytest.raises(ValueError, match="a conditional prior needs labels"):
         train_prior(prior_config(run, steps=5, conditional=True), progress=False)
     assert json.loads((run / "prior_metrics.jsonl").read_text().splitlines()[0])["conditional"] is False

@@ -149,6 +149,8 @@ def train_prior(cfg: PriorConfig, *, resume: bool = False, progress: bool = True
 
     if cfg.prior not in PRIORS:
         raise ValueError(f"--prior must be one of {PRIORS}, got {cfg.prior!r}")
+    if cfg.eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0 (0: no prompt accuracy), got {cfg.eval_samples}")
     device = pick_device(cfg.device)
     out = Path(cfg.out)
     cfg.vqvae = str(Path(cfg.vqvae).resolve())  # sample() may run from another folder
