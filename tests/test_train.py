@@ -231,7 +231,9 @@ def test_prior_trains_and_sample_writes_png(tmp_path):
     assert result["grid"] == [7, 7]
     # Training reached below the uniform prior over 32 codes and below its own start.
     assert result["train_nll"] < min(math.log(32), result["first_nll"])
-    png = sample_images(tmp_path / "s" / "prior.pt", tmp_path / "samples.png", n=6, columns=3, device="cpu")
+    # A .npy array has no labels: the prior is unconditional.
+    assert not result["conditional"] and result["prior_checkpoint"].endswith("prior-pixelcnn-uncond.pt")
+    png = sample_images(result["prior_checkpoint"], tmp_path / "samples.png", n=6, columns=3, device="cpu")
     with Image.open(png) as im:
         assert im.size == grid_size(6, 3, 28, 28) and im.mode == "L"
     # The command line writes the same picture from the same seed.

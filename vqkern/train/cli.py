@@ -9,6 +9,7 @@ from pathlib import Path
 from .data import load_data
 from .model import QUANTIZERS
 from .stage1 import VQVAEConfig
+from .stage2 import PRIORS
 
 
 def _positive(kind):
@@ -62,21 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train twice from the same weights and data, reference quantizer then vqkern")
     _common(v, "runs/vqvae")
 
-    p = sub.add_parser("prior", help="stage 2: fit a gated PixelCNN over the code grids of the training set")
+    p = sub.add_parser("prior", help="stage 2: fit a prior (gated PixelCNN or transformer) over the code grids "
+                       "of the training set, conditioned on the class name when the data has labels")
+    p.add_argument("--prior", choices=PRIORS, default="pixelcnn", help="the model (default %(default)s)")
     p.add_argument("--vqvae", default=None, help="VQ-VAE checkpoint (default OUT/checkpoint.pt)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="ignore the data's labels (default: conditional on the class name when there are labels)")
     p.add_argument("--steps", type=_positive(int), default=2000)
     p.add_argument("--batch-size", type=_positive(int), default=128)
-    p.add_argument("--lr", type=_positive(float), default=1e-3)
-    p.add_argument("--channels", type=_positive(int), default=64)
-    p.add_argument("--layers", type=_positive(int), default=8)
+    p.add_argument("--lr", type=_positive(float), default=1e-3, help="learning rate (after a 100-step warm-up)")
+    p.add_argument("--channels", type=_positive(int), default=None,
+                   help="pixelcnn: channels (default 64); transformer: d_model (default 128)")
+    p.add_argument("--layers", type=_positive(int), default=None, help="default: 8 (pixelcnn), 5 (transformer)")
+    p.add_argument("--heads", type=_positive(int), default=4, help="transformer attention heads")
+    p.add_argument("--checkpoint-every", type=_positive(int), default=500)
+    p.add_argument("--resume", action="store_true", help="continue OUT/prior-<kind>[-uncond].pt up to --steps")
+    p.add_argument("--eval-samples", type=int, default=200,
+                   help="images drawn per class name for the prompt accuracy (0: skip it)")
+    p.add_argument("--classifier-steps", type=_positive(int), default=1500,
+                   help="training steps of the prompt-accuracy classifier (cached in OUT/classifier.pt)")
     _common(p, "runs/vqvae")
 
     s = sub.add_parser("sample", help="draw code grids from the prior and decode them to a PNG")
-    s.add_argument("--prior", default=None, help="prior checkpoint (default OUT/prior.pt)")
+    s.add_argument("--prior", default="pixelcnn", help="pixelcnn or transformer (OUT/prior-<kind>.pt) or a "
+                   "prior checkpoint path (default %(default)s)")
+    s.add_argument("--unconditional", action="store_true", help="the -uncond prior of that kind")
+    s.add_argument("--prompt", default=None, help='a class name or some of its words ("sneaker", "boot"), or '
+                   '"all": one row of --columns images per class (default: the classes in turn)')
     s.add_argument("--vqvae", default=None, help="VQ-VAE checkpoint (default: the one the prior was fit on)")
-    s.add_argument("-n", "--num", type=_positive(int), default=64, help="images to draw")
+    s.add_argument("-n", "--num", type=_positive(int), default=64, help="images to draw (not with --prompt all)")
     s.add_argument("--columns", type=_positive(int), default=8)
     s.add_argument("--temperature", type=_positive(float), default=1.0)
+    s.add_argument("--top-k", type=int, default=0, help="draw among the k likeliest codes only (0: all)")
     s.add_argument("--png", default=None, help="output PNG (default OUT/samples.png)")
     _common(s, "runs/vqvae")
     return parser
@@ -95,6 +113,19 @@ def _vqvae_config(args) -> VQVAEConfig:
         ema=args.ema, decay=args.decay, dead_code_threshold=args.dead_code_threshold, quantizer=args.quantizer,
         backend=args.backend, device=args.device, seed=args.seed, out=args.out,
         checkpoint_every=args.checkpoint_every)
+
+
+def _prior_summary(r: dict) -> str:
+    kind = f"{r['prior']} ({'conditional' if r['conditional'] else 'unconditional'}, {r['parameters']:,} parameters)"
+    line = (f"{kind}: held-out NLL {r['test_nll']:.4f} nats/code (train {r['train_nll']:.4f}), "
+            f"{r['ms_per_step']:.1f} ms/step" if r["ms_per_step"] else
+            f"{kind}: held-out NLL {r['test_nll']:.4f} nats/code (train {r['train_nll']:.4f})")
+    if "prompt_accuracy" in r:
+        per = ", ".join(f"{k} {v:.2f} ({r['ceiling_per_class'][k]:.2f})"
+                        for k, v in r["prompt_accuracy_per_class"].items())
+        line += (f"\nprompt accuracy {r['prompt_accuracy']:.3f} (ceiling {r['ceiling']:.3f}: the classifier on "
+                 f"reconstructed test images; {r['prompt_accuracy_vs_ceiling']:.1%} of it); per class (ceiling): {per}")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,16 +157,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint: {Path(cfg.out) / 'checkpoint.pt'}; metrics: {Path(cfg.out) / 'metrics.jsonl'}")
         elif args.command == "prior":
             from .stage2 import PriorConfig, train_prior
-            cfg = PriorConfig(vqvae=args.vqvae or str(Path(args.out) / "checkpoint.pt"), steps=args.steps,
+            cfg = PriorConfig(vqvae=args.vqvae or str(Path(args.out) / "checkpoint.pt"), prior=args.prior,
+                              conditional=False if args.unconditional else None, steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, channels=args.channels, layers=args.layers,
+                              heads=args.heads, checkpoint_every=args.checkpoint_every,
+                              eval_samples=args.eval_samples, classifier_steps=args.classifier_steps,
                               device=args.device, seed=args.seed, out=args.out)
-            r = train_prior(cfg, progress=progress)
+            r = train_prior(cfg, resume=args.resume, progress=progress)
+            print(_prior_summary(r))
             print(json.dumps(r))
         else:
-            from .stage2 import sample_images
-            png = sample_images(args.prior or Path(args.out) / "prior.pt", args.png or Path(args.out) / "samples.png",
-                                n=args.num, columns=args.columns, temperature=args.temperature, seed=args.seed,
-                                device=args.device, vqvae=args.vqvae)
+            from .stage2 import resolve_prior, sample_images
+            png = sample_images(resolve_prior(args.out, args.prior, args.unconditional),
+                                args.png or Path(args.out) / "samples.png", n=args.num, columns=args.columns,
+                                temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                                device=args.device, vqvae=args.vqvae, prompt=args.prompt)
             print(f"samples: {png}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

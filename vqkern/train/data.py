@@ -7,7 +7,14 @@ Accepted sources (``--data``):
   ``t10k-images-idx3-ubyte``, gzipped or raw);
 - a ``.npy`` array of images (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 in
   [0, 255] or float in [0, 1];
-- a folder of PNG/JPEG images.
+- a folder of PNG/JPEG images, or a folder of class sub-folders of them.
+
+Labels, for a prior conditioned on the class name: an IDX folder's
+``train-labels-idx1-ubyte`` and ``t10k-labels-idx1-ubyte``, both (class names from a
+``classes.txt`` beside them, one per line; Fashion-MNIST's ten names for the
+default data or a folder named fashion-mnist; else the label numbers), or the
+sub-folder names of an image folder. A ``.npy`` array and a flat image folder
+carry none.
 
 Every loader returns uint8 arrays (N, C, H, W): keeping the bytes (55 MB for
 Fashion-MNIST instead of 220 MB as float32) and converting one batch at a time.
@@ -31,11 +38,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
 class DataSplits(NamedTuple):
-    """train, test: uint8 arrays (N, C, H, W); source: where they came from."""
+    """train, test: uint8 arrays (N, C, H, W); source: where they came from.
+
+    train_labels, test_labels: int64 arrays (N,) of indices into ``classes``
+    (the class names), or None (and ``classes`` empty) when the data carries no labels.
+    """
     train: np.ndarray
     test: np.ndarray
     source: str
+    train_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+    classes: tuple[str, ...] = ()
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -66,8 +84,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _find_idx(folder: Path, prefix: str) -> Path:
-    hits = sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and "idx3" in p.name)
+def _find_idx(folder: Path, prefix: str, kind: str = "idx3") -> Path | None:
+    hits = sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and kind in p.name)
+    if not hits and kind != "idx3":
+        return None
     if not hits:
         raise FileNotFoundError(f"{folder}: no {prefix}*idx3-ubyte[.gz] file (an MNIST-format IDX folder "
                                 "holds train-images-idx3-ubyte and t10k-images-idx3-ubyte)")
@@ -132,14 +152,55 @@ def read_image_folder(folder: str | os.PathLike) -> np.ndarray:
     return _to_uint8_nchw(np.stack([np.asarray(im.convert(mode)) for im in images]), str(folder))
 
 
-def _holdout(images: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed, seeded split for sources without their own test set."""
+def read_class_folders(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """A folder of sub-folders of PNG/JPEG images, one per class -> (uint8 (N, C, H, W), int64 labels (N,), names).
+
+    Classes are the sub-folder names in sorted order; empty sub-folders are an error.
+    """
+    subs = sorted(p for p in Path(folder).iterdir() if p.is_dir())
+    parts = [read_image_folder(sub) for sub in subs]
+    shapes = {p.shape[1:] for p in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"{folder}: the class folders' images must share one size and mode, found {sorted(shapes)}")
+    labels = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(parts)])
+    return np.concatenate(parts), labels, tuple(sub.name for sub in subs)
+
+
+def _class_names(folder: Path, labels: np.ndarray) -> tuple[str, ...]:
+    listing = folder / "classes.txt"
+    if listing.is_file():
+        names = tuple(line.strip() for line in listing.read_text().splitlines() if line.strip())
+    elif folder.resolve() == DEFAULT_DATA.resolve() or folder.name.lower().replace("_", "-") == "fashion-mnist":
+        names = FASHION_MNIST_CLASSES
+    else:
+        names = tuple(str(i) for i in range(int(labels.max()) + 1))
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise ValueError(f"{folder}: labels run from {labels.min()} to {labels.max()}, but there are "
+                         f"{len(names)} class names")
+    return names
+
+
+def _idx_labels(folder: Path, prefix: str, n: int) -> np.ndarray | None:
+    path = _find_idx(folder, prefix, "idx1")
+    if path is None:
+        return None
+    labels = read_idx(path)
+    if labels.ndim != 1 or labels.shape[0] != n or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: expected {n} integer labels (one per image), got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
+
+
+def _holdout(images: np.ndarray, fraction: float, seed: int, labels: np.ndarray | None = None):
+    """A fixed, seeded split for sources without their own test set: (train, test, train_labels, test_labels)."""
     n = images.shape[0]
     n_test = min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
     if n_test == 0:
         raise ValueError("need at least 2 images to hold one out for testing")
     order = np.random.default_rng(seed).permutation(n)
-    return images[order[n_test:]], images[order[:n_test]]
+    train, test = order[n_test:], order[:n_test]
+    if labels is None:
+        return images[train], images[test], None, None
+    return images[train], images[test], labels[train], labels[test]
 
 
 def load_data(data: str | os.PathLike | None = None, *, holdout: float = 0.1, seed: int = 0) -> DataSplits:
@@ -159,7 +220,7 @@ def load_data(data: str | os.PathLike | None = None, *, holdout: float = 0.1, se
     if path.is_file():
         if path.suffix.lower() != ".npy":
             raise ValueError(f"--data {path}: a file must be a .npy array (or pass a folder of IDX or image files)")
-        train, test = _holdout(read_npy(path), holdout, seed)
+        train, test, _, _ = _holdout(read_npy(path), holdout, seed)
         return DataSplits(train, test, str(path))
     names = [p.name for p in path.iterdir()]
     if any("idx3" in n for n in names):
@@ -167,6 +228,17 @@ def load_data(data: str | os.PathLike | None = None, *, holdout: float = 0.1, se
         test = _to_uint8_nchw(read_idx(_find_idx(path, "t10k-images")), str(path))
         if train.shape[1:] != test.shape[1:]:
             raise ValueError(f"{path}: train images {train.shape[1:]} and test images {test.shape[1:]} differ in shape")
-        return DataSplits(train, test, str(path))
-    train, test = _holdout(read_image_folder(path), holdout, seed)
+        train_labels = _idx_labels(path, "train-labels", len(train))
+        test_labels = _idx_labels(path, "t10k-labels", len(test))
+        # Labels for one split only cannot condition a prior that is measured on the other;
+        # the images still train a VQ-VAE (and an unconditional prior).
+        if train_labels is None or test_labels is None:
+            return DataSplits(train, test, str(path))
+        classes = _class_names(path, np.concatenate([train_labels, test_labels]))
+        return DataSplits(train, test, str(path), train_labels, test_labels, classes)
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()) and any(p.is_dir() for p in path.iterdir()):
+        images, labels, classes = read_class_folders(path)
+        train, test, train_labels, test_labels = _holdout(images, holdout, seed, labels)
+        return DataSplits(train, test, str(path), train_labels, test_labels, classes)
+    train, test, _, _ = _holdout(read_image_folder(path), holdout, seed)
     return DataSplits(train, test, str(path))
