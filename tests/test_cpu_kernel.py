@@ -1,5 +1,5 @@
 """The torch backend's CPU search paths: the fused C++ kernel (vqkern._cpu) on each
-ISA path the CPU can run (VQKERN_CPU_ISA=avx2|avx512|avx512bf16; the others skip
+ISA path the CPU can run (VQKERN_CPU_ISA=avx2|avx512|avx512bf16|amx; the others skip
 with the instructions they lack) and the tiled PyTorch path (VQKERN_CPU_KERNEL=0),
 each against the fp64 reference; the paths against each other; the one-pass
 backward kernel against fp64 and plain PyTorch."""
@@ -41,9 +41,15 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=[p for p in ISA_PARAMS if p.values[0] != "avx512bf16"])
+@pytest.fixture(params=[p for p in ISA_PARAMS if p.values[0] not in torch_.BF16_ISAS])
 def fp32_isa(request):
-    """An fp32 kernel path of vqkern._cpu (avx512bf16's fp32 kernel is avx512's)."""
+    """An fp32 kernel path of vqkern._cpu (avx512bf16's and amx's fp32 kernel is avx512's)."""
+    return request.param
+
+
+@pytest.fixture(params=[p for p in ISA_PARAMS if p.values[0] in torch_.BF16_ISAS])
+def bf16_isa(request):
+    """A path of vqkern._cpu that searches bf16 as bf16."""
     return request.param
 
 
@@ -64,10 +70,7 @@ def _direct(z, codebook, threads=2, isa="avx2"):
     quantized = torch.full((n, d), float("nan"), dtype=z.dtype)
     args = (z.data_ptr(), n, z.stride(0), codebook.data_ptr(), codebook.shape[0], codebook.stride(0), d,
             idx.data_ptr(), dist.data_ptr(), quantized.data_ptr(), quantized.stride(0), threads)
-    if z.dtype == torch.bfloat16:
-        _ext().search_l2_bf16(*args)
-    else:
-        _ext().search_l2(*args, isa)
+    (_ext().search_l2_bf16 if z.dtype == torch.bfloat16 else _ext().search_l2)(*args, isa)
     return idx, dist, quantized
 
 
@@ -143,17 +146,18 @@ def test_nan_row_gives_valid_index_and_nan_distance(path):
     assert_nearest(z[keep], codebook, indices[keep])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_isa("avx512bf16"))],
-                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("isa,dtype", [
+    pytest.param(isa, torch.bfloat16 if isa in torch_.BF16_ISAS else torch.float32, id=isa, marks=needs_isa(isa))
+    for isa in torch_.CPU_ISAS])
 @pytest.mark.parametrize("n,k", [(1000, 500), (30, 5000), (150, 9000)], ids=["row-blocks", "code-splits", "both"])
-def test_kernel_same_answer_for_any_thread_count(fp32_isa, dtype, n, k):
+def test_kernel_same_answer_for_any_thread_count(isa, dtype, n, k):
     # Few rows and many codes: the codes are split across threads too, and the merge
     # across splits must keep the lowest index on ties (duplicated codes below).
     base = torch.randn(k // 2, 24)
     codebook = torch.cat([base, base, torch.randn(k - 2 * (k // 2), 24)]).to(dtype)
     z = torch.cat([torch.randn(n - 10, 24), base[torch.randint(0, k // 2, (10,))]]).to(dtype)
     z[3, 5] = float("nan")
-    runs = [_direct(z, codebook, threads, fp32_isa) for threads in (1, 2, 3, 8)]
+    runs = [_direct(z, codebook, threads, isa) for threads in (1, 2, 3, 8)]
     for idx, dist, quantized in runs[1:]:
         assert torch.equal(runs[0][0], idx) and torch.equal(runs[0][1].nan_to_num(-2), dist.nan_to_num(-2))
         assert torch.equal(runs[0][2], quantized)
@@ -253,7 +257,7 @@ def test_cpu_isa_variable_errors_name_it(monkeypatch):
     if not KERNEL_OK:
         pytest.skip(f"vqkern._cpu unavailable: {KERNEL_REASON}")
     monkeypatch.setenv("VQKERN_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="VQKERN_CPU_ISA='sse9': choose from avx2, avx512, avx512bf16"):
+    with pytest.raises(ValueError, match="VQKERN_CPU_ISA='sse9': choose from avx2, avx512, avx512bf16, amx"):
         vqkern.nearest_code(torch.randn(4, 8), torch.randn(5, 8), backend="torch")
     assert "VQKERN_CPU_ISA" in vqkern.backends.availability("torch", "cpu")[1]
     # An ISA this CPU lacks: every path may be present here, so the lack is simulated
@@ -268,6 +272,9 @@ def test_cpu_isa_variable_errors_name_it(monkeypatch):
 def test_isa_report_is_consistent():
     ext = _ext()
     assert ext.isas() == list(torch_.CPU_ISAS)
+    # Each path needs what the previous one needs: a machine lacking one lacks the next.
+    present = [not ext.isa_missing(isa) for isa in ext.isas()]
+    assert present == sorted(present, reverse=True)
     assert ext.isa_missing(ext.best_isa()) == ""
     with pytest.raises(ValueError, match="unknown isa"):
         ext.isa_missing("avx1024")
@@ -278,58 +285,53 @@ def test_isa_report_is_consistent():
 BF16_SHAPES = [(n, k, d) for d in (1, 3, 64, 65, 1000) for k in (1, 7, 1000) for n in (1, 31)] + [(300, 70001, 8)]
 
 
-@needs_isa("avx512bf16")
 @pytest.mark.parametrize("n,k,d", BF16_SHAPES, ids=[f"{n}x{k}x{d}" for n, k, d in BF16_SHAPES])
-def test_bf16_kernel_meets_the_precision_policy(n, k, d, monkeypatch):
+def test_bf16_kernel_meets_the_precision_policy(bf16_isa, n, k, d, monkeypatch):
     # The guarantee on the widened values: the chosen code's exact distance is within
     # 1e-5 (|z|^2 + max|e|^2) of the true minimum; distances from the fp32 residual;
     # quantized rows are the bf16 code rows exactly.
-    monkeypatch.setenv("VQKERN_CPU_ISA", "avx512bf16")
+    monkeypatch.setenv("VQKERN_CPU_ISA", bf16_isa)
     z, codebook = torch.randn(n, d).bfloat16(), torch.randn(k, d).bfloat16()
     out = vqkern.quantize(z, codebook, backend="torch")
     assert out.quantized.dtype == torch.bfloat16
     assert torch.equal(out.quantized, codebook[out.indices])
-    idx, dist, quantized = _direct(z, codebook)
+    idx, dist, quantized = _direct(z, codebook, isa=bf16_isa)
     assert torch.equal(idx, out.indices) and torch.equal(quantized, out.quantized)
     assert_nearest(z.float(), codebook.float(), idx, dist)
 
 
-@needs_isa("avx512bf16")
-def test_bf16_exact_indices_on_separated_codes():
+def test_bf16_exact_indices_on_separated_codes(bf16_isa):
     codebook = (torch.randn(300, 40) * 10).bfloat16()
     truth = torch.randint(0, 300, (1000,))
     z = (codebook[truth].float() + 0.01 * torch.randn(1000, 40)).bfloat16()
-    idx, _, _ = _direct(z, codebook)
+    idx, _, _ = _direct(z, codebook, isa=bf16_isa)
     assert torch.equal(idx, truth)
 
 
-@needs_isa("avx512bf16")
-def test_bf16_kernel_agrees_with_fp32_kernel_on_widened_values():
+def test_bf16_kernel_agrees_with_fp32_kernel_on_widened_values(bf16_isa):
     # Products of bf16 values are exact in fp32: only the order of the fp32 additions
     # differs from the fp32 kernel on the widened values, so any disagreement is a
     # near-tie within the policy's slack, checked against fp64.
     z, codebook = torch.randn(500, 96).bfloat16(), torch.randn(700, 96).bfloat16()
-    half = _direct(z, codebook)
+    half = _direct(z, codebook, isa=bf16_isa)
     full = _direct(z.float(), codebook.float(), isa="avx512")
     assert (half[0] == full[0]).float().mean() > 0.99
     assert torch.equal(half[1], full[1].where(half[0] == full[0], half[1]))  # same residual code
     assert_nearest(z.float(), codebook.float(), half[0], half[1])
 
 
-@needs_isa("avx512bf16")
-def test_bf16_large_offset_and_near_ties(monkeypatch):
+def test_bf16_large_offset_and_near_ties(bf16_isa, monkeypatch):
     # A common offset of 100 (|z|^2 ~ 1e4 D) and codes closer together than bf16's
     # spacing there: the guarantee is relative to |z|^2 + max|e|^2.
-    monkeypatch.setenv("VQKERN_CPU_ISA", "avx512bf16")
+    monkeypatch.setenv("VQKERN_CPU_ISA", bf16_isa)
     codebook = (100 + 0.5 * torch.randn(64, 32)).bfloat16()
     z = (codebook[torch.randint(0, 64, (400,))].float() + 0.3 * torch.randn(400, 32)).bfloat16()
     indices, distances = vqkern.nearest_code(z, codebook, backend="torch")
     assert_nearest(z.float(), codebook.float(), indices, distances)
 
 
-@needs_isa("avx512bf16")
-def test_mixed_dtypes_are_widened(monkeypatch):
-    monkeypatch.setenv("VQKERN_CPU_ISA", "avx512bf16")
+def test_mixed_dtypes_are_widened(bf16_isa, monkeypatch):
+    monkeypatch.setenv("VQKERN_CPU_ISA", bf16_isa)
     z, codebook = torch.randn(50, 24).bfloat16(), torch.randn(70, 24)
     out = vqkern.quantize(z, codebook, backend="torch")
     assert out.quantized.dtype == torch.bfloat16

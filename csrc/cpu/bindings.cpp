@@ -20,7 +20,7 @@ Isa parse_isa(const std::string& name) {
   if (name == "auto") return best_isa();
   for (int i = 0; i < kIsaCount; ++i)
     if (name == isa_name(static_cast<Isa>(i))) return static_cast<Isa>(i);
-  throw std::invalid_argument("vqkern._cpu: unknown isa " + name + " (avx2, avx512, avx512bf16 or auto)");
+  throw std::invalid_argument("vqkern._cpu: unknown isa " + name + " (avx2, avx512, avx512bf16, amx or auto)");
 }
 
 }  // namespace
@@ -51,19 +51,22 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("isa") = "auto",
         "indices (n,) int64 = nearest code of each fp32 row of z, lowest index on ties; "
         "distances (n,) fp32 and quantized (n, d) fp32 written too unless their pointer is 0. "
-        "isa: avx2 or avx512 (avx512bf16 runs avx512), auto = the best this CPU runs.");
+        "isa: avx2 or avx512 (avx512bf16 and amx run avx512), auto = the best this CPU runs.");
   m.def("search_l2_bf16",
         [](std::uintptr_t z, int64_t n, int64_t ldz, std::uintptr_t codebook, int64_t k, int64_t ldc, int64_t d,
-           std::uintptr_t indices, std::uintptr_t distances, std::uintptr_t quantized, int64_t ldq, int threads) {
+           std::uintptr_t indices, std::uintptr_t distances, std::uintptr_t quantized, int64_t ldq, int threads,
+           const std::string& isa) {
+          const Isa path = parse_isa(isa);
           py::gil_scoped_release release;
           search_l2_bf16(reinterpret_cast<const uint16_t*>(z), n, ldz, reinterpret_cast<const uint16_t*>(codebook),
                          k, ldc, d, reinterpret_cast<int64_t*>(indices), reinterpret_cast<float*>(distances),
-                         reinterpret_cast<uint16_t*>(quantized), ldq, threads);
+                         reinterpret_cast<uint16_t*>(quantized), ldq, threads, path);
         },
         py::arg("z"), py::arg("n"), py::arg("ldz"), py::arg("codebook"), py::arg("k"), py::arg("ldc"), py::arg("d"),
         py::arg("indices"), py::arg("distances"), py::arg("quantized"), py::arg("ldq"), py::arg("threads"),
-        "As search_l2 for bf16 z and codebook (bf16 products, fp32 sums; AVX512-BF16): distances fp32, "
-        "quantized bf16.");
+        py::arg("isa") = "auto",
+        "As search_l2 for bf16 z and codebook (bf16 products, fp32 sums): distances fp32, quantized bf16. "
+        "isa: amx (tdpbf16ps tiles) or avx512bf16 (vdpbf16ps); auto = the best this CPU runs.");
   m.def("backward_l2",
         [](std::uintptr_t gq, std::uintptr_t z, std::uintptr_t codebook, std::uintptr_t idx, int64_t n, int64_t d,
            int64_t k, float scale, std::uintptr_t grad_z, std::uintptr_t diff_sums, bool deterministic, int threads) {

@@ -2,6 +2,8 @@
 // needs both the CPU bits and the OS saving the opmask/zmm state (XCR0 bits 5-7):
 // a hypervisor or kernel can hide the latter while cpuid still lists AVX-512.
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -49,7 +51,15 @@ struct Features {
     if ((x & 0xE6) != 0xE6) avx512 += "OS support for opmask/zmm state (XCR0 bits 5-7); ";
     std::string bf16 = avx512;
     if (max_leaf < 7 || !(l71.a & (1u << 5))) bf16 += "AVX512-BF16 vdpbf16ps (cpuid leaf 7.1 EAX bit 5); ";
-    std::string* all[kIsaCount] = {&avx2, &avx512, &bf16};
+    std::string amx = bf16;
+    if (max_leaf < 7 || !(l7.d & (1u << 24))) amx += "AMX-TILE (cpuid leaf 7 EDX bit 24); ";
+    if (max_leaf < 7 || !(l7.d & (1u << 22))) amx += "AMX-BF16 (cpuid leaf 7 EDX bit 22); ";
+    if ((x & 0x60000) != 0x60000) amx += "OS support for tile state (XCR0 bits 17-18); ";
+    // Linux hands out the (8 KB) tile data state only to processes that ask for it.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (amx == bf16 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+      amx += "the OS's permission for AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM refused); ";
+    std::string* all[kIsaCount] = {&avx2, &avx512, &bf16, &amx};
     for (int i = 0; i < kIsaCount; ++i) {
       std::string& s = *all[i];
       if (s.size() >= 2) s.resize(s.size() - 2);
@@ -70,6 +80,7 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx512Bf16: return "avx512bf16";
+    case Isa::kAmx: return "amx";
   }
   return "?";
 }

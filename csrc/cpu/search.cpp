@@ -22,7 +22,7 @@ void require(Isa isa, const char* what) {
 
 void search_l2(const float* z, int64_t n, int64_t ldz, const float* codebook, int64_t k, int64_t ldc, int64_t d,
                int64_t* indices, float* distances, float* quantized, int64_t ldq, int threads, Isa isa) {
-  const Isa path = isa == Isa::kAvx2 ? Isa::kAvx2 : Isa::kAvx512;
+  const Isa path = isa == Isa::kAvx2 ? Isa::kAvx2 : Isa::kAvx512;  // fp32 has no AMX kernel
   require(path, "search_l2");
   const driver::Problem<float> pb{z, n, ldz, codebook, k, ldc, d, indices, distances, quantized, ldq};
   if (path == Isa::kAvx2) search_f32_avx2(pb, threads);
@@ -30,10 +30,13 @@ void search_l2(const float* z, int64_t n, int64_t ldz, const float* codebook, in
 }
 
 void search_l2_bf16(const uint16_t* z, int64_t n, int64_t ldz, const uint16_t* codebook, int64_t k, int64_t ldc,
-                    int64_t d, int64_t* indices, float* distances, uint16_t* quantized, int64_t ldq, int threads) {
-  require(Isa::kAvx512Bf16, "search_l2_bf16");
+                    int64_t d, int64_t* indices, float* distances, uint16_t* quantized, int64_t ldq, int threads,
+                    Isa isa) {
+  const Isa path = isa == Isa::kAmx ? Isa::kAmx : Isa::kAvx512Bf16;
+  require(path, "search_l2_bf16");
   const driver::Problem<uint16_t> pb{z, n, ldz, codebook, k, ldc, d, indices, distances, quantized, ldq};
-  search_bf16_avx512(pb, threads);
+  if (path == Isa::kAmx) search_bf16_amx(pb, threads);
+  else search_bf16_avx512(pb, threads);
 }
 
 }  // namespace vqkern_cpu

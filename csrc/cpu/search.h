@@ -7,9 +7,11 @@
 namespace vqkern_cpu {
 
 // Instruction-set paths, in increasing order of what they need. Each one includes
-// the previous ones' requirements (avx512bf16 = avx512 + AVX512-BF16).
-enum class Isa : int { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
-constexpr int kIsaCount = 3;
+// the previous ones' requirements (avx512bf16 = avx512 + AVX512-BF16, amx = that +
+// AMX-TILE/AMX-BF16 + the OS's permission for tile data). fp32 runs the avx2 or the
+// avx512 kernel; bf16 inputs are searched as bf16 on avx512bf16 and amx.
+enum class Isa : int { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2, kAmx = 3 };
+constexpr int kIsaCount = 4;
 
 const char* isa_name(Isa isa);
 // Empty when this CPU and OS can run `isa`; otherwise what is missing (e.g.
@@ -34,10 +36,11 @@ void search_l2(const float* z, int64_t n, int64_t ldz, const float* codebook, in
 // The same for bf16 z and codebook (raw 16-bit patterns): products of bf16 values
 // are exact in fp32 and summed in fp32 (AVX512-BF16 vdpbf16ps), so the ranking is
 // that of the fp32 search on the widened values up to accumulation order. distances
-// are fp32 from the residual, quantized rows are bf16. Needs Isa::kAvx512Bf16.
+// are fp32 from the residual, quantized rows are bf16. isa: kAvx512Bf16 (vdpbf16ps)
+// or kAmx (tdpbf16ps tiles).
 void search_l2_bf16(const uint16_t* z, int64_t n, int64_t ldz, const uint16_t* codebook,
                     int64_t k, int64_t ldc, int64_t d, int64_t* indices, float* distances,
-                    uint16_t* quantized, int64_t ldq, int threads);
+                    uint16_t* quantized, int64_t ldq, int threads, Isa isa);
 
 // One pass over the rows of the straight-through + codebook-loss backward, fp32,
 // contiguous row-major: grad_z[i] = gq[i] + scale * (z[i] - cb[idx[i]]) and

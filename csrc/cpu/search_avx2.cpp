@@ -20,7 +20,7 @@ struct Avx2F32 {
   static constexpr int kMr = 6;
   static constexpr int kNr = 16;
   static constexpr int64_t kRowBlock = 96;  // 16 micro-blocks, ~24 KB of z at D = 64
-  static constexpr int kScratch = 0;
+  static int64_t scratch_elems(int64_t) { return 0; }
   static int64_t panel_elems(int64_t d) { return d * kNr; }
   static void pack_panels(const float* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
                           float* packed, float* norms) {

@@ -91,7 +91,7 @@ struct Avx512F32 {
   using T = float;
   static constexpr int kNr = vqkern_cpu::kNr;
   static constexpr int64_t kRowBlock = 8 * kMr;  // 112 rows, ~28 KB of z at D = 64
-  static constexpr int kScratch = kMr;
+  static int64_t scratch_elems(int64_t d) { return kMr * d; }
   static int64_t panel_elems(int64_t d) { return d * kNr; }
   static void pack_panels(const float* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
                           float* packed, float* norms) {
@@ -178,7 +178,7 @@ struct Avx512Bf16 {
   using T = uint16_t;
   static constexpr int kNr = vqkern_cpu::kNr;
   static constexpr int64_t kRowBlock = 8 * kMr;
-  static constexpr int kScratch = kMr;  // (d + 2) / 2 pairs of 14 rows, as uint32 = 2 uint16 each
+  static int64_t scratch_elems(int64_t d) { return kMr * (d + 1); }  // (d + 1) / 2 pairs of 14 rows, as uint32
   static int64_t panel_elems(int64_t d) { return (d + 1) / 2 * 2 * kNr; }
   static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
                           uint16_t* packed, float* norms) {
@@ -207,11 +207,141 @@ struct Avx512Bf16 {
   }
 };
 
+
+// ---- bf16 on AMX ----------------------------------------------------------------------
+// A 32-row x 32-code block per step: A tiles tmm0/tmm1 hold 16 rows x 32 bf16 of z each,
+// B tiles tmm2/tmm3 16 d pairs x 16 codes (pairs adjacent, the VNNI layout of
+// tdpbf16ps), C tiles tmm4-tmm7 the 32 x 32 fp32 dot products; each tdpbf16ps does
+// 16 x 16 x 32 products, exact in fp32, summed in fp32. d is cut into chunks of 32,
+// z rows and codes zero-padded to a whole chunk. The C tiles go to a 4 KB buffer in
+// L1 and are folded into the lane state by the same AVX-512 code as above: at small
+// d that fold, not the tile unit, bounds the rate.
+
+constexpr int kAmxRows = 32;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline int64_t amx_chunks(int64_t d) { return (d + 31) / 32; }
+
+// Panel p, chunk c, half h (codes 16h..16h+15): a 16 x 32 bf16 B tile, row u holding
+// (e_j[32c + 2u], e_j[32c + 2u + 1]) for j = 0..15.
+void pack_panels_amx(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
+                     uint16_t* packed, float* norms) {
+  const int64_t chunks = amx_chunks(d);
+  for (int64_t p = p0; p < p1; ++p) {
+    uint16_t* panel = packed + p * chunks * 1024;
+    for (int j = 0; j < kNr; ++j) {
+      const int64_t code = p * kNr + j;
+      const uint16_t* e = codebook + code * ldc;
+      float norm = 0.0f;
+      for (int64_t t = 0; t < chunks * 32; ++t) {
+        const uint16_t v = (code < k && t < d) ? e[t] : 0;
+        const int64_t c = t / 32, u = (t % 32) / 2, h = t % 2;
+        panel[(c * 2 + j / 16) * 512 + u * 32 + (j % 16) * 2 + h] = v;
+        norm += bf16f(v) * bf16f(v);
+      }
+      norms[p * kNr + j] = code < k ? norm : std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+#define VQ_TARGET_AMX __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,amx-tile,amx-bf16")))
+
+VQ_TARGET_AMX void panels_amx(const uint16_t* zp, int64_t zstride_bytes, int64_t chunks, const uint16_t* packed,
+                              const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, float* cbuf) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* panel = packed + p * chunks * 1024;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t c = 0; c < chunks; ++c) {
+      _tile_loadd(0, zp + c * 32, zstride_bytes);
+      _tile_loadd(1, zp + 16 * (zstride_bytes / 2) + c * 32, zstride_bytes);
+      _tile_loadd(2, panel + c * 1024, 64);
+      _tile_loadd(3, panel + c * 1024 + 512, 64);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(5, 0, 3);
+      _tile_dpbf16ps(6, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+    // cbuf row r (of 32): codes 0-15 then 16-31.
+    _tile_stored(4, cbuf, 128);
+    _tile_stored(5, cbuf + 16, 128);
+    _tile_stored(6, cbuf + 16 * 32, 128);
+    _tile_stored(7, cbuf + 16 * 32 + 16, 128);
+    for (int half = 0; half < 2; ++half) {
+      __m512 acc0[16], acc1[16];
+      for (int r = 0; r < 16; ++r) {
+        acc0[r] = _mm512_load_ps(cbuf + (half * 16 + r) * 32);
+        acc1[r] = _mm512_load_ps(cbuf + (half * 16 + r) * 32 + 16);
+      }
+      fold<16>(acc0, acc1, norms + p * kNr, static_cast<int32_t>(p * kNr), lanes + half * 16);
+    }
+  }
+}
+
+// Eight tiles of 16 rows x 64 bytes. A static object, not a local: GCC 12's
+// _tile_loadconfig tells the compiler it reads only the first byte, so the stores
+// that fill a local config were dropped and the first tile instruction faulted.
+alignas(64) const TileConfig kTileConfig = [] {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  return cfg;
+}();
+
+VQ_TARGET_AMX void amx_configure() { _tile_loadconfig(&kTileConfig); }
+
+VQ_TARGET_AMX void amx_release() { _tile_release(); }
+
+struct AmxBf16 {
+  using T = uint16_t;
+  static constexpr int kNr = vqkern_cpu::kNr;
+  static constexpr int64_t kRowBlock = 4 * kAmxRows;  // 128 rows, 16 KB of z at D = 64
+  // The row block's z, padded to whole chunks, then the 4 KB C buffer.
+  static int64_t scratch_elems(int64_t d) { return kRowBlock * amx_chunks(d) * 32 + 2048 + 32; }
+  static int64_t panel_elems(int64_t d) { return amx_chunks(d) * 1024; }
+  static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
+                          uint16_t* packed, float* norms) {
+    pack_panels_amx(cb, ldc, k, d, p0, p1, packed, norms);
+  }
+  static float residual(const uint16_t* z, const uint16_t* e, int64_t d) { return residual_bf16(z, e, d); }
+
+  // Rows past `rows` (to a multiple of 32) are zero and fold into lane slots that the
+  // driver never reads (it sizes the lane state for kRowBlock rows).
+  static void run_block(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, const uint16_t* packed,
+                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
+    const int64_t chunks = amx_chunks(d), width = chunks * 32;
+    const int64_t groups = (rows + kAmxRows - 1) / kAmxRows;
+    for (int64_t r = 0; r < groups * kAmxRows; ++r) {
+      uint16_t* out = scratch + r * width;
+      const int64_t have = r < rows ? d : 0;
+      if (have) std::memcpy(out, z0 + r * ldz, static_cast<size_t>(d) * sizeof(uint16_t));
+      std::memset(out + have, 0, static_cast<size_t>(width - have) * sizeof(uint16_t));
+    }
+    float* cbuf = reinterpret_cast<float*>(scratch + ((kRowBlock * width + 31) / 32) * 32);
+    amx_configure();
+    for (int64_t g = 0; g < groups; ++g)
+      panels_amx(scratch + g * kAmxRows * width, width * 2, chunks, packed, norms, p0, p1, lanes + g * kAmxRows,
+                 cbuf);
+    amx_release();
+  }
+};
+
 }  // namespace
 
 void search_f32_avx512(const driver::Problem<float>& pb, int threads) { driver::search<Avx512F32>(pb, threads); }
 void search_bf16_avx512(const driver::Problem<uint16_t>& pb, int threads) {
   driver::search<Avx512Bf16>(pb, threads);
 }
+void search_bf16_amx(const driver::Problem<uint16_t>& pb, int threads) { driver::search<AmxBf16>(pb, threads); }
 
 }  // namespace vqkern_cpu

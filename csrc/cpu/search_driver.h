@@ -4,7 +4,7 @@
 //   using T;                       element type of z and the codebook
 //   static constexpr int kNr;      codes per packed panel
 //   static constexpr int64_t kRowBlock;  rows per work item
-//   static constexpr int kScratch; T elements of per-thread scratch per unit of d
+//   static int64_t scratch_elems(int64_t d);  T elements of per-thread scratch
 //   static int64_t panel_elems(int64_t d);  T elements of one packed panel
 //   static void pack_panels(const T* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0,
 //                           int64_t p1, T* packed, float* norms);
@@ -174,7 +174,7 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
   threads = static_cast<int>(std::min<int64_t>(threads, items));
   parallel(threads, [&] {
     std::vector<Lanes<NR>> lanes(K::kRowBlock);
-    auto scratch = aligned_array<T>(static_cast<size_t>(K::kScratch * (d + 2)));
+    auto scratch = aligned_array<T>(static_cast<size_t>(K::scratch_elems(d)));
     for (int64_t item; (item = next_block.fetch_add(1)) < items;) {
       const int64_t b = item / splits, sp = item % splits;
       const int64_t r0 = b * K::kRowBlock;

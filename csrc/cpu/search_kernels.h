@@ -35,5 +35,6 @@ float residual_bf16(const uint16_t* z, const uint16_t* e, int64_t d);
 void search_f32_avx2(const driver::Problem<float>& pb, int threads);
 void search_f32_avx512(const driver::Problem<float>& pb, int threads);
 void search_bf16_avx512(const driver::Problem<uint16_t>& pb, int threads);
+void search_bf16_amx(const driver::Problem<uint16_t>& pb, int threads);
 
 }  // namespace vqkern_cpu

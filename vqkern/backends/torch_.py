@@ -18,10 +18,11 @@ On x86-64 CPUs with AVX2 the search instead runs the fused C++ kernel of the
 extension ``vqkern._cpu`` (csrc/cpu/): scores are folded into the running argmin
 in registers, no tile is written, rows are shared out between threads
 dynamically. The kernel's instruction set is chosen from the CPU (cpuid and the
-OS's saved register state): ``avx2`` (AVX2 + FMA), ``avx512`` (AVX512F/DQ/BW/VL)
-or ``avx512bf16`` (also AVX512-BF16, which searches bf16 inputs as bf16: bf16
-products are exact in fp32 and summed in fp32). ``VQKERN_CPU_ISA=avx2|avx512|
-avx512bf16`` forces one (an error names the variable if the CPU lacks it);
+OS's saved register state): ``avx2`` (AVX2 + FMA), ``avx512`` (AVX512F/DQ/BW/VL),
+``avx512bf16`` (also AVX512-BF16) or ``amx`` (also AMX-BF16 tiles). The last two
+search bf16 z and codebook as bf16: bf16 products are exact in fp32 and summed in
+fp32, so the precision policy holds. ``VQKERN_CPU_ISA=avx2|avx512|avx512bf16|amx``
+forces one (an error names the variable if the CPU lacks it);
 ``VQKERN_CPU_KERNEL=0`` forces the tiled PyTorch path; ``cpu_kernel()`` says
 which path runs and why. ``cpu_backward`` is the extension's one-pass fp32
 backward (grad_z and the per-code residual sums).
@@ -44,8 +45,11 @@ CPU_GROUP = 32
 
 
 # The kernel paths of vqkern._cpu, in increasing order of what they need.
-CPU_ISAS = ("avx2", "avx512", "avx512bf16")
-_ISA_TEXT = {"avx2": "AVX2 + FMA", "avx512": "AVX-512", "avx512bf16": "AVX-512, bf16 inputs via AVX512-BF16"}
+CPU_ISAS = ("avx2", "avx512", "avx512bf16", "amx")
+# The paths that search bf16 z and codebook as bf16 (any other dtype mix is widened to fp32).
+BF16_ISAS = ("avx512bf16", "amx")
+_ISA_TEXT = {"avx2": "AVX2 + FMA", "avx512": "AVX-512", "avx512bf16": "AVX-512, bf16 inputs via AVX512-BF16",
+             "amx": "AVX-512, bf16 inputs via AMX-BF16 tiles"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,17 +197,17 @@ def _search_blocked(z, cb, cb_norm, indices) -> None:
 def _kernel_search(ext, isa, z, codebook, indices, distances, quantized) -> bool:
     """Search with vqkern._cpu; True when its fused epilogue also wrote distances and quantized.
 
-    bf16 z and codebook are searched as bf16 on the avx512bf16 path; any other mix is
-    widened to fp32 (the kernel reads fp32 rows through data pointers)."""
+    bf16 z and codebook are searched as bf16 on the avx512bf16 and amx paths; any other
+    mix is widened to fp32 (the kernel reads fp32 rows through data pointers)."""
     if indices.dtype != torch.int64 or not indices.is_contiguous():
         raise RuntimeError("vqkern._cpu.search_l2 needs contiguous int64 indices")
     threads = torch.get_num_threads()
-    if isa == "avx512bf16" and z.dtype == codebook.dtype == torch.bfloat16:
+    if isa in BF16_ISAS and z.dtype == codebook.dtype == torch.bfloat16:
         zs, cb = z.contiguous(), codebook.contiguous()
         fused = quantized.dtype == torch.bfloat16 and quantized.is_contiguous() and distances.is_contiguous()
         ext.search_l2_bf16(zs.data_ptr(), zs.shape[0], zs.stride(0), cb.data_ptr(), cb.shape[0], cb.stride(0),
                            zs.shape[1], indices.data_ptr(), distances.data_ptr() if fused else 0,
-                           quantized.data_ptr() if fused else 0, quantized.stride(0), threads)
+                           quantized.data_ptr() if fused else 0, quantized.stride(0), threads, isa)
         return fused
     zs, cb = z.float().contiguous(), codebook.float().contiguous()
     # fp32 in and out: the kernel also writes the exact distance and the code row
