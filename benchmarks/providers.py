@@ -347,6 +347,10 @@ PROVIDERS["vqkern-torch-tiled"] = Provider(
 PROVIDERS["vqkern-torch-avx2"] = Provider(
     "vqkern-torch-avx2", ("forward",), _vqkern_builder("torch", ("VQKERN_CPU_ISA", "avx2")), _cpu_isa_available("avx2"),
     note="the torch backend with vqkern._cpu forced to its AVX2 path (VQKERN_CPU_ISA=avx2), bf16 widened to fp32")
+PROVIDERS["vqkern-torch-avx512"] = Provider(
+    "vqkern-torch-avx512", ("forward",), _vqkern_builder("torch", ("VQKERN_CPU_ISA", "avx512")),
+    _cpu_isa_available("avx512"),
+    note="the torch backend with vqkern._cpu forced to its AVX-512 path: bf16 inputs widened to fp32 (as before)")
 PROVIDERS["vqkern-cpu-backward"] = Provider(
     "vqkern-cpu-backward", ("backward",), _cpu_backward_build, _cpu_backward_available,
     note="vqkern._cpu.backward_l2 alone (grad_z + per-code residual sums, one pass; sums zeroed per call)")
