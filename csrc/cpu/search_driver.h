@@ -27,11 +27,10 @@
 #pragma once
 
 // Every function here that does per-row work carries VQ_DRIVER_TARGET, the target
-// attribute of the including kernel file, so the driver's loops are compiled for
-// the kernel's instruction set: with the driver in plain SSE code the AVX2 path ran
-// at about half its former speed in a PyTorch process on the Xeon (40 against 100
-// GFLOP/s on one thread). Only templates instantiated per kernel type carry it, so
-// no out-of-line function shared between kernel files is compiled for AVX-512.
+// attribute of the including kernel file, so the driver's loops are compiled for the
+// kernel's instruction set, as the single-file AVX2 kernel's were. Only templates
+// instantiated per kernel type carry it, so no out-of-line function shared between
+// kernel files is compiled for AVX-512.
 #ifndef VQ_DRIVER_TARGET
 #error "define VQ_DRIVER_TARGET (the kernel file's target attribute) before including search_driver.h"
 #endif
