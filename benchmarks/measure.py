@@ -173,6 +173,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_kernel_path() -> str:
+    """The CPU search path of the torch backend as it runs now: vqkern._cpu's ISA path
+    (avx2, avx512, avx512bf16) or the tiled PyTorch fallback, with the reason."""
+    try:
+        from vqkern.backends import torch_
+        return torch_.cpu_kernel()[1]
+    except Exception as exc:  # a bad VQKERN_CPU_ISA is a result too
+        return f"error: {type(exc).__name__}: {exc}"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -205,4 +215,7 @@ def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.run"] + list(sys.argv[1:] if argv is None else argv)),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # Compare CPU figures only within one machine and one kernel path.
+        "cpu_model": cpu_name(),
+        "cpu_isa": cpu_kernel_path() if device.type == "cpu" else None,
     }

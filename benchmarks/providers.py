@@ -299,6 +299,44 @@ def _cpu_only(device, dtype):
     return (True, "") if device.type == "cpu" else (False, "the tiled path is the torch backend's CPU fallback")
 
 
+def _cpu_isa_available(isa):
+    def check(device, dtype):
+        if device.type != "cpu":
+            return False, "a CPU kernel path of vqkern._cpu"
+        from vqkern.backends import torch_
+        missing = torch_.cpu_isa_missing(isa)
+        return (False, f"no {isa} path here: {missing}") if missing else (True, "")
+    return check
+
+
+def _cpu_backward_available(device, dtype):
+    if device.type != "cpu":
+        return False, "vqkern._cpu's backward kernel runs on CPU tensors"
+    if dtype != torch.float32:
+        return False, "vqkern._cpu.backward_l2 takes fp32 (other dtypes keep the PyTorch path)"
+    from vqkern.backends import torch_
+    ok, reason = torch_.cpu_kernel()
+    return ok, reason
+
+
+def _cpu_backward_build(case, data, pass_):
+    """The one-pass backward kernel alone (grad_z + per-code residual sums), as the
+    torch backend's backward will call it: what the fused backward costs."""
+    from vqkern.backends import torch_
+
+    z, e, g = data["zs"][0], data["codebook"], data["grad"]
+    idx = torch.randint(0, case.k, (case.n,), generator=torch.Generator().manual_seed(0))
+    grad_z, sums = torch.empty_like(z), torch.zeros(case.k, case.d)
+    scale = 2 * BETA / (case.n * case.d)
+
+    def run(i):
+        sums.zero_()
+        if not torch_.cpu_backward(g, data["zs"][i % len(data["zs"])], e, idx, scale, grad_z, sums, False):
+            raise RuntimeError("vqkern._cpu.backward_l2 refused the inputs")
+    del z
+    return run
+
+
 PROVIDERS: dict[str, Provider] = {}
 for _b in ("triton", "cuda", "torch"):
     PROVIDERS[f"vqkern-{_b}"] = Provider(f"vqkern-{_b}", ("forward", "backward", "train"),
@@ -306,6 +344,16 @@ for _b in ("triton", "cuda", "torch"):
 PROVIDERS["vqkern-torch-tiled"] = Provider(
     "vqkern-torch-tiled", ("forward",), _vqkern_builder("torch", ("VQKERN_CPU_KERNEL", "0")), _cpu_only,
     note="the torch backend's tiled PyTorch CPU path (VQKERN_CPU_KERNEL=0), what runs without vqkern._cpu")
+PROVIDERS["vqkern-torch-avx2"] = Provider(
+    "vqkern-torch-avx2", ("forward",), _vqkern_builder("torch", ("VQKERN_CPU_ISA", "avx2")), _cpu_isa_available("avx2"),
+    note="the torch backend with vqkern._cpu forced to its AVX2 path (VQKERN_CPU_ISA=avx2), bf16 widened to fp32")
+PROVIDERS["vqkern-torch-avx512"] = Provider(
+    "vqkern-torch-avx512", ("forward",), _vqkern_builder("torch", ("VQKERN_CPU_ISA", "avx512")),
+    _cpu_isa_available("avx512"),
+    note="the torch backend with vqkern._cpu forced to its AVX-512 path: bf16 inputs widened to fp32 (as before)")
+PROVIDERS["vqkern-cpu-backward"] = Provider(
+    "vqkern-cpu-backward", ("backward",), _cpu_backward_build, _cpu_backward_available,
+    note="vqkern._cpu.backward_l2 alone (grad_z + per-code residual sums, one pass; sums zeroed per call)")
 for _p in (
     Provider("reference", ("forward", "backward", "train"), _plain_builder(_broadcast_idx),
              extra_bytes=_nkd, note="plain broadcast ((z[:,None]-E[None])**2).sum(-1).argmin()"),

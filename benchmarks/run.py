@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--passes", default=None, help="comma list of forward,backward,train (default: all; quick: forward,train)")
     p.add_argument("--shapes", type=parse_shapes, default=None, help="'N,K,D;N,K,D' (default: the device's set)")
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on GPU)")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16)")
     p.add_argument("--providers", default=None, help=f"comma list from {','.join(PROVIDERS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="small shapes, forward+train, fewer repeats")
     p.add_argument("--reps", type=int, default=None, help="timed calls per provider on CPU (default 5)")
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     bad = set(args.passes) - set(PASSES)
     if bad:
         p.error(f"--passes: unknown {sorted(bad)}; choose from {PASSES}")
-    dtypes = args.dtypes or ("fp32" if args.device == "cpu" else "fp32,bf16")
+    dtypes = args.dtypes or "fp32,bf16"
     if any(d not in DTYPES for d in dtypes.split(",")):
         p.error(f"--dtypes: choose from {list(DTYPES)}")
     args.dtypes = dtypes.split(",")
@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     common["mem_method"] = measure.CUDA_MEM_METHOD if device.type == "cuda" else measure.cpu_memory_supported()[1]
     print(f"device: {common['device']} | torch {common['torch']} | triton {common['triton']} | "
           f"commit {common['git_commit']} | load {common['load_average']}")
+    if device.type == "cpu":
+        print(f"cpu: {common['cpu_model']} | search path: {common['cpu_isa']}")
     for prov in providers:
         for dt in args.dtypes:
             ok, reason = prov.availability(device, DTYPES[dt])
@@ -225,6 +227,7 @@ def main(argv=None) -> int:
     total = len(args.shapes) * len(args.dtypes) * len(args.passes) * len(providers)
     with tqdm(total=total, desc="bench", unit="case", file=sys.stdout) as bar:
         for dt in args.dtypes:
+            # The matmul rate in the inputs' dtype (bf16: torch.mm in bf16, AMX where the CPU has it).
             rates_by_dtype[dt] = rates = measure.measure_floor_rates(device, DTYPES[dt])
             bar.write(f"floor ({dt}): matmul {rates['matmul_flops'] / 1e9:.1f} GFLOP/s, "
                       f"copy {rates['bandwidth_bytes'] / 1e9:.1f} GB/s")

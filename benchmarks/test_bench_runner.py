@@ -8,11 +8,11 @@ import pytest
 from benchmarks import run
 
 REQUIRED = ("device", "torch", "triton", "cuda", "git_commit", "date", "command", "n", "k", "d", "dtype",
-            "provider", "pass", "floor_ms", "status")
+            "provider", "pass", "floor_ms", "status", "cpu_model", "cpu_isa", "load_average")
 
 
 def test_runner_writes_results(tmp_path, capsys):
-    rc = run.main(["--device", "cpu", "--shapes", "300,70,5;300,140,5", "--providers",
+    rc = run.main(["--device", "cpu", "--dtypes", "fp32", "--shapes", "300,70,5;300,140,5", "--providers",
                    "vqkern-torch,expansion,faiss,flash-kmeans,gemm", "--reps", "2", "--out", str(tmp_path),
                    "--name", "smoke"])
     assert rc == 0
@@ -38,8 +38,23 @@ def test_runner_writes_results(tmp_path, capsys):
     assert "skip flash-kmeans" in out and "## forward, N=300 K=70 D=5" in out
 
 
+def test_bf16_cases_and_their_floor_rate(tmp_path):
+    assert run.parse_args(["--device", "cpu"]).dtypes == ["fp32", "bf16"]
+    run.main(["--device", "cpu", "--shapes", "200,64,32", "--dtypes", "bf16", "--passes", "forward,backward",
+              "--providers", "vqkern-torch,vqkern-torch-avx2,vqkern-cpu-backward", "--reps", "1",
+              "--out", str(tmp_path), "--name", "bf16", "--no-plots"])
+    (json_path,) = (tmp_path / "cpu").glob("*-bf16.json")
+    data = json.loads(json_path.read_text())
+    assert set(data["meta"]["floor_rates"]) == {"bf16"}  # the matmul rate of torch.mm in bf16
+    by = {(r["provider"], r["pass"]): r for r in data["records"]}
+    fwd = by[("vqkern-torch", "forward")]
+    assert fwd["status"] == "ok" and fwd["dtype"] == "bfloat16" and "vqkern._cpu" in fwd["cpu_isa"]
+    assert by[("vqkern-cpu-backward", "backward")]["status"] == "skipped"  # fp32 only
+
+
 def test_cpu_oom_is_recorded_not_run(tmp_path):
     run.main(["--device", "cpu", "--shapes", "4096,4096,64", "--providers", "reference", "--passes", "forward",
+              "--dtypes", "fp32",
               "--mem-limit-gb", "0.5", "--out", str(tmp_path), "--name", "oom", "--no-plots"])
     (json_path,) = (tmp_path / "cpu").glob("*-oom.json")
     (rec,) = json.loads(json_path.read_text())["records"]

@@ -1,32 +1,83 @@
-// pybind11 module vqkern._cpu: the fused CPU search behind the "torch" backend on
-// CPU tensors. Python passes data pointers as ints (tensor.data_ptr()), so no
-// PyTorch header is needed; inputs are validated in vqkern.functional and the
+// pybind11 module vqkern._cpu: the fused CPU search and backward behind the "torch"
+// backend on CPU tensors. Python passes data pointers as ints (tensor.data_ptr()), so
+// no PyTorch header is needed; inputs are validated in vqkern.functional and the
 // shapes and strides checked again in vqkern.backends.torch_.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "search.h"
 
 namespace py = pybind11;
+using namespace vqkern_cpu;
+
+namespace {
+
+Isa parse_isa(const std::string& name) {
+  if (name == "auto") return best_isa();
+  for (int i = 0; i < kIsaCount; ++i)
+    if (name == isa_name(static_cast<Isa>(i))) return static_cast<Isa>(i);
+  throw std::invalid_argument("vqkern._cpu: unknown isa " + name + " (avx2, avx512, avx512bf16, amx or auto)");
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "vqkern CPU kernels (fp32 data pointers, shapes, row strides)";
-  m.def("supported", &vqkern_cpu::supported, "True when this CPU has AVX2 and FMA.");
+  m.doc() = "vqkern CPU kernels (data pointers, shapes, row strides)";
+  m.def("supported", &supported, "True when this CPU has AVX2 and FMA (every kernel needs them).");
+  m.def("isas", [] {
+    py::list out;
+    for (int i = 0; i < kIsaCount; ++i) out.append(isa_name(static_cast<Isa>(i)));
+    return out;
+  }, "The kernel paths, in increasing order of what they need.");
+  m.def("isa_missing", [](const std::string& name) { return isa_missing(parse_isa(name)); }, py::arg("isa"),
+        "'' when this CPU and OS can run the path, else the instructions or OS support it lacks.");
+  m.def("best_isa", [] { return std::string(isa_name(best_isa())); }, "The best path this machine can run.");
   m.def("search_l2",
-        [](std::uintptr_t z, int64_t n, int64_t ldz, std::uintptr_t codebook, int64_t k,
-           int64_t ldc, int64_t d, std::uintptr_t indices, std::uintptr_t distances,
-           std::uintptr_t quantized, int64_t ldq, int threads) {
+        [](std::uintptr_t z, int64_t n, int64_t ldz, std::uintptr_t codebook, int64_t k, int64_t ldc, int64_t d,
+           std::uintptr_t indices, std::uintptr_t distances, std::uintptr_t quantized, int64_t ldq, int threads,
+           const std::string& isa) {
+          const Isa path = parse_isa(isa);
           py::gil_scoped_release release;
-          vqkern_cpu::search_l2(reinterpret_cast<const float*>(z), n, ldz,
-                                reinterpret_cast<const float*>(codebook), k, ldc, d,
-                                reinterpret_cast<int64_t*>(indices),
-                                reinterpret_cast<float*>(distances),
-                                reinterpret_cast<float*>(quantized), ldq, threads);
+          search_l2(reinterpret_cast<const float*>(z), n, ldz, reinterpret_cast<const float*>(codebook), k, ldc, d,
+                    reinterpret_cast<int64_t*>(indices), reinterpret_cast<float*>(distances),
+                    reinterpret_cast<float*>(quantized), ldq, threads, path);
         },
-        py::arg("z"), py::arg("n"), py::arg("ldz"), py::arg("codebook"), py::arg("k"),
-        py::arg("ldc"), py::arg("d"), py::arg("indices"), py::arg("distances"),
-        py::arg("quantized"), py::arg("ldq"), py::arg("threads"),
+        py::arg("z"), py::arg("n"), py::arg("ldz"), py::arg("codebook"), py::arg("k"), py::arg("ldc"), py::arg("d"),
+        py::arg("indices"), py::arg("distances"), py::arg("quantized"), py::arg("ldq"), py::arg("threads"),
+        py::arg("isa") = "auto",
         "indices (n,) int64 = nearest code of each fp32 row of z, lowest index on ties; "
-        "distances (n,) fp32 and quantized (n, d) fp32 written too unless their pointer is 0.");
+        "distances (n,) fp32 and quantized (n, d) fp32 written too unless their pointer is 0. "
+        "isa: avx2 or avx512 (avx512bf16 and amx run avx512), auto = the best this CPU runs.");
+  m.def("search_l2_bf16",
+        [](std::uintptr_t z, int64_t n, int64_t ldz, std::uintptr_t codebook, int64_t k, int64_t ldc, int64_t d,
+           std::uintptr_t indices, std::uintptr_t distances, std::uintptr_t quantized, int64_t ldq, int threads,
+           const std::string& isa) {
+          const Isa path = parse_isa(isa);
+          py::gil_scoped_release release;
+          search_l2_bf16(reinterpret_cast<const uint16_t*>(z), n, ldz, reinterpret_cast<const uint16_t*>(codebook),
+                         k, ldc, d, reinterpret_cast<int64_t*>(indices), reinterpret_cast<float*>(distances),
+                         reinterpret_cast<uint16_t*>(quantized), ldq, threads, path);
+        },
+        py::arg("z"), py::arg("n"), py::arg("ldz"), py::arg("codebook"), py::arg("k"), py::arg("ldc"), py::arg("d"),
+        py::arg("indices"), py::arg("distances"), py::arg("quantized"), py::arg("ldq"), py::arg("threads"),
+        py::arg("isa") = "auto",
+        "As search_l2 for bf16 z and codebook (bf16 products, fp32 sums): distances fp32, quantized bf16. "
+        "isa: amx (tdpbf16ps tiles) or avx512bf16 (vdpbf16ps); auto = the best this CPU runs.");
+  m.def("backward_l2",
+        [](std::uintptr_t gq, std::uintptr_t z, std::uintptr_t codebook, std::uintptr_t idx, int64_t n, int64_t d,
+           int64_t k, float scale, std::uintptr_t grad_z, std::uintptr_t diff_sums, bool deterministic, int threads) {
+          py::gil_scoped_release release;
+          backward_l2(reinterpret_cast<const float*>(gq), reinterpret_cast<const float*>(z),
+                      reinterpret_cast<const float*>(codebook), reinterpret_cast<const int64_t*>(idx), n, d, k, scale,
+                      reinterpret_cast<float*>(grad_z), reinterpret_cast<float*>(diff_sums), deterministic, threads);
+        },
+        py::arg("gq"), py::arg("z"), py::arg("codebook"), py::arg("idx"), py::arg("n"), py::arg("d"), py::arg("k"),
+        py::arg("scale"), py::arg("grad_z"), py::arg("diff_sums"), py::arg("deterministic"), py::arg("threads"),
+        "fp32 contiguous: grad_z (n, d) = gq + scale * (z - codebook[idx]) unless grad_z is 0; "
+        "diff_sums (k, d, zero-filled) += per-code sums of codebook[idx] - z unless diff_sums is 0. "
+        "Bitwise reproducible for any thread count; IndexError before any write if an index is outside [0, k).");
 }

@@ -15,10 +15,17 @@ inside the winning group. The first minimal group holds the first minimal code,
 so ties still go to the lowest index.
 
 On x86-64 CPUs with AVX2 the search instead runs the fused C++ kernel of the
-extension ``vqkern._cpu`` (csrc/cpu/search.cpp): scores are folded into the
-running argmin in registers, no tile is written, rows are shared out between
-threads dynamically. ``VQKERN_CPU_KERNEL=0`` forces the tiled PyTorch path;
-``cpu_kernel()`` says which path runs and why.
+extension ``vqkern._cpu`` (csrc/cpu/): scores are folded into the running argmin
+in registers, no tile is written, rows are shared out between threads
+dynamically. The kernel's instruction set is chosen from the CPU (cpuid and the
+OS's saved register state): ``avx2`` (AVX2 + FMA), ``avx512`` (AVX512F/DQ/BW/VL),
+``avx512bf16`` (also AVX512-BF16) or ``amx`` (also AMX-BF16 tiles). The last two
+search bf16 z and codebook as bf16: bf16 products are exact in fp32 and summed in
+fp32, so the precision policy holds. ``VQKERN_CPU_ISA=avx2|avx512|avx512bf16|amx``
+forces one (an error names the variable if the CPU lacks it);
+``VQKERN_CPU_KERNEL=0`` forces the tiled PyTorch path; ``cpu_kernel()`` says
+which path runs and why. ``cpu_backward`` is the extension's one-pass fp32
+backward (grad_z and the per-code residual sums).
 """
 from __future__ import annotations
 
@@ -40,6 +47,14 @@ CPU_TILE_CODES = 1024
 CPU_GROUP = 32
 
 
+# The kernel paths of vqkern._cpu, in increasing order of what they need.
+CPU_ISAS = ("avx2", "avx512", "avx512bf16", "amx")
+# The paths that search bf16 z and codebook as bf16 (any other dtype mix is widened to fp32).
+BF16_ISAS = ("avx512bf16", "amx")
+_ISA_TEXT = {"avx2": "AVX2 + FMA", "avx512": "AVX-512", "avx512bf16": "AVX-512, bf16 inputs via AVX512-BF16",
+             "amx": "AVX-512, bf16 inputs via AMX-BF16 tiles"}
+
+
 @functools.lru_cache(maxsize=1)
 def _load_cpu_ext():
     """(module or None, reason)."""
@@ -50,27 +65,61 @@ def _load_cpu_ext():
             return None, (f"vqkern._cpu not built ({exc}): install with cmake on PATH, "
                           "without VQKERN_SKIP_CPU_BUILD=1, on x86-64")
         return None, f"vqkern._cpu failed to load: {type(exc).__name__}: {exc}"
+    if not hasattr(ext, "isa_missing"):
+        return None, f"vqkern._cpu at {ext.__file__} predates its ISA paths: rebuild it (setup.py build_ext)"
     if not ext.supported():
-        return None, "this CPU lacks AVX2/FMA, which vqkern._cpu needs"
-    return ext, "fused C++ kernel vqkern._cpu (AVX2 + FMA)"
+        return None, f"this CPU lacks what vqkern._cpu needs: {ext.isa_missing('avx2')}"
+    return ext, "fused C++ kernel vqkern._cpu"
+
+
+def cpu_isa_missing(isa: str) -> str:
+    """'' when vqkern._cpu's ``isa`` path can run here, else what is missing."""
+    ext, reason = _load_cpu_ext()
+    return reason if ext is None else ext.isa_missing(isa)
+
+
+def _cpu_isa(ext) -> str:
+    """The kernel path in use: VQKERN_CPU_ISA if set (checked), else the best the CPU runs."""
+    want = os.environ.get("VQKERN_CPU_ISA", "").strip().lower()
+    if not want:
+        best = ext.best_isa()
+        # vdpbf16ps searched bf16 at 0.55-0.65x of the fp32 AVX-512 kernel on widened
+        # inputs (Sapphire Rapids, one thread: 61-75 against 114-129 GFLOP/s), so without
+        # AMX bf16 is widened unless VQKERN_CPU_ISA=avx512bf16 asks for it.
+        return "avx512" if best == "avx512bf16" else best
+    if want not in CPU_ISAS:
+        raise ValueError(f"VQKERN_CPU_ISA={want!r}: choose from {', '.join(CPU_ISAS)} (or unset it)")
+    missing = cpu_isa_missing(want)
+    if missing:
+        raise ValueError(f"VQKERN_CPU_ISA={want}: this CPU cannot run it, it lacks {missing}")
+    return want
 
 
 def _active_cpu_ext():
-    """(vqkern._cpu when CPU searches use it, else None; the reason)."""
+    """(vqkern._cpu when CPU searches use it, else None; its ISA path or None; the reason)."""
     if os.environ.get("VQKERN_CPU_KERNEL", "1").strip() == "0":
-        return None, "VQKERN_CPU_KERNEL=0: tiled PyTorch path"
-    return _load_cpu_ext()
+        return None, None, "VQKERN_CPU_KERNEL=0: tiled PyTorch path"
+    ext, reason = _load_cpu_ext()
+    if ext is None:
+        return None, None, reason
+    isa = _cpu_isa(ext)
+    return ext, isa, f"{reason} ({isa}: {_ISA_TEXT[isa]})"
 
 
 def cpu_kernel() -> tuple[bool, str]:
-    """Whether CPU searches run the fused C++ kernel, and why not if they do not."""
-    ext, reason = _active_cpu_ext()
+    """Whether CPU searches run the fused C++ kernel, and its ISA path (or why not).
+
+    Raises ValueError when VQKERN_CPU_ISA names an unknown path or one this CPU lacks."""
+    ext, _, reason = _active_cpu_ext()
     return ext is not None, reason
 
 
 def availability(device: torch.device) -> tuple[bool, str]:
     if torch.device(device).type == "cpu":
-        ok, reason = cpu_kernel()
+        try:
+            ok, reason = cpu_kernel()
+        except ValueError as exc:  # a bad VQKERN_CPU_ISA: the search raises it, the report shows it
+            return True, f"plain PyTorch runs on every device; CPU search raises: {exc}"
         return True, f"plain PyTorch runs on every device; CPU search: {reason if ok else 'tiled PyTorch (' + reason + ')'}"
     return True, "plain PyTorch runs on every device"
 
@@ -185,22 +234,38 @@ def _search_blocked(z, codebook, indices) -> None:
             indices[start:stop] = _never_win(scores).argmin(dim=1)
 
 
+def _kernel_search(ext, isa, z, codebook, indices, distances, quantized) -> bool:
+    """Search with vqkern._cpu; True when its fused epilogue also wrote distances and quantized.
+
+    bf16 z and codebook are searched as bf16 on the avx512bf16 and amx paths; any other
+    mix is widened to fp32 (the kernel reads fp32 rows through data pointers)."""
+    if indices.dtype != torch.int64 or not indices.is_contiguous():
+        raise RuntimeError("vqkern._cpu.search_l2 needs contiguous int64 indices")
+    threads = torch.get_num_threads()
+    if isa in BF16_ISAS and z.dtype == codebook.dtype == torch.bfloat16:
+        zs, cb = z.contiguous(), codebook.contiguous()
+        fused = quantized.dtype == torch.bfloat16 and quantized.is_contiguous() and distances.is_contiguous()
+        ext.search_l2_bf16(zs.data_ptr(), zs.shape[0], zs.stride(0), cb.data_ptr(), cb.shape[0], cb.stride(0),
+                           zs.shape[1], indices.data_ptr(), distances.data_ptr() if fused else 0,
+                           quantized.data_ptr() if fused else 0, quantized.stride(0), threads, isa)
+        return fused
+    zs, cb = z.float().contiguous(), codebook.float().contiguous()
+    # fp32 in and out: the kernel also writes the exact distance and the code row
+    # while the row is in cache; other dtypes take the epilogue in search().
+    fused = (z.dtype == codebook.dtype == quantized.dtype == torch.float32 and quantized.is_contiguous()
+             and distances.is_contiguous())
+    args = (zs.data_ptr(), zs.shape[0], zs.stride(0), cb.data_ptr(), cb.shape[0], cb.stride(0), zs.shape[1],
+            indices.data_ptr(), distances.data_ptr() if fused else 0, quantized.data_ptr() if fused else 0,
+            quantized.stride(0), threads)
+    ext.search_l2(*args, isa)
+    return fused
+
+
 @torch.no_grad()  # out= ops refuse inputs that require grad; the search has no gradient
 def search(z, codebook, indices, distances, quantized) -> None:
-    ext = _active_cpu_ext()[0] if z.device.type == "cpu" else None
+    ext, isa, _ = _active_cpu_ext() if z.device.type == "cpu" else (None, None, "")
     if ext is not None:
-        # The kernel reads fp32 rows through data pointers and writes int64 indices.
-        zs, cb = z.float().contiguous(), codebook.float().contiguous()
-        if indices.dtype != torch.int64 or not indices.is_contiguous():
-            raise RuntimeError("vqkern._cpu.search_l2 needs contiguous int64 indices")
-        # fp32 in and out: the kernel also writes the exact distance and the code row
-        # while the row is in cache; other dtypes take the epilogue below.
-        fused = (z.dtype == codebook.dtype == quantized.dtype == torch.float32 and quantized.is_contiguous()
-                 and distances.is_contiguous())
-        ext.search_l2(zs.data_ptr(), zs.shape[0], zs.stride(0), cb.data_ptr(), cb.shape[0], cb.stride(0),
-                      zs.shape[1], indices.data_ptr(), distances.data_ptr() if fused else 0,
-                      quantized.data_ptr() if fused else 0, quantized.stride(0), torch.get_num_threads())
-        if fused:
+        if _kernel_search(ext, isa, z, codebook, indices, distances, quantized):
             return
     elif z.device.type == "cpu":
         cb = codebook.float()
@@ -247,9 +312,60 @@ def sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quant
     quantized.copy_(chosen)
 
 
+def cpu_backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic) -> bool:
+    """The straight-through backward in one pass with vqkern._cpu, if it can take these tensors.
+
+    Shapes: grad_quantized, z, grad_z (N, D); codebook, diff_sums (K, D); indices (N,)
+    int64 in [0, K). Writes grad_z = grad_quantized + scale * (z - codebook[indices])
+    (``grad_z`` None: skipped; ``grad_quantized`` may then be None) and adds
+    ``diff_sums[k] += sum_{i: idx_i = k} (codebook[k] - z_i)`` (zero-filled by the
+    caller; None: skipped), the difference formed once per element in fp32. ``scale``
+    is a float or a one-element tensor. The sums are bitwise reproducible for any
+    thread count, so ``deterministic`` needs nothing more.
+
+    Returns False, touching nothing, when the kernel cannot take the call (extension
+    missing or disabled, a non-CPU tensor, a dtype other than fp32 or int64 indices,
+    a non-contiguous tensor): the caller then runs its PyTorch path. Raises
+    ValueError on mismatched shapes and IndexError (before any write) on an index
+    outside [0, K).
+    """
+    ext = _active_cpu_ext()[0]
+    if ext is None or (grad_z is None and diff_sums is None):
+        return False
+    n, d = z.shape
+    k = codebook.shape[0]
+    floats = [("z", z, (n, d)), ("codebook", codebook, (k, d))]
+    if grad_z is not None:
+        floats += [("grad_quantized", grad_quantized, (n, d)), ("grad_z", grad_z, (n, d))]
+    if diff_sums is not None:
+        floats.append(("diff_sums", diff_sums, (k, d)))
+    for name, t, shape in floats:
+        if t is None:
+            raise ValueError(f"cpu_backward: {name} is required")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"cpu_backward: {name} has shape {tuple(t.shape)}, expected {shape}")
+    if indices.shape != (n,):
+        raise ValueError(f"cpu_backward: indices has shape {tuple(indices.shape)}, expected ({n},)")
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for _, t, _ in floats):
+        return False
+    if indices.device.type != "cpu" or indices.dtype != torch.int64 or not indices.is_contiguous():
+        return False
+    s = float(scale) if not isinstance(scale, torch.Tensor) else float(scale.detach().reshape(-1)[0])
+    gq = grad_quantized.data_ptr() if grad_z is not None else 0
+    ext.backward_l2(gq, z.data_ptr(), codebook.data_ptr(), indices.data_ptr(), n, d, k, s,
+                    grad_z.data_ptr() if grad_z is not None else 0,
+                    diff_sums.data_ptr() if diff_sums is not None else 0, bool(deterministic), torch.get_num_threads())
+    return True
+
+
 def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic) -> None:
     """One pass forms the difference e - z (in grad_z's buffer when everything is fp32),
-    adds it into diff_sums per code, then turns it into grad_z in place."""
+    adds it into diff_sums per code, then turns it into grad_z in place. On CPU with fp32
+    tensors vqkern._cpu does it in one fused pass (bitwise reproducible whatever the
+    thread count, so deterministic or not)."""
+    if z.device.type == "cpu" and cpu_backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums,
+                                               deterministic):
+        return
     fp32 = z.dtype == codebook.dtype == grad_quantized.dtype == torch.float32
     if grad_z is not None and fp32:
         # Each fresh (N, D) temporary costs its page faults on CPU (2-3 ms per 16 MB

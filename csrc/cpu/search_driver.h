@@ -1,0 +1,227 @@
+// The ISA-independent part of the fused search: codebook packing, the work split
+// between threads, the per-row lane reduction and the fused epilogue. Each kernel
+// (search_avx2.cpp, search_avx512.cpp) supplies a policy type K with:
+//   using T;                       element type of z and the codebook
+//   static constexpr int kNr;      codes per packed panel
+//   static constexpr int64_t kRowBlock;  rows per work item
+//   static int64_t scratch_elems(int64_t d);  T elements of per-thread scratch
+//   static int64_t panel_elems(int64_t d);  T elements of one packed panel
+//   static void pack_panels(const T* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0,
+//                           int64_t p1, T* packed, float* norms);
+//   static void run_block(const T* z0, int64_t ldz, int64_t rows, int64_t d, const T* packed,
+//                         const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes,
+//                         T* scratch);   // rows <= kRowBlock, folds panels [p0, p1)
+//   static float residual(const T* z, const T* e, int64_t d);
+//
+// Ties. Lane j of a row sees the codes kNr * p + j in increasing p and replaces its
+// best only on a strictly smaller score (an ordered compare: a NaN score never wins),
+// so it keeps the lowest index of its minimum; the final reduction over the lanes
+// takes the smallest score and, among equal scores, the smallest index. Identical
+// codes therefore tie exactly (same arithmetic in the same order) and go to the
+// lowest index, as argmin. Padding codes past K have a +inf norm and never win.
+//
+// Threads. Rows are cut into blocks of kRowBlock rows handed out through an atomic
+// counter, so a core that the OS gives to another process slows down only the
+// blocks it takes. With fewer blocks than threads the codes are split too, and the
+// per-row bests of the ranges merged in range order (an earlier range wins ties).
+#pragma once
+
+// Every function here that does per-row work carries VQ_DRIVER_TARGET, the target
+// attribute of the including kernel file, so the driver's loops are compiled for the
+// kernel's instruction set, as the single-file AVX2 kernel's were. Only templates
+// instantiated per kernel type carry it, so no out-of-line function shared between
+// kernel files is compiled for AVX-512.
+#ifndef VQ_DRIVER_TARGET
+#error "define VQ_DRIVER_TARGET (the kernel file's target attribute) before including search_driver.h"
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "search_kernels.h"
+
+namespace vqkern_cpu {
+namespace driver {
+
+constexpr int64_t kMinSplitPanelCodes = 256;  // a split of the codes is at least this many
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <typename T>
+std::unique_ptr<T, AlignedFree> aligned_array(size_t count) {
+  const size_t bytes = (std::max<size_t>(count, 1) * sizeof(T) + 63) / 64 * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (!p) throw std::bad_alloc();
+  return std::unique_ptr<T, AlignedFree>(p);
+}
+
+// fn(std::integral_constant<int, rows>) for a runtime rows in [1, MAX]: the
+// micro-kernels are compiled for each row count of a block's remainder.
+template <int MAX, class Fn>
+inline void with_rows(int rows, Fn&& fn) {
+  if constexpr (MAX <= 1) {
+    fn(std::integral_constant<int, 1>{});
+  } else {
+    if (rows >= MAX) fn(std::integral_constant<int, MAX>{});
+    else with_rows<MAX - 1>(rows, fn);
+  }
+}
+
+template <typename Fn>
+void parallel(int threads, Fn&& fn) {
+  if (threads <= 1) {
+    fn();
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int t = 1; t < threads; ++t) pool.emplace_back(fn);
+  fn();
+  for (auto& th : pool) th.join();
+}
+
+// The chosen code's row and exact distance, while the row is in L1.
+template <class K>
+VQ_DRIVER_TARGET void epilogue(const Problem<typename K::T>& pb, int64_t row, int32_t idx) {
+  using T = typename K::T;
+  pb.indices[row] = idx;
+  const T* e = pb.codebook + static_cast<int64_t>(idx) * pb.ldc;
+  if (pb.distances) pb.distances[row] = K::residual(pb.z + row * pb.ldz, e, pb.d);
+  if (pb.quantized) std::memcpy(pb.quantized + row * pb.ldq, e, static_cast<size_t>(pb.d) * sizeof(T));
+}
+
+// Rows [r0, r1) against code panels [q0, q1). With part_val null, the rows' answers
+// go through the epilogue; otherwise each row's best (score, index) over these
+// panels is stored there (row r at offset r) for a merge across panel ranges.
+template <class K>
+VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, int64_t r1, const typename K::T* packed,
+                 const float* norms, int64_t q0, int64_t q1, Lanes<K::kNr>* lanes, typename K::T* scratch,
+                 float* part_val, int32_t* part_idx) {
+  constexpr int NR = K::kNr;
+  const int64_t rows = r1 - r0;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(lanes[r].val, lanes[r].val + NR, std::numeric_limits<float>::infinity());
+    for (int j = 0; j < NR; ++j) lanes[r].idx[j] = static_cast<int32_t>(q0 * NR + j);
+  }
+  // Code panels per cache block: the packed codes one micro-block walks before the
+  // next micro-block starts stay in L2 (about 256 KB of packed codes).
+  const int64_t panel_bytes = K::panel_elems(pb.d) * static_cast<int64_t>(sizeof(typename K::T));
+  const int64_t step = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, panel_bytes));
+  for (int64_t p0 = q0; p0 < q1; p0 += step)
+    K::run_block(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, packed, norms, p0, std::min(q1, p0 + step), lanes,
+                 scratch);
+  for (int64_t r = 0; r < rows; ++r) {
+    float best = lanes[r].val[0];
+    int32_t idx = lanes[r].idx[0];
+    for (int j = 1; j < NR; ++j) {
+      const float v = lanes[r].val[j];
+      const int32_t i = lanes[r].idx[j];
+      if (v < best || (v == best && i < idx)) {
+        best = v;
+        idx = i;
+      }
+    }
+    if (part_val) {
+      part_val[r0 + r] = best;
+      part_idx[r0 + r] = idx;
+    } else {
+      epilogue<K>(pb, r0 + r, idx);
+    }
+  }
+}
+
+template <class K>
+VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
+  using T = typename K::T;
+  constexpr int NR = K::kNr;
+  const int64_t n = pb.n, k = pb.k, d = pb.d;
+  if (n <= 0) return;
+  if (k < 1 || d < 1) throw std::invalid_argument("vqkern._cpu.search_l2: k and d must be >= 1");
+  if (k > std::numeric_limits<int32_t>::max() - NR)
+    throw std::invalid_argument("vqkern._cpu.search_l2: k must be < 2^31 - 64");
+  const int64_t panels = (k + NR - 1) / NR;
+  auto packed = aligned_array<T>(static_cast<size_t>(panels * K::panel_elems(d)));
+  auto norms = aligned_array<float>(static_cast<size_t>(panels * NR));
+
+  const int64_t blocks = (n + K::kRowBlock - 1) / K::kRowBlock;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, std::max(blocks, panels))));
+  std::atomic<int64_t> next_panel{0}, next_block{0};
+  const int64_t pack_chunk = std::max<int64_t>(1, 1024 / NR);  // panels per packing work item
+  // Pack in parallel, then join: the search needs every panel.
+  parallel(threads, [&] {
+    for (int64_t p0; (p0 = next_panel.fetch_add(pack_chunk)) < panels;)
+      K::pack_panels(pb.codebook, pb.ldc, k, d, p0, std::min(panels, p0 + pack_chunk), packed.get(), norms.get());
+  });
+  const int64_t min_split = std::max<int64_t>(1, kMinSplitPanelCodes / NR);
+  const int64_t splits = blocks >= threads ? 1
+      : std::max<int64_t>(1, std::min<int64_t>((threads + blocks - 1) / blocks, panels / min_split));
+  const int64_t items = blocks * splits;
+  std::vector<float> part_val(splits > 1 ? static_cast<size_t>(splits * n) : 0);
+  std::vector<int32_t> part_idx(part_val.size());
+  threads = static_cast<int>(std::min<int64_t>(threads, items));
+  parallel(threads, [&] {
+    std::vector<Lanes<NR>> lanes(K::kRowBlock);
+    auto scratch = aligned_array<T>(static_cast<size_t>(K::scratch_elems(d)));
+    for (int64_t item; (item = next_block.fetch_add(1)) < items;) {
+      const int64_t b = item / splits, sp = item % splits;
+      const int64_t r0 = b * K::kRowBlock;
+      search_rows<K>(pb, r0, std::min(n, r0 + K::kRowBlock), packed.get(), norms.get(), sp * panels / splits,
+                     (sp + 1) * panels / splits, lanes.data(), scratch.get(),
+                     splits > 1 ? part_val.data() + sp * n : nullptr,
+                     splits > 1 ? part_idx.data() + sp * n : nullptr);
+    }
+  });
+  for (int64_t row = 0; splits > 1 && row < n; ++row) {
+    float best = part_val[row];
+    int32_t idx = part_idx[row];
+    for (int64_t sp = 1; sp < splits; ++sp) {
+      if (part_val[sp * n + row] < best) {
+        best = part_val[sp * n + row];
+        idx = part_idx[sp * n + row];
+      }
+    }
+    epilogue<K>(pb, row, idx);
+  }
+}
+
+// fp32 codes [NR p0, NR p1) into d-major panels (panel[t][j] = e_{NR p + j}[t]) with
+// their squared norms (fp32, summed in d order, so that every kernel ranks with the
+// same norms); padding codes get zeros and a +inf norm.
+template <int NR>
+void pack_panels_f32(const float* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
+                     float* packed, float* norms) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* panel = packed + p * d * NR;
+    for (int j = 0; j < NR; ++j) {
+      const int64_t code = p * NR + j;
+      if (code < k) {
+        const float* e = codebook + code * ldc;
+        float norm = 0.0f;
+        for (int64_t t = 0; t < d; ++t) {
+          panel[t * NR + j] = e[t];
+          norm += e[t] * e[t];
+        }
+        norms[p * NR + j] = norm;
+      } else {
+        for (int64_t t = 0; t < d; ++t) panel[t * NR + j] = 0.0f;
+        norms[p * NR + j] = std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+}
+
+}  // namespace driver
+
+}  // namespace vqkern_cpu
