@@ -516,23 +516,27 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
     dot_fp32 = zt != ct or zt == "fp32"
     sig = {"z_ptr": P[zt], "cb_ptr": P[ct], "norms_ptr": "*fp32", "idx_out_ptr": "*i64", "dist_ptr": "*fp32",
            "q_ptr": P[zt], "part_val_ptr": "*fp32", "part_idx_ptr": "*i64", "second_ptr": "*fp32", "flag_ptr": "*i8",
-           "N": "i32", "K": "i32", "D": "i32", "stride_zm": "i32", "stride_k": "i32", "stride_qm": "i32",
-           "num_splits": "i32"}
+           "zn2_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32", "stride_zm": "i32", "stride_k": "i32",
+           "stride_qm": "i32", "num_splits": "i32", "inv_temperature": "fp32", "seed": "i64"}
     # (precision, tracks the runner-up, re-check pass): ieee alone; tensor-core fp32
     # searches with the runner-up, then the ieee re-check of flagged rows.
     # The tensor-core modes share their code with the ieee one but for the runner-up and
     # the row filter: compiled for fp32 operands at one D with the z tile held (3) and one
     # streamed in chunks (64) only, to keep this check near its former 70 s cold.
-    modes = [("ieee", False, False)]
+    # (precision, runner-up, row filter, Gumbel sampling, cosine logits)
+    modes = [("ieee", False, False, False, False)]
     if zt == ct == "fp32" and d in (3, 64):
-        modes += [("tf32", True, False), ("tf32x3", True, False), ("ieee", False, True)]
-    for precision, track, row_filter in modes:
+        modes += [("tf32", True, False, False, False), ("tf32x3", True, False, False, False),
+                  ("ieee", False, True, False, False)]
+    if d == 64 and zt == ct and zt != "fp16":
+        modes += [("ieee", False, False, True, False), ("ieee", False, False, True, True)]
+    for precision, track, row_filter, sample, cosine in modes:
         bd = S._block_d(d, dot_fp32, precision, False)
         for cfg in S._search_configs():
             for split in ((False, True) if not row_filter else (False,)):
                 consts = dict(SPLIT=split, INTERPRET=False, ONE_CHUNK=d <= bd, DOT_FP32=dot_fp32,
-                              INPUT_PRECISION=precision, TRACK_SECOND=track, ROW_FILTER=row_filter, BLOCK_D=bd,
-                              EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
+                              INPUT_PRECISION=precision, TRACK_SECOND=track, ROW_FILTER=row_filter, SAMPLE=sample,
+                              COSINE=cosine, BLOCK_D=bd, EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
                 compile_(S._search_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts, cfg.num_warps,
                          cfg.num_stages)
     for track in (False, True):
