@@ -24,6 +24,7 @@ wiped otherwise (an isolated pip build leaves a cache whose cmake and ninja are 
 """
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import platform
 import shutil
@@ -101,9 +102,32 @@ class CMakeExtension(Extension):
         self.source_dir = str(source_dir)
 
 
+EXTENSIONS = ("vqkern._cpu", "vqkern._C")
+
+
 class CMakeBuild(build_ext):
     """Configure and build with CMake; the modules land where setuptools expects them
     (build/lib... for a wheel, copied into the source vqkern/ for an editable install)."""
+
+    def run(self) -> None:
+        self.drop_stale_modules()
+        super().run()
+
+    def drop_stale_modules(self) -> None:
+        """Remove from build/lib the modules this build skips: the wheel packs all of build/lib,
+        so a _C left by an earlier build with nvcc would ship in a VQKERN_SKIP_CUDA_BUILD=1 wheel.
+        The source tree's vqkern/ is left alone (an in-place build that skips _C keeps the one there)."""
+        built = {ext.name for ext in self.extensions}
+        for name in EXTENSIONS:
+            if name in built:
+                continue
+            package, module = name.rsplit(".", 1)
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                stale = Path(self.build_lib, *package.split("."), module + suffix)
+                if stale.is_file():
+                    print(f"vqkern: removing {stale} (left by an earlier build; this one skips {name})",
+                          file=sys.stderr)
+                    stale.unlink()
 
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):

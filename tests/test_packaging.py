@@ -3,6 +3,7 @@ a changed toolchain. The full round trip (isolated wheel, fresh venv) is .ci/pac
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
@@ -131,6 +132,24 @@ def test_fingerprint_names_the_tools_a_cache_binds_to(tmp_path):
                     (str(ROOT), cmake, "/a/ninja", "/cuda/bin/nvcc", "/a/pybind11"),
                     (str(ROOT), cmake, "/a/ninja", None, "/b/pybind11")]:
         assert setup.toolchain_fingerprint(*changed) != a, changed
+
+
+def test_a_skipped_module_left_in_build_lib_is_removed(tmp_path):
+    """A wheel packs all of build/lib: a _C from an earlier nvcc build must not ship in a no-CUDA wheel."""
+    from setuptools import Distribution
+
+    setup = _setup_module()
+    cmd = setup.CMakeBuild(Distribution({"name": "vqkern"}))
+    cmd.initialize_options()
+    cmd.build_lib = str(tmp_path)
+    cmd.extensions = [setup.CMakeExtension("vqkern._cpu", ROOT)]
+    (tmp_path / "vqkern").mkdir()
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    stale, kept = tmp_path / "vqkern" / f"_C{suffix}", tmp_path / "vqkern" / f"_cpu{suffix}"
+    stale.write_bytes(b"\x7fELF")
+    kept.write_bytes(b"\x7fELF")
+    cmd.drop_stale_modules()
+    assert not stale.exists() and kept.exists()
 
 
 def _sdist(tree: Path, out: Path) -> Path:
