@@ -88,7 +88,12 @@ for case in $cases; do
       check "A2 isolated pip install . again, same tree (nvcc)" vA 1 site || true
     (cd "$work/cA" && attempt "A3 isolated pip wheel . third build, same tree" \
       "${nocuda[@]}" "$work/vA/bin/pip" wheel -q --no-deps -w "$work/cA/wheels" .) &&
-      echo "PASS A3 isolated pip wheel . third build, same tree: $(ls "$work/cA/wheels")" | tee -a "$results" || true
+      if unzip -l "$work"/cA/wheels/vqkern-*.whl | grep -q 'vqkern/_cpu\.' &&
+         ! unzip -l "$work"/cA/wheels/vqkern-*.whl | grep -q 'vqkern/_C\.'; then
+        echo "PASS A3 isolated pip wheel . third build, same tree: $(ls "$work/cA/wheels"), _cpu, no _C"
+      else
+        echo "FAIL A3 isolated pip wheel . third build: the no-CUDA wheel lacks _cpu or holds A2's _C"
+      fi | tee -a "$results" || true
     ;;
   B)  # isolated `pip install -e .`: without _C, then with _C in the same tree
     fresh_venv vB; fresh_clone cB
