@@ -1,12 +1,14 @@
 # vqkern: `make demo` and `make test` work from a fresh clone.
-# Without a GPU they create .venv with the pinned CPU stack (requirements-cpu.txt);
-# on a GPU machine install with `pip install --no-build-isolation .` instead.
+# Without a GPU they create .venv with the pinned CPU stack (requirements-cpu.txt, which
+# also brings the build tools: setuptools, pybind11, cmake, ninja) and install vqkern
+# editable into it without build isolation, so a rebuild needs no download. On a GPU
+# machine, `pip install .` into the environment that has CUDA torch (README, Install).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo fashion-mnist test test-all bench clean
+.PHONY: venv demo fashion-mnist test test-all bench package-smoke clean
 
 # `make demo` trains a small VQ-VAE on Fashion-MNIST after the backend check: 600 steps
 # of batch 64 at about 80 ms/step; the whole demo took about 90 s on 2 CPU cores with .venv
@@ -21,11 +23,13 @@ DEMO_ARGS ?=
 DEMO_TRAIN = $(PY) -m vqkern.train vqvae --data $(FASHION_MNIST) --ema --dead-code-threshold 1 --steps $(DEMO_STEPS) \
 	--eval-images $(DEMO_EVAL_IMAGES) --out $(DEMO_OUT) $(DEMO_ARGS)
 
-$(STAMP): requirements-cpu.txt requirements-test.txt setup.py CMakeLists.txt $(wildcard csrc/*.c* csrc/*.h csrc/cpu/*)
+# .venv/bin first on PATH for the install: setup.py then runs the cmake and ninja installed there.
+$(STAMP): requirements-cpu.txt requirements-test.txt pyproject.toml setup.py CMakeLists.txt \
+		$(wildcard csrc/*.c* csrc/*.h csrc/cpu/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-cpu.txt -r requirements-test.txt
-	$(PY) -m pip install -q -e . --no-build-isolation
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q -e . --no-build-isolation
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -58,5 +62,9 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --device cpu --quick
 
+# The wheel as a user gets it: isolated sdist + wheel build, a fresh venv, a smoke test (CI runs it).
+package-smoke:
+	bash .ci/package_smoke.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info vqkern/*.so
+	rm -rf $(VENV) .venv-smoke build dist *.egg-info vqkern/*.so

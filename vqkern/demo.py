@@ -69,7 +69,14 @@ def main(argv=None) -> int:
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backends", default=",".join(backends.BACKENDS),
+                        help="comma-separated backends to run (default: all); e.g. torch,reference "
+                             "checks the CPU backends without Triton's interpreter")
     args = parser.parse_args(argv)
+    selected = [name.strip() for name in args.backends.split(",") if name.strip()]
+    unknown = sorted(set(selected) - set(backends.BACKENDS))
+    if unknown or not selected:
+        parser.error(f"--backends takes names from {', '.join(backends.BACKENDS)}, got {args.backends!r}")
     device = torch.device(args.device)
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)
@@ -85,6 +92,9 @@ def main(argv=None) -> int:
     reset, read = _peak_tracker(device)
     failures = 0
     for name, (ok, reason) in backends.report(device).items():
+        if name not in selected:
+            print(f"{name:<10} {'-':<8} {'-':>10} {'-':>9}  not run: not in --backends ({reason})")
+            continue
         if not ok:
             print(f"{name:<10} {'-':<8} {'-':>10} {'-':>9}  skipped: {reason}")
             continue
