@@ -76,7 +76,7 @@ attempt() {  # attempt LABEL COMMAND...: run, log, record a failure without stop
 }
 
 nocuda=(env VQKERN_SKIP_CUDA_BUILD=1)
-tools=(pybind11 cmake ninja "setuptools>=77")
+tools=(pybind11 cmake ninja "setuptools>=64")
 
 for case in $cases; do
   case $case in
