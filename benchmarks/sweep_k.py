@@ -324,6 +324,8 @@ def main(argv=None) -> int:
     prov = {**provenance(torch.device("cpu"), sys.argv[1:]), "command": "python -m benchmarks.sweep_k "
             + " ".join(sys.argv[1:]), "threads_per_run": 1, "jobs": args.jobs, "nice": args.nice,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if os.environ.get("SWEEP_GIT_COMMIT"):  # run from an exported copy of that commit
+        prov["git_commit"] = os.environ["SWEEP_GIT_COMMIT"]
     records: list[dict] = []
 
     def go(run):
