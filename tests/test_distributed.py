@@ -118,9 +118,9 @@ def _scenarios(rank):
 
     # 7. The core layer's k-means init over two batches on ragged and empty batches:
     # ranks draw different local randomness, except rank 0, whose draw is the seeds.
-    torch.manual_seed(KMEANS_INIT_SEED if rank == 0 else 99)
     core = vqkern.VectorQuantizer(KMEANS_INIT_K, 5, init="kmeans", kmeans_iters=4, kmeans_batches=2)
     core.load_state_dict(kmeans_init_start_state())
+    torch.manual_seed(KMEANS_INIT_SEED if rank == 0 else 99)
     initted = []
     for step in range(len(KMEANS_INIT_ROWS)):
         core(kmeans_init_batch(step, rank))

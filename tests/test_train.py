@@ -55,7 +55,7 @@ def tiny_config(tmp_path, name, **kw) -> VQVAEConfig:
         np.save(npy, synthetic_images(300))
     base = dict(data=str(npy), eval_images=0, steps=20, batch_size=16, num_embeddings=32, embedding_dim=8,
                 hidden=16, res_hidden=8, res_blocks=1, lr=3e-3, decay=0.9, device="cpu", out=str(tmp_path / name),
-                codebook="loss")
+                codebook="loss", dead_code_threshold=0.0)
     return VQVAEConfig(**{**base, **kw})
 
 
