@@ -28,9 +28,10 @@ from .model import VQVAE, make_quantizer
 # SimVQ. Each one's dead-code threshold when none is given.
 CODEBOOKS = ("loss", "ema", "simvq")
 DEAD_CODE_DEFAULT = {"loss": 0.0, "ema": 1.0, "simvq": 0.0}
-# Chosen by measurement (benchmarks/results/cpu/train/2026-12-01-default-recipe.md):
-# at K = 512, 2000 steps, the only recipe that used >= 90% of the codes on the test set
-# and reconstructed best.
+# Chosen by measurement (benchmarks/results/cpu/train/2026-12-01-default-recipe.md): at
+# K = 512 and 2000 steps it used all 512 codes on the test set (as did simvq; loss had
+# collapsed to a batch perplexity of 51 by step 855), with held-out perplexity 402 against
+# simvq's 92 and MSE 0.00454 against 0.00516.
 DEFAULT_CODEBOOK = "ema"
 
 
