@@ -243,7 +243,13 @@ def write_report(records: list[dict], out: Path, tag: str, prov: dict, args) -> 
         lines.append(f"| {r['library']} | {r['K']} | {r['steps']} | {r['ms_per_step']:.0f} | {r['quantizer_ms']:.0f} "
                      f"| {peak} | {r['codes_used']} | {r['codes_used_pct']:.1f} | {r['test_perplexity']:.0f} "
                      f"| {r['test_recon']:.5f} | {r['eval_images']} |")
-    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    keys = ("device", "threads_per_run", "jobs", "nice", "torch", "triton", "python", "git_commit", "started",
+            "finished", "command", "load_average")
+    head = [f"# Stage 1 on Fashion-MNIST against codebook size K: vqkern and vector-quantize-pytorch", "",
+            "Written by `python -m benchmarks.sweep_k` (the recipe and the peer's configuration: the module "
+            "docstring of benchmarks/sweep_k.py). Every run: one thread, its own process.", ""]
+    head += [f"- {k}: `{prov.get(k)}`" for k in keys if k in prov] + [""]
+    (out / f"{tag}.md").write_text("\n".join(head + lines) + "\n")
     plot(records, out, tag)
 
 
@@ -300,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results/cpu/train")
     p.add_argument("--tag", default=time.strftime("%Y-%m-%d") + "-sweep-k")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite <tag>.md and the plots from <out>/<tag>.json, running nothing")
     p.add_argument("--one", nargs=3, metavar=("LIBRARY", "K", "STEPS"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -307,6 +315,11 @@ def main(argv=None) -> int:
         library, k, steps = args.one[0], int(args.one[1]), int(args.one[2])
         record = run_one(library, k, steps, args.eval_images, args.seed, args.kmeans_rows, args.kmeans_iters)
         Path(args.result).write_text(json.dumps(record) + "\n")
+        return 0
+
+    if args.report_only:
+        saved = json.loads((Path(args.out) / f"{args.tag}.json").read_text())
+        write_report(saved["runs"], Path(args.out), args.tag, saved["provenance"], args)
         return 0
 
     from benchmarks.measure import provenance
