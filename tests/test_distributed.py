@@ -115,7 +115,35 @@ def _scenarios(rank):
         z[3, 2] = float("nan")
     out["core_nan_loss"] = core(z).loss
     out["core_after_nan"] = {k: v.clone() for k, v in core.state_dict().items()}
+
+    # 7. The core layer's k-means init over two batches on ragged and empty batches:
+    # ranks draw different local randomness, except rank 0, whose draw is the seeds.
+    core = vqkern.VectorQuantizer(KMEANS_INIT_K, 5, init="kmeans", kmeans_iters=4, kmeans_batches=2)
+    core.load_state_dict(kmeans_init_start_state())
+    torch.manual_seed(KMEANS_INIT_SEED if rank == 0 else 99)
+    initted = []
+    for step in range(len(KMEANS_INIT_ROWS)):
+        core(kmeans_init_batch(step, rank))
+        initted.append(bool(core.initted))
+    out["core_kmeans"] = {k: v.clone() for k, v in core.state_dict().items()}
+    out["core_kmeans_initted"] = initted
     return out
+
+
+KMEANS_INIT_SEED, KMEANS_INIT_K = 31, 6
+# rows per rank and step: none anywhere (not counted), one rank empty, both with rows
+# (the second k-means batch: the init runs here), then a batch after the init.
+KMEANS_INIT_ROWS = [(0, 0), (0, 7), (5, 9), (4, 4)]
+
+
+def kmeans_init_batch(step, rank):
+    g = torch.Generator().manual_seed(9000 + 100 * step + rank)
+    return torch.randn(KMEANS_INIT_ROWS[step][rank], 5, generator=g) + 2 * rank
+
+
+def kmeans_init_start_state():
+    torch.manual_seed(0)
+    return vqkern.VectorQuantizer(KMEANS_INIT_K, 5, init="kmeans", kmeans_iters=4, kmeans_batches=2).state_dict()
 
 
 def core_start_state():
@@ -232,6 +260,28 @@ def test_core_vector_quantizer_nan_on_one_rank_leaves_every_rank_unchanged(resul
     assert torch.isnan(results[1]["core_nan_loss"])
     for r in range(WORLD):
         assert_bitwise_equal(results[r]["core_after_nan"], results[r]["core_ragged"])
+
+
+def test_core_kmeans_init_is_identical_across_ranks_and_clusters_the_union(results):
+    assert_bitwise_equal(results[0]["core_kmeans"], results[1]["core_kmeans"])
+    # the step without rows anywhere is not counted: the init runs at the third step
+    assert results[0]["core_kmeans_initted"] == results[1]["core_kmeans_initted"] == [False, False, True, True]
+    # the union in rank order, each rank's gathered batches in step order
+    union = torch.cat([kmeans_init_batch(s, r) for r in range(WORLD) for s in (1, 2)])
+    torch.manual_seed(KMEANS_INIT_SEED)
+    want = kmeans(union, KMEANS_INIT_K, 4)
+    torch.testing.assert_close(results[0]["core_kmeans"]["codebook"], want.centroids, atol=1e-5, rtol=1e-5)
+    # usage: the k-means counts per gathered batch, then the EMA steps of the init batch and the next
+    size = (want.counts / 2).clamp(min=1)
+    for step in (2, 3):
+        size = 0.99 * size + 0.01 * _union_counts(step, want.centroids)
+    torch.testing.assert_close(results[0]["core_kmeans"]["cluster_size"], size, atol=1e-5, rtol=1e-5)
+
+
+def _union_counts(step, centroids):
+    """Code counts (K,) float32 of both ranks' rows at ``step`` under ``centroids``."""
+    rows = torch.cat([kmeans_init_batch(step, r) for r in range(WORLD)])
+    return torch.bincount(vqkern.reference.nearest_code(rows, centroids), minlength=KMEANS_INIT_K).float()
 
 
 def test_helpers_are_local_outside_a_process_group():

@@ -54,7 +54,8 @@ def tiny_config(tmp_path, name, **kw) -> VQVAEConfig:
     if not npy.exists():
         np.save(npy, synthetic_images(300))
     base = dict(data=str(npy), eval_images=0, steps=20, batch_size=16, num_embeddings=32, embedding_dim=8,
-                hidden=16, res_hidden=8, res_blocks=1, lr=3e-3, decay=0.9, device="cpu", out=str(tmp_path / name))
+                hidden=16, res_hidden=8, res_blocks=1, lr=3e-3, decay=0.9, device="cpu", out=str(tmp_path / name),
+                codebook="loss", dead_code_threshold=0.0)
     return VQVAEConfig(**{**base, **kw})
 
 
@@ -250,3 +251,61 @@ def test_cli_vqvae_prints_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "held-out reconstruction MSE" in out and "ms/step" in out
     assert json.loads((tmp_path / "o" / "final.json").read_text())["step"] == 3
+
+
+# ---------------------------------------------------------------- codebook recipes
+
+def test_default_recipe_and_the_papers_codebook_one_flag_away():
+    from vqkern.train.cli import _vqvae_config, build_parser
+    from vqkern.train.stage1 import DEAD_CODE_DEFAULT, DEFAULT_CODEBOOK
+
+    parse = lambda *a: _vqvae_config(build_parser().parse_args(["vqvae", *a]))
+    default = parse()
+    assert default.codebook == DEFAULT_CODEBOOK and default.dead_code_threshold == DEAD_CODE_DEFAULT[DEFAULT_CODEBOOK]
+    plain = parse("--codebook", "loss")
+    assert not plain.ema and plain.dead_code_threshold == 0.0
+    demo = parse("--ema", "--dead-code-threshold", "1")  # the Makefile's demo flags
+    assert demo.ema and demo.codebook == "ema" and demo.dead_code_threshold == 1.0
+    big = parse("--codebook", "simvq", "--codebook-dim", "8", "--metric", "cosine", "--init", "kmeans")
+    assert (big.codebook, big.codebook_dim, big.metric, big.init, big.dead_code_threshold) == ("simvq", 8, "cosine",
+                                                                                               "kmeans", 0.0)
+
+
+def test_checkpoints_from_before_codebook_recipes_keep_their_recipe():
+    from vqkern.train.stage1 import config_from_checkpoint
+
+    old = {"ema": False, "dead_code_threshold": 0.0, "num_embeddings": 64}
+    assert config_from_checkpoint(old).codebook == "loss"
+    assert config_from_checkpoint({**old, "ema": True}).codebook == "ema"
+
+
+def test_progress_bar_spans_the_whole_run(tmp_path, monkeypatch):
+    import tqdm
+
+    bars = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    train_vqvae(tiny_config(tmp_path, "bar", steps=7, checkpoint_every=3), progress=True)
+    # one bar across the three stretches between checkpoints, so its clock starts with the run
+    assert len(bars) == 1 and bars[0].n == 7 and bars[0].total == 7
+
+
+def test_large_codebook_options_train_and_resume(tmp_path):
+    kw = dict(codebook="simvq", codebook_dim=4, metric="cosine", init="kmeans", kmeans_iters=2, kmeans_batches=2,
+              checkpoint_every=4, num_embeddings=48)
+    whole = train_vqvae(tiny_config(tmp_path, "whole", steps=9, **kw), progress=False)
+    train_vqvae(tiny_config(tmp_path, "split", steps=4, **kw), progress=False)
+    resumed = train_vqvae(tiny_config(tmp_path, "split", steps=9, **kw), resume=True, progress=False)
+    for key in ("test_recon", "test_perplexity", "codes_used", "final_loss"):
+        assert resumed[key] == whole[key], key
+    from vqkern.train.stage1 import load_vqvae
+
+    model, _ = load_vqvae(tmp_path / "whole" / "checkpoint.pt")
+    x = torch.rand(2, 1, 28, 28) - 0.5
+    recon, idx, _, _ = model(x)
+    torch.testing.assert_close(model.decode_indices(idx), recon)

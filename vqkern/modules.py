@@ -4,10 +4,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _library, backends, distributed
 from .functional import METRICS, check_finite, check_inputs, quantize
+from .kmeans import kmeans
 
 
 class VQOutput(NamedTuple):
@@ -25,22 +27,54 @@ def perplexity_from_counts(counts: Tensor) -> Tensor:
     return torch.exp(-torch.special.xlogy(p, p).sum())
 
 
+INITS = ("random", "kmeans")
+
+
 class VectorQuantizer(nn.Module):
     """VQ-VAE quantizer layer over vqkern's fused kernels.
 
     Args:
         num_embeddings: K, the number of codes.
-        embedding_dim: D, the size of each code vector.
+        embedding_dim: D, the size of z's vectors (and of each code when
+            ``codebook_dim`` is None).
         commitment_cost: beta, the weight of the commitment loss.
         ema: update the codebook by exponential moving averages of the per-code
             counts and sums (buffers ``cluster_size`` (K,), ``embed_avg`` (K, D))
             instead of by gradient; the loss is then beta * commitment_loss.
         decay, eps: EMA decay and Laplace smoothing of the cluster sizes.
-        metric: "l2" or "cosine".
+        metric: "l2" or "cosine" (z and the codes l2-normalized before the search;
+            ``quantized`` is then the normalized code).
         dead_code_threshold: in training, codes whose EMA usage (``cluster_size``)
             falls under this value are re-seeded with random rows of the batch.
         channel_dim: the dimension of z holding D (1 for (B, D, H, W) feature maps).
         backend: "auto", "triton", "cuda", "torch" or "reference".
+        init: "random" (the default: uniform in [-1/K, 1/K] for a loss-trained
+            codebook, standard normal with ``ema``) or "kmeans": at the
+            ``kmeans_batches``-th training batch, before its search, the codebook
+            becomes the ``kmeans_iters``-step :func:`vqkern.kmeans` centroids of
+            the rows of the first ``kmeans_batches`` training batches (in the
+            search space: projected and normalized as the search sees them).
+            Inside a torch.distributed process group the rows of every rank are
+            clustered as one set (seeds drawn from the union, statistics
+            all-reduced), so every rank gets the same codebook. The buffer
+            ``initted`` () bool records that it ran, so a model loaded from a
+            checkpoint never initializes again; rows gathered before the last
+            k-means batch are not checkpointed.
+        kmeans_iters, kmeans_batches: Lloyd steps, and training batches gathered (>= 1).
+        simvq: a reparameterized codebook as in SimVQ (Zhu et al. 2024):
+            ``codebook = basis @ codebook_map.weight.T`` with ``basis`` a frozen
+            (K, C) buffer drawn from N(0, 1/C) and ``codebook_map`` a learnable
+            C x C linear map. The codebook loss trains the map, so every code moves
+            at every step, used or not. Trained by gradient: not with ``ema`` or
+            ``dead_code_threshold``. k-means init sets the basis to the centroids
+            and the map to the identity.
+        codebook_dim: C, an optional search space of another size: z (D) goes
+            through ``project_in`` (a learnable D -> C linear layer), is quantized
+            there against (K, C) codes, and the code comes back through
+            ``project_out`` (C -> D), as in ViT-VQGAN's factorized codes and
+            LlamaGen's tokenizer (C = 8 with metric="cosine", an l2-normalized
+            low-dimensional search). Losses and statistics live in that space.
+            The projections run in their weights' dtype (float32 by default).
 
     forward(z) takes z with D at ``channel_dim`` and returns
     VQOutput(quantized, indices, loss, perplexity): quantized like z, indices
@@ -50,11 +84,17 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, *,
                  ema: bool = False, decay: float = 0.99, eps: float = 1e-5, metric: str = "l2",
-                 dead_code_threshold: float = 0.0, channel_dim: int = -1, backend: str = "auto"):
+                 dead_code_threshold: float = 0.0, channel_dim: int = -1, backend: str = "auto",
+                 init: str = "random", kmeans_iters: int = 10, kmeans_batches: int = 1, simvq: bool = False,
+                 codebook_dim: int | None = None):
         super().__init__()
-        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim),
+                            ("kmeans_iters", kmeans_iters), ("kmeans_batches", kmeans_batches)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if codebook_dim is not None and (not isinstance(codebook_dim, int) or isinstance(codebook_dim, bool)
+                                         or codebook_dim < 1):
+            raise ValueError(f"codebook_dim must be None or a positive int, got {codebook_dim!r}")
         self.commitment_cost = check_finite("commitment_cost", commitment_cost)
         self.decay = check_finite("decay", decay)
         if not 0.0 <= self.decay < 1.0:
@@ -69,27 +109,83 @@ class VectorQuantizer(nn.Module):
             raise TypeError(f"channel_dim must be an int, got {channel_dim!r}")
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + backends.BACKENDS}, got {backend!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if simvq and ema:
+            raise ValueError("simvq=True trains the codebook's linear map by gradient: it cannot be used with ema=True")
+        if simvq and self.dead_code_threshold > 0:
+            raise ValueError("simvq=True keeps every code moving by its linear map: dead_code_threshold must be 0")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.ema, self.metric, self.channel_dim, self.backend = bool(ema), metric, channel_dim, backend
-        if self.ema:
-            self.register_buffer("codebook", torch.randn(num_embeddings, embedding_dim))
+        self.init, self.kmeans_iters, self.kmeans_batches = init, kmeans_iters, kmeans_batches
+        self.simvq, self.codebook_dim = bool(simvq), codebook_dim
+        c = embedding_dim if codebook_dim is None else codebook_dim
+        if self.simvq:
+            self.register_buffer("basis", torch.randn(num_embeddings, c) * c ** -0.5)
+            self.codebook_map = nn.Linear(c, c, bias=False)
+        elif self.ema:
+            self.register_buffer("codebook", torch.randn(num_embeddings, c))
             self.register_buffer("embed_avg", self.codebook.clone())
         else:
             bound = 1.0 / num_embeddings
-            self.codebook = nn.Parameter(torch.empty(num_embeddings, embedding_dim).uniform_(-bound, bound))
+            self.codebook = nn.Parameter(torch.empty(num_embeddings, c).uniform_(-bound, bound))
         # Every code starts as if seen once: an EMA step then cannot divide a code's
         # running sum by a near-zero smoothed count (the usual blow-up of unused codes).
         self.register_buffer("cluster_size", torch.ones(num_embeddings))
+        if codebook_dim is not None:
+            self.project_in = nn.Linear(embedding_dim, c)
+            self.project_out = nn.Linear(c, embedding_dim)
+        if init == "kmeans":
+            self.register_buffer("initted", torch.tensor(False))
+        # Host-side copy of ``initted``: reading the buffer every step would sync a GPU
+        # stream and break torch.compile's graph; refreshed when a state dict is loaded.
+        self._initted_host = init != "kmeans"
+        self._kmeans_rows: list[Tensor] = []
+
+    @property
+    def codebook(self) -> Tensor:
+        """The (K, C) codes (C = codebook_dim or D), float32: a Parameter (loss-trained), a
+        buffer (``ema``), or with ``simvq`` the product ``basis @ codebook_map.weight.T``,
+        computed afresh at each access (forward computes it once per call)."""
+        if "codebook" in self._parameters:
+            return self._parameters["codebook"]
+        if "codebook" in self._buffers:
+            return self._buffers["codebook"]
+        if self.__dict__.get("simvq"):
+            return self._modules["codebook_map"](self._buffers["basis"])
+        raise AttributeError("codebook")
 
     def extra_repr(self) -> str:
-        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+        text = (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
                 f"commitment_cost={self.commitment_cost}, ema={self.ema}, decay={self.decay}, "
                 f"eps={self.eps}, metric={self.metric!r}, dead_code_threshold={self.dead_code_threshold}, "
                 f"channel_dim={self.channel_dim}, backend={self.backend!r}")
+        if self.init != "random":
+            text += f", init={self.init!r}, kmeans_iters={self.kmeans_iters}, kmeans_batches={self.kmeans_batches}"
+        if self.simvq:
+            text += ", simvq=True"
+        if self.codebook_dim is not None:
+            text += f", codebook_dim={self.codebook_dim}"
+        return text
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.init == "kmeans":
+            self._initted_host = bool(self.initted)
+            self._kmeans_rows = []
 
     def codebook_usage(self) -> Tensor:
         """The EMA code histogram (K,) float32: decayed count of rows assigned to each code."""
         return self.cluster_size.detach().clone()
+
+    def dequantize(self, indices: Tensor) -> Tensor:
+        """Code indices (...) int64 -> the vectors (..., D) float32 that forward outputs for
+        them (channel last): the codes, normalized for metric="cosine", through
+        ``project_out`` with ``codebook_dim``."""
+        codes = self.codebook[indices]
+        if self.metric == "cosine":
+            codes = F.normalize(codes.float(), dim=-1)
+        return self.project_out(codes) if self.codebook_dim is not None else codes
 
     def _channel_last(self, z: Tensor) -> Tensor:
         if self.channel_dim == -1:
@@ -98,18 +194,42 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"channel_dim={self.channel_dim} is out of range for z with {z.dim()} dimensions")
         return z.movedim(self.channel_dim, -1)
 
+    def _project_in(self, moved: Tensor) -> Tensor:
+        if self.codebook_dim is None:
+            return moved
+        if not isinstance(moved, Tensor) or not moved.is_floating_point():
+            raise TypeError(f"z must have a floating dtype (float32, float16, bfloat16), got "
+                            f"{getattr(moved, 'dtype', type(moved).__name__)}")
+        if moved.dim() < 1 or moved.shape[-1] != self.embedding_dim:
+            raise ValueError(f"z's last dimension ({moved.shape[-1] if moved.dim() else 'none'}) must equal "
+                             f"embedding_dim ({self.embedding_dim})")
+        if moved.device != self.project_in.weight.device:
+            raise ValueError(f"z and the layer must be on the same device, got z on {moved.device} and the "
+                             f"layer on {self.project_in.weight.device}")
+        return self.project_in(moved.to(self.project_in.weight.dtype))
+
+    def _search_rows(self, x: Tensor) -> Tensor:
+        """(N, C) rows as the search sees them: normalized for the cosine metric."""
+        flat = x.detach().reshape(-1, x.shape[-1])
+        return F.normalize(flat.float(), dim=1).to(flat.dtype) if self.metric == "cosine" else flat
+
     def forward(self, z: Tensor) -> VQOutput:
         """Quantize z (float32/float16/bfloat16, D at ``channel_dim``, any number of rows).
 
         Returns VQOutput(quantized: z's shape and dtype; indices: int64, z's shape without
         the channel dimension; loss: fp32 scalar, codebook_loss + commitment_cost *
         commitment_loss, or commitment_cost * commitment_loss with ``ema``; perplexity:
-        fp32 scalar of this batch). In training mode it also updates the EMA statistics
-        and re-seeds dead codes (not when z holds a NaN or an infinity).
+        fp32 scalar of this batch). In training mode it also runs a pending k-means
+        initialization, updates the EMA statistics and re-seeds dead codes (not when z
+        holds a NaN or an infinity).
         """
         moved = self._channel_last(z)
-        check_inputs(moved, self.codebook, self.metric)
-        codebook = self.codebook
+        x = self._project_in(moved)
+        stored = None if self.simvq else self.codebook
+        check_inputs(x, self.basis if self.simvq else stored, self.metric)
+        if self.training and not self._initted_host:
+            self._kmeans_init(self._search_rows(x))
+        codebook = self.codebook if self.simvq else stored  # the SimVQ product, once per call
         if self.training and (self.ema or self.dead_code_threshold > 0):
             # The op saves the codebook for its backward, and the update below rewrites
             # it in place: the backward would fail on the bumped version (and needs
@@ -119,15 +239,50 @@ class VectorQuantizer(nn.Module):
             # (torch 2.13; pytorch/pytorch#197039), which gave the encoder gradients
             # 5% off; index_select is outside its recompute allowlist, so it is saved.
             codebook = codebook.index_select(0, torch.arange(codebook.shape[0], device=codebook.device))
-        out = quantize(moved, codebook, beta=self.commitment_cost, metric=self.metric, backend=self.backend)
+        out = quantize(x, codebook, beta=self.commitment_cost, metric=self.metric, backend=self.backend)
         loss = self.commitment_cost * out.commitment_loss if self.ema else out.loss
         flat_idx = out.indices.reshape(-1)
         if self.training:
-            counts = self._update(moved.detach().reshape(-1, self.embedding_dim), flat_idx)
+            counts = self._update(self._search_rows(x), flat_idx)
         else:
             counts = torch.bincount(flat_idx, minlength=self.num_embeddings)
-        quantized = out.quantized.movedim(-1, self.channel_dim) if self.channel_dim != -1 else out.quantized
+        quantized = out.quantized
+        if self.codebook_dim is not None:
+            quantized = self.project_out(quantized).to(moved.dtype)
+        quantized = quantized.movedim(-1, self.channel_dim) if self.channel_dim != -1 else quantized
         return VQOutput(quantized, out.indices, loss, perplexity_from_counts(counts))
+
+    # Runs eagerly under torch.compile (a graph break while it is pending; once done,
+    # the host flag above keeps it out of the graph): it reads row counts on the host
+    # and its collectives depend on them.
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _kmeans_init(self, rows: Tensor) -> None:
+        """Gather this batch's search-space rows (N, C); at the last k-means batch, cluster them."""
+        # Every rank learns the total, so all of them skip (no rows anywhere) or count alike.
+        if sum(distributed.gather_sizes(rows.shape[0], rows.device)) == 0:
+            return
+        self._kmeans_rows.append(rows.float())
+        if len(self._kmeans_rows) < self.kmeans_batches:
+            return
+        data = torch.cat(self._kmeans_rows)
+        centroids, counts = kmeans(data, self.num_embeddings, self.kmeans_iters, metric=self.metric,
+                                   sync=distributed.is_distributed(), backend=self.backend)
+        # Per-batch counts, the scale of the EMA statistics; an unseen code (k-means
+        # seeds repeat when there are fewer rows than codes) counts as seen once, as at
+        # construction.
+        size = (counts / self.kmeans_batches).clamp(min=1.0)
+        if self.simvq:
+            self.basis.copy_(centroids)
+            self.codebook_map.weight.copy_(torch.eye(centroids.shape[1], device=centroids.device))
+        else:
+            self.codebook.copy_(centroids.to(self.codebook.dtype))
+        self.cluster_size.copy_(size)
+        if self.ema:
+            self.embed_avg.copy_(centroids * size.unsqueeze(1))
+        self.initted.fill_(True)
+        self._initted_host = True
+        self._kmeans_rows = []
 
     @torch.no_grad()
     def _update(self, flat: Tensor, indices: Tensor) -> Tensor:

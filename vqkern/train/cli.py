@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .data import load_data
 from .model import QUANTIZERS
-from .stage1 import VQVAEConfig
+from .stage1 import CODEBOOKS, DEAD_CODE_DEFAULT, VQVAEConfig
 from .stage2 import PRIORS
 
 
@@ -49,10 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--res-blocks", type=int, default=d.res_blocks)
     v.add_argument("--lr", type=_positive(float), default=d.lr)
     v.add_argument("--beta", type=float, default=d.beta, help="commitment cost")
-    v.add_argument("--ema", action="store_true", help="EMA codebook updates instead of the codebook loss")
+    v.add_argument("--codebook", choices=CODEBOOKS, default=d.codebook,
+                   help="how the codebook learns: loss (the paper's codebook loss), ema (the paper's EMA "
+                   "updates), simvq (a frozen random basis times a learned linear map); default %(default)s")
+    v.add_argument("--ema", action="store_true", help="the same as --codebook ema")
     v.add_argument("--decay", type=float, default=d.decay, help="EMA decay")
-    v.add_argument("--dead-code-threshold", type=float, default=d.dead_code_threshold,
-                   help="re-seed codes whose EMA usage falls below this (0: never)")
+    v.add_argument("--dead-code-threshold", type=float, default=None,
+                   help="re-seed codes whose EMA usage falls below this (0: never; default: "
+                   + ", ".join(f"{v:g} with {k}" for k, v in DEAD_CODE_DEFAULT.items()) + ")")
+    v.add_argument("--init", choices=("random", "kmeans"), default=d.init,
+                   help="codebook initialization: random, or k-means on the first training batches")
+    v.add_argument("--kmeans-iters", type=_positive(int), default=d.kmeans_iters)
+    v.add_argument("--kmeans-batches", type=_positive(int), default=d.kmeans_batches,
+                   help="training batches whose rows --init kmeans clusters")
+    v.add_argument("--codebook-dim", type=int, default=d.codebook_dim,
+                   help="search in a space of this size (a learned projection of z and back; 0: in D itself)")
+    v.add_argument("--metric", choices=("l2", "cosine"), default=d.metric,
+                   help="cosine: z and codes l2-normalized before the search")
     v.add_argument("--quantizer", choices=QUANTIZERS, default=d.quantizer)
     v.add_argument("--backend", default=d.backend, help="vqkern backend: auto, triton, cuda, torch, reference")
     v.add_argument("--train-images", type=int, default=0, help="use only the first N training images (0: all)")
@@ -110,9 +123,11 @@ def _vqvae_config(args) -> VQVAEConfig:
         data=args.data, train_images=args.train_images, eval_images=args.eval_images, steps=steps,
         batch_size=args.batch_size, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
         hidden=args.hidden, res_hidden=args.res_hidden, res_blocks=args.res_blocks, lr=args.lr, beta=args.beta,
-        ema=args.ema, decay=args.decay, dead_code_threshold=args.dead_code_threshold, quantizer=args.quantizer,
+        codebook="ema" if args.ema else args.codebook, decay=args.decay,
+        dead_code_threshold=args.dead_code_threshold, quantizer=args.quantizer,
         backend=args.backend, device=args.device, seed=args.seed, out=args.out,
-        checkpoint_every=args.checkpoint_every)
+        checkpoint_every=args.checkpoint_every, init=args.init, kmeans_iters=args.kmeans_iters,
+        kmeans_batches=args.kmeans_batches, codebook_dim=args.codebook_dim, metric=args.metric)
 
 
 def _prior_summary(r: dict) -> str:

@@ -29,21 +29,27 @@ def _stack(channels: int, hidden: int, blocks: int) -> list[nn.Module]:
 
 def make_quantizer(kind: str, num_embeddings: int, embedding_dim: int, *, beta: float = 0.25,
                    ema: bool = False, decay: float = 0.99, dead_code_threshold: float = 0.0,
-                   backend: str = "auto") -> nn.Module:
+                   backend: str = "auto", **large_codebook) -> nn.Module:
     """The quantizer of a VQVAE: ``"reference"`` (plain PyTorch) or ``"vqkern"`` (fused kernels).
 
     Both take (B, D, H, W) feature maps (channel_dim=1) and return
     (quantized, indices (B, H, W) int64, loss, perplexity); their state dicts
-    share key names, so weights move between them.
+    share key names, so weights move between them. ``large_codebook``: the
+    VectorQuantizer options ``simvq``, ``init``, ``kmeans_iters``, ``kmeans_batches``,
+    ``codebook_dim`` and ``metric`` (vqkern only; the reference takes their defaults).
     """
     common = dict(commitment_cost=beta, ema=ema, decay=decay,
                   dead_code_threshold=dead_code_threshold, channel_dim=1)
     if kind == "reference":
         from ..reference import ReferenceVectorQuantizer
+        plain = dict(simvq=False, init="random", codebook_dim=None, metric="l2")
+        changed = sorted(k for k, v in large_codebook.items() if k in plain and v != plain[k])
+        if changed:
+            raise ValueError(f"the reference quantizer has no {', '.join(changed)} option: use --quantizer vqkern")
         return ReferenceVectorQuantizer(num_embeddings, embedding_dim, **common)
     if kind == "vqkern":
         from ..modules import VectorQuantizer
-        return VectorQuantizer(num_embeddings, embedding_dim, backend=backend, **common)
+        return VectorQuantizer(num_embeddings, embedding_dim, backend=backend, **common, **large_codebook)
     raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {kind!r}")
 
 
@@ -94,5 +100,7 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def decode_indices(self, indices: Tensor) -> Tensor:
         """indices (B, h, w) int64 -> images (B, C, 4h, 4w) float."""
-        codes = self.quantizer.codebook[indices]  # (B, h, w, D)
+        dequantize = getattr(self.quantizer, "dequantize", None)
+        # (B, h, w, D): through the quantizer's own output map where it has one
+        codes = dequantize(indices) if dequantize is not None else self.quantizer.codebook[indices]
         return self.decoder(codes.permute(0, 3, 1, 2).contiguous())

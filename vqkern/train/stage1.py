@@ -7,6 +7,7 @@ dead-code re-seeding) and the step, so ``--resume`` on CPU continues bit for bit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -20,6 +21,18 @@ from torch import Tensor
 from . import outputs
 from .data import load_data
 from .model import VQVAE, make_quantizer
+
+
+# The codebook recipes of ``--codebook``: "loss" is the paper's codebook trained by its
+# loss term, "ema" the paper's EMA variant, "simvq" the reparameterized codebook of
+# SimVQ. Each one's dead-code threshold when none is given.
+CODEBOOKS = ("loss", "ema", "simvq")
+DEAD_CODE_DEFAULT = {"loss": 0.0, "ema": 1.0, "simvq": 0.0}
+# Chosen by measurement (benchmarks/results/cpu/train/2026-12-01-default-recipe.md): at
+# K = 512 and 2000 steps it used all 512 codes on the test set (as did simvq; loss had
+# collapsed to a batch perplexity of 51 by step 855), with held-out perplexity 402 against
+# simvq's 92 and MSE 0.00454 against 0.00516.
+DEFAULT_CODEBOOK = "ema"
 
 
 @dataclass
@@ -36,15 +49,39 @@ class VQVAEConfig:
     res_blocks: int = 2
     lr: float = 1e-3
     beta: float = 0.25
-    ema: bool = False
+    ema: bool = False              # legacy spelling of codebook="ema" (older checkpoints)
     decay: float = 0.99
-    dead_code_threshold: float = 0.0
+    dead_code_threshold: float | None = None   # None: DEAD_CODE_DEFAULT[codebook]
     quantizer: str = "vqkern"
     backend: str = "auto"
     device: str = "auto"
     seed: int = 0
     out: str = "runs/vqvae"
     checkpoint_every: int = 500
+    codebook: str = DEFAULT_CODEBOOK
+    init: str = "random"
+    kmeans_iters: int = 10
+    kmeans_batches: int = 1
+    codebook_dim: int = 0          # 0: search in D itself
+    metric: str = "l2"
+
+    def __post_init__(self):
+        if self.ema:
+            self.codebook = "ema"
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
+        self.ema = self.codebook == "ema"
+        if self.dead_code_threshold is None:
+            self.dead_code_threshold = DEAD_CODE_DEFAULT[self.codebook]
+
+
+def config_from_checkpoint(saved: dict, **override) -> VQVAEConfig:
+    """The VQVAEConfig a checkpoint was trained with; checkpoints written before
+    ``codebook`` existed trained by the codebook loss unless ``ema`` was set."""
+    saved = dict(saved)
+    if "codebook" not in saved:
+        saved["codebook"] = "ema" if saved.get("ema") else "loss"
+    return VQVAEConfig(**{**saved, **override})
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,7 +96,9 @@ def pick_device(name: str) -> torch.device:
 def build_model(cfg: VQVAEConfig, in_channels: int, quantizer: str | None = None) -> VQVAE:
     q = make_quantizer(quantizer or cfg.quantizer, cfg.num_embeddings, cfg.embedding_dim, beta=cfg.beta,
                        ema=cfg.ema, decay=cfg.decay, dead_code_threshold=cfg.dead_code_threshold,
-                       backend=cfg.backend)
+                       backend=cfg.backend, simvq=cfg.codebook == "simvq", init=cfg.init,
+                       kmeans_iters=cfg.kmeans_iters, kmeans_batches=cfg.kmeans_batches,
+                       codebook_dim=cfg.codebook_dim or None, metric=cfg.metric)
     return VQVAE(q, in_channels=in_channels, hidden=cfg.hidden, res_hidden=cfg.res_hidden,
                  num_res_blocks=cfg.res_blocks, embedding_dim=cfg.embedding_dim)
 
@@ -103,26 +142,46 @@ def _save_codebook_by_copy(codebook: Tensor):
     does the same for every tensor but intercepts every op, which slowed the
     tiny test model's steps several times over.)
     """
+    if codebook is None:
+        return contextlib.nullcontext()
+
     def pack(t: Tensor) -> Tensor:
         return t.clone() if t.data_ptr() == codebook.data_ptr() and t.shape == codebook.shape else t
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def train_steps(model: VQVAE, optimizer, train: np.ndarray, cfg: VQVAEConfig, device: torch.device,
-                start: int, stop: int, log, progress: bool = True, desc: str = "vqvae") -> list[float]:
-    """Run steps [start, stop); call ``log(record)`` after each. Returns seconds per step."""
+def _stored_codebook(quantizer) -> Tensor | None:
+    """The quantizer's codebook tensor when it stores one (a SimVQ codebook is computed)."""
+    return quantizer._parameters.get("codebook", quantizer._buffers.get("codebook"))
+
+
+def progress_bar(cfg: VQVAEConfig, start: int, progress: bool = True, desc: str = "vqvae"):
+    """One tqdm bar for a whole run (steps ``start`` to cfg.steps): its elapsed time and
+    rate cover the run, not the stretch since the last checkpoint."""
     from tqdm import tqdm
 
+    return tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+
+
+def train_steps(model: VQVAE, optimizer, train: np.ndarray, cfg: VQVAEConfig, device: torch.device,
+                start: int, stop: int, log, progress: bool = True, desc: str = "vqvae", bar=None) -> list[float]:
+    """Run steps [start, stop); call ``log(record)`` after each. Returns seconds per step.
+
+    ``bar``: a :func:`progress_bar` shared by the stretches of one run (left open);
+    without one, a bar for this call alone is made and closed.
+    """
     model.train()
     times = []
-    # total is the whole run, not this stretch between checkpoints.
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True)
+    own_bar = bar is None
+    if own_bar:
+        bar = progress_bar(cfg, start, progress, desc)
+    stored = _stored_codebook(model.quantizer)
     for step in range(start, stop):
         x = to_input(train[batch_indices(step, len(train), cfg.batch_size, cfg.seed)], device)
         _sync(device)
         t0 = time.perf_counter()
-        with _save_codebook_by_copy(model.quantizer.codebook):
+        with _save_codebook_by_copy(stored):
             recon, _, vq_loss, perplexity = model(x)
         recon_loss = torch.mean((recon - x) ** 2)
         loss = recon_loss + vq_loss
@@ -140,7 +199,8 @@ def train_steps(model: VQVAE, optimizer, train: np.ndarray, cfg: VQVAEConfig, de
         if step % 10 == 0 or step + 1 == stop:
             bar.set_postfix(loss=f"{record['loss']:.4f}", recon=f"{record['recon']:.4f}",
                             ppl=f"{record['perplexity']:.1f}", img_s=f"{record['images_per_s']:.0f}")
-    bar.close()
+    if own_bar:
+        bar.close()
     return times
 
 
@@ -181,7 +241,7 @@ def load_vqvae(path: str | Path, device: torch.device | str = "cpu") -> tuple[VQ
     if not path.is_file():
         raise FileNotFoundError(f"no VQ-VAE checkpoint at {path} (train one with `python -m vqkern.train vqvae`)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = VQVAEConfig(**ckpt["config"])
+    cfg = config_from_checkpoint(ckpt["config"])
     model = build_model(cfg, ckpt["in_channels"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
@@ -207,7 +267,7 @@ def train_vqvae(cfg: VQVAEConfig, *, resume: bool = False, progress: bool = True
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         # The architecture and the data come from the checkpoint; only the length may change.
         keep = {"steps", "out", "device", "checkpoint_every"}
-        cfg = VQVAEConfig(**{**ckpt["config"], **{k: getattr(cfg, k) for k in keep}})
+        cfg = config_from_checkpoint(ckpt["config"], **{k: getattr(cfg, k) for k in keep})
         start = ckpt["step"]
     train, test, source = load_splits(cfg)
     in_channels = train.shape[1]
@@ -232,12 +292,14 @@ def train_vqvae(cfg: VQVAEConfig, *, resume: bool = False, progress: bool = True
             log_file.write(json.dumps(record) + "\n")
 
         step = start
+        bar = progress_bar(cfg, start, progress)
         while step < cfg.steps:
             stop = min(cfg.steps, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-            times += train_steps(model, optimizer, train, cfg, device, step, stop, log, progress)
+            times += train_steps(model, optimizer, train, cfg, device, step, stop, log, progress, bar=bar)
             step = stop
             log_file.flush()
             _save_checkpoint(ckpt_path, model, optimizer, cfg, step, in_channels, grid)
+        bar.close()
     if start >= cfg.steps:
         _save_checkpoint(ckpt_path, model, optimizer, cfg, start, in_channels, grid)
     metrics, counts, recon = evaluate(model, test, device)
