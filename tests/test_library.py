@@ -45,3 +45,12 @@ def test_opcheck_segment_sum(backend, deterministic, device):
     z, _ = _samples(device)
     indices = torch.randint(13, (45,), device=device)
     torch.library.opcheck(torch.ops.vqkern.segment_sum.default, (indices, z, 13, backend, deterministic))
+
+
+@pytest.mark.parametrize("backend", backend_params(("triton", "torch", "reference")))
+@pytest.mark.parametrize("cosine", [False, True])
+def test_opcheck_sample(backend, cosine, device):
+    z, codebook = _samples(device)
+    if cosine:
+        z, codebook = torch.nn.functional.normalize(z, dim=1), torch.nn.functional.normalize(codebook, dim=1)
+    torch.library.opcheck(torch.ops.vqkern.sample.default, (z, codebook, 2.0, 123, cosine, backend))
