@@ -497,7 +497,7 @@ def test_availability_reason(monkeypatch):
 # About 70 s on 2 cores with a cold Triton cache: kept in the default run, as it is
 # the only check of GPU legality that CI can make.
 _AOT_SCRIPT = r'''
-import importlib, itertools, sys
+import importlib, itertools, os, sys
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
@@ -505,6 +505,7 @@ S = importlib.import_module("vqkern.backends.triton.search")
 B = importlib.import_module("vqkern.backends.triton.backward")
 G = importlib.import_module("vqkern.backends.triton.segment_sum")
 target = GPUTarget("cuda", 90, 32)
+FULL = os.environ.get("VQKERN_AOT_FULL") == "1"
 P = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 failures = []
 def compile_(fn, sig, consts, warps=4, stages=3):
@@ -532,7 +533,12 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
         modes += [("ieee", False, False, True, False), ("ieee", False, False, True, True)]
     for precision, track, row_filter, sample, cosine in modes:
         bd = S._block_d(d, dot_fp32, precision, False)
-        for cfg in S._search_configs():
+        configs = S._search_configs()
+        if not FULL and (track or row_filter or sample):
+            # The default run compiles the new modes at the two largest tiles only (the
+            # register-heaviest); the slow run compiles every autotune config of every mode.
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128]
+        for cfg in configs:
             for split in ((False, True) if not row_filter else (False,)):
                 consts = dict(SPLIT=split, INTERPRET=False, ONE_CHUNK=d <= bd, DOT_FP32=dot_fp32,
                               INPUT_PRECISION=precision, TRACK_SECOND=track, ROW_FILTER=row_filter, SAMPLE=sample,
@@ -578,11 +584,20 @@ sys.exit(1 if failures else 0)
 '''
 
 
-def test_kernels_compile_for_sm90():
+def _compile_for_sm90(full: bool):
     import subprocess
     import sys
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    env = dict(os.environ, TRITON_INTERPRET="0", VQKERN_AOT_FULL="1" if full else "0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+def test_kernels_compile_for_sm90():
+    _compile_for_sm90(full=False)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_every_config():
+    _compile_for_sm90(full=True)
