@@ -169,6 +169,25 @@ def test_kernel_same_answer_for_any_thread_count(isa, dtype, n, k):
     assert bool((idx[-10:] < k // 2).all())  # exact copies: the first copy wins
 
 
+def test_kernel_repeatable_on_near_ties_with_code_splits(fp32_isa):
+    # Unit vectors a few ulps of score apart: which code wins hangs on the last bit
+    # of each code's norm. One row block and 20000 codes, so the panels are packed
+    # by every thread (about 20 packing items) and the codes split across threads.
+    # The norms were once rounded differently by the main thread (fma) and the
+    # workers (mul + add), so the answer changed with the thread timing: about half
+    # of such calls differed from the 1-thread answer on this machine.
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(19, generator=gen)
+    codebook = torch.nn.functional.normalize(base + 1e-3 * torch.randn(20000, 19, generator=gen), dim=1)
+    z = torch.nn.functional.normalize(base + 1e-3 * torch.randn(33, 19, generator=gen), dim=1)
+    want = _direct(z, codebook, 1, fp32_isa)
+    assert_nearest(z, codebook, want[0], want[1])
+    for threads in (2, 3, 4) * 10:
+        got = _direct(z, codebook, threads, fp32_isa)
+        for x, y in zip(want, got):
+            assert torch.equal(x, y), f"threads={threads}"
+
+
 def test_kernel_writes_only_its_rows(fp32_isa):
     # A row stride wider than D, and indices poisoned past n: only [0, n) is written.
     ext = _ext()

@@ -128,8 +128,8 @@ inline float bf16f(uint16_t v) {
   return f;
 }
 
-void pack_panels_bf16(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                      uint16_t* packed, float* norms) {
+VQ_TARGET_512 void pack_panels_bf16(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
+                                    int64_t p1, uint16_t* packed, float* norms) {
   const int64_t pairs = (d + 1) / 2;
   for (int64_t p = p0; p < p1; ++p) {
     uint16_t* panel = packed + p * pairs * 2 * kNr;
@@ -142,7 +142,7 @@ void pack_panels_bf16(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t 
           const int64_t t = 2 * u + h;
           const uint16_t v = (code < k && t < d) ? e[t] : 0;
           panel[u * 2 * kNr + 2 * j + h] = v;
-          norm += bf16f(v) * bf16f(v);
+          norm = std::fma(bf16f(v), bf16f(v), norm);  // see pack_panels_f32
         }
       }
       norms[p * kNr + j] = code < k ? norm : std::numeric_limits<float>::infinity();
@@ -230,8 +230,8 @@ inline int64_t amx_chunks(int64_t d) { return (d + 31) / 32; }
 
 // Panel p, chunk c, half h (codes 16h..16h+15): a 16 x 32 bf16 B tile, row u holding
 // (e_j[32c + 2u], e_j[32c + 2u + 1]) for j = 0..15.
-void pack_panels_amx(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                     uint16_t* packed, float* norms) {
+VQ_TARGET_512 void pack_panels_amx(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
+                                   int64_t p1, uint16_t* packed, float* norms) {
   const int64_t chunks = amx_chunks(d);
   for (int64_t p = p0; p < p1; ++p) {
     uint16_t* panel = packed + p * chunks * 1024;
@@ -243,7 +243,7 @@ void pack_panels_amx(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d
         const uint16_t v = (code < k && t < d) ? e[t] : 0;
         const int64_t c = t / 32, u = (t % 32) / 2, h = t % 2;
         panel[(c * 2 + j / 16) * 512 + u * 32 + (j % 16) * 2 + h] = v;
-        norm += bf16f(v) * bf16f(v);
+        norm = std::fma(bf16f(v), bf16f(v), norm);  // see pack_panels_f32
       }
       norms[p * kNr + j] = code < k ? norm : std::numeric_limits<float>::infinity();
     }

@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -197,11 +198,18 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
 }
 
 // fp32 codes [NR p0, NR p1) into d-major panels (panel[t][j] = e_{NR p + j}[t]) with
-// their squared norms (fp32, summed in d order, so that every kernel ranks with the
-// same norms); padding codes get zeros and a +inf norm.
+// their squared norms (fp32, norm = fma(e_t, e_t, norm) in d order, so that every
+// kernel ranks with the same norms); padding codes get zeros and a +inf norm.
+//
+// The fma is written out, not left to the compiler's contraction of norm += e * e:
+// packing runs inside the parallel() lambda, which the main thread runs inlined into
+// search<K> (an FMA target, so the sum was contracted to vfmadd) and each worker runs
+// as the out-of-line lambda (no target, so vmulss + vaddss). Which thread packed which
+// panels then decided how each norm was rounded, and on near-ties (unit vectors a few
+// ulps apart) the index changed from call to call and with the thread count.
 template <int NR>
-void pack_panels_f32(const float* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                     float* packed, float* norms) {
+VQ_DRIVER_TARGET void pack_panels_f32(const float* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
+                                      int64_t p1, float* packed, float* norms) {
   for (int64_t p = p0; p < p1; ++p) {
     float* panel = packed + p * d * NR;
     for (int j = 0; j < NR; ++j) {
@@ -211,7 +219,7 @@ void pack_panels_f32(const float* codebook, int64_t ldc, int64_t k, int64_t d, i
         float norm = 0.0f;
         for (int64_t t = 0; t < d; ++t) {
           panel[t * NR + j] = e[t];
-          norm += e[t] * e[t];
+          norm = std::fma(e[t], e[t], norm);
         }
         norms[p * NR + j] = norm;
       } else {
