@@ -352,3 +352,30 @@ def test_torch_backend_non_finite_codes_never_win(path, poison, monkeypatch):
     assert bool(good[indices].all())
     kept = torch.nonzero(good).flatten()
     assert_nearest(z, codebook[kept], torch.searchsorted(kept, indices))
+
+
+def test_backward_op_reads_no_scalar_on_the_host(monkeypatch):
+    # A host read of grad_commitment (float(), .item()) is a device sync per backward and
+    # breaks CUDA graph capture: the scales must reach the backend as device tensors.
+    impl = vqkern.backends.get("reference")
+    seen = []
+
+    def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic):
+        seen.append(scale)
+        impl.backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic)
+
+    monkeypatch.setattr(vqkern.backends, "get", lambda name: SimpleNamespace(
+        search=impl.search, backward=backward, segment_sum=impl.segment_sum))
+    z = torch.randn(30, 5, requires_grad=True)
+    codebook = torch.randn(7, 5, requires_grad=True)
+    out = vqkern.quantize(z, codebook, backend="reference")
+    loss = out.loss + out.quantized.sum()
+
+    def refuse(self, *args):
+        raise AssertionError("host read of a tensor during the backward")
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "__float__", refuse)
+    loss.backward()
+    monkeypatch.undo()
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor) and seen[0].device == z.device
+    assert z.grad is not None and codebook.grad is not None
