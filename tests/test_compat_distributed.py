@@ -2,13 +2,12 @@
 layers at every step, with one broadcast at the first step and no collective after it."""
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from test_distributed import WORLD, _free_port
+from test_distributed import WORLD, run_ranks
 
 STEPS = 6
 # ~40 s on 2 cores, most of it spawning two processes that import torch and vqkern.
@@ -55,18 +54,7 @@ def _worker(rank, port, path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    path = str(tmp_path_factory.mktemp("dist_dropout"))
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    ctx = mp.start_processes(_worker, args=(_free_port(), path), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail("distributed workers did not finish in 180 s (a collective hung)")
-    return [torch.load(os.path.join(path, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_ranks(_worker, str(tmp_path_factory.mktemp("dist_dropout")))
 
 
 def test_every_rank_drops_the_same_layers(results):

@@ -170,20 +170,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def run_ranks(worker, path: str, timeout_s: float = 180):
+    """Spawn WORLD gloo processes of ``worker(rank, port, path)``, fail the test if they hang,
+    and return what each saved as ``path/rank{r}.pt``."""
     import torch.multiprocessing as mp
 
-    path = str(tmp_path_factory.mktemp("dist"))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    ctx = mp.start_processes(_worker, args=(_free_port(), path), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
+    ctx = mp.start_processes(worker, args=(_free_port(), path), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.terminate()
-            pytest.fail("distributed workers did not finish in 180 s (a collective hung)")
+            pytest.fail(f"distributed workers did not finish in {timeout_s:.0f} s (a collective hung)")
     return [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_ranks(_worker, str(tmp_path_factory.mktemp("dist")))
 
 
 def assert_bitwise_equal(a, b):

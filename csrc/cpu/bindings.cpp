@@ -25,6 +25,28 @@ Isa parse_isa(const std::string& name) {
 
 }  // namespace
 
+// One binding for both row types: pointers arrive as ints (tensor.data_ptr()), and the
+// search runs without the GIL.
+template <typename T, void (*Search)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t*,
+                                     float*, T*, int64_t, int, Isa)>
+void bind_search(std::uintptr_t z, int64_t n, int64_t ldz, std::uintptr_t codebook, int64_t k, int64_t ldc,
+                 int64_t d, std::uintptr_t indices, std::uintptr_t distances, std::uintptr_t quantized, int64_t ldq,
+                 int threads, const std::string& isa) {
+  const Isa path = parse_isa(isa);
+  py::gil_scoped_release release;
+  Search(reinterpret_cast<const T*>(z), n, ldz, reinterpret_cast<const T*>(codebook), k, ldc, d,
+         reinterpret_cast<int64_t*>(indices), reinterpret_cast<float*>(distances), reinterpret_cast<T*>(quantized),
+         ldq, threads, path);
+}
+
+template <typename T, void (*Search)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t*,
+                                     float*, T*, int64_t, int, Isa)>
+void def_search(py::module_& m, const char* name, const char* doc) {
+  m.def(name, &bind_search<T, Search>, py::arg("z"), py::arg("n"), py::arg("ldz"), py::arg("codebook"),
+        py::arg("k"), py::arg("ldc"), py::arg("d"), py::arg("indices"), py::arg("distances"), py::arg("quantized"),
+        py::arg("ldq"), py::arg("threads"), py::arg("isa") = "auto", doc);
+}
+
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "vqkern CPU kernels (data pointers, shapes, row strides)";
   m.def("supported", &supported, "True when this CPU has AVX2 and FMA (every kernel needs them).");
@@ -36,37 +58,15 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("isa_missing", [](const std::string& name) { return isa_missing(parse_isa(name)); }, py::arg("isa"),
         "'' when this CPU and OS can run the path, else the instructions or OS support it lacks.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); }, "The best path this machine can run.");
-  m.def("search_l2",
-        [](std::uintptr_t z, int64_t n, int64_t ldz, std::uintptr_t codebook, int64_t k, int64_t ldc, int64_t d,
-           std::uintptr_t indices, std::uintptr_t distances, std::uintptr_t quantized, int64_t ldq, int threads,
-           const std::string& isa) {
-          const Isa path = parse_isa(isa);
-          py::gil_scoped_release release;
-          search_l2(reinterpret_cast<const float*>(z), n, ldz, reinterpret_cast<const float*>(codebook), k, ldc, d,
-                    reinterpret_cast<int64_t*>(indices), reinterpret_cast<float*>(distances),
-                    reinterpret_cast<float*>(quantized), ldq, threads, path);
-        },
-        py::arg("z"), py::arg("n"), py::arg("ldz"), py::arg("codebook"), py::arg("k"), py::arg("ldc"), py::arg("d"),
-        py::arg("indices"), py::arg("distances"), py::arg("quantized"), py::arg("ldq"), py::arg("threads"),
-        py::arg("isa") = "auto",
-        "indices (n,) int64 = nearest code of each fp32 row of z, lowest index on ties; "
-        "distances (n,) fp32 and quantized (n, d) fp32 written too unless their pointer is 0. "
-        "isa: avx2 or avx512 (avx512bf16 and amx run avx512), auto = the best this CPU runs.");
-  m.def("search_l2_bf16",
-        [](std::uintptr_t z, int64_t n, int64_t ldz, std::uintptr_t codebook, int64_t k, int64_t ldc, int64_t d,
-           std::uintptr_t indices, std::uintptr_t distances, std::uintptr_t quantized, int64_t ldq, int threads,
-           const std::string& isa) {
-          const Isa path = parse_isa(isa);
-          py::gil_scoped_release release;
-          search_l2_bf16(reinterpret_cast<const uint16_t*>(z), n, ldz, reinterpret_cast<const uint16_t*>(codebook),
-                         k, ldc, d, reinterpret_cast<int64_t*>(indices), reinterpret_cast<float*>(distances),
-                         reinterpret_cast<uint16_t*>(quantized), ldq, threads, path);
-        },
-        py::arg("z"), py::arg("n"), py::arg("ldz"), py::arg("codebook"), py::arg("k"), py::arg("ldc"), py::arg("d"),
-        py::arg("indices"), py::arg("distances"), py::arg("quantized"), py::arg("ldq"), py::arg("threads"),
-        py::arg("isa") = "auto",
-        "As search_l2 for bf16 z and codebook (bf16 products, fp32 sums): distances fp32, quantized bf16. "
-        "isa: amx (tdpbf16ps tiles) or avx512bf16 (vdpbf16ps); auto = the best this CPU runs.");
+  def_search<float, search_l2>(
+      m, "search_l2",
+      "indices (n,) int64 = nearest code of each fp32 row of z, lowest index on ties; "
+      "distances (n,) fp32 and quantized (n, d) fp32 written too unless their pointer is 0. "
+      "isa: avx2 or avx512 (avx512bf16 and amx run avx512), auto = the best this CPU runs.");
+  def_search<uint16_t, search_l2_bf16>(
+      m, "search_l2_bf16",
+      "As search_l2 for bf16 z and codebook (bf16 products, fp32 sums): distances fp32, quantized bf16. "
+      "isa: amx (tdpbf16ps tiles) or avx512bf16 (vdpbf16ps); auto = the best this CPU runs.");
   m.def("backward_l2",
         [](std::uintptr_t gq, std::uintptr_t z, std::uintptr_t codebook, std::uintptr_t idx, int64_t n, int64_t d,
            int64_t k, float scale, std::uintptr_t grad_z, std::uintptr_t diff_sums, bool deterministic, int threads) {

@@ -5,6 +5,7 @@
 // One d step of the micro-kernel is two 8-wide loads of codes, six broadcasts of z
 // and twelve FMAs (the usual 6 x 16 register block of AVX2 GEMM kernels: 12
 // accumulators, 2 code vectors, 1 broadcast, of 16 ymm registers).
+#include <cmath>
 #include <immintrin.h>
 
 #define VQ_DRIVER_TARGET __attribute__((target("avx2,fma")))
@@ -115,36 +116,36 @@ inline float bf16_to_f32(uint16_t v) {
 
 }  // namespace
 
-// sum((z - e)^2) in fp32, eight partial sums (relative error <= about d/8 * 2^-24).
-__attribute__((target("avx2,fma"))) float residual_f32(const float* z, const float* e, int64_t d) {
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) { return load_bf16x8(p); }
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+
+// sum((z - e)^2) in fp32 (bf16 rows widened exactly first), eight partial sums (relative
+// error <= about d/8 * 2^-24); the tail's fma is spelled out so its rounding never
+// depends on the compiler's contraction choice.
+template <typename T>
+__attribute__((target("avx2,fma"))) inline float residual_avx2(const T* z, const T* e, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
   int64_t t = 0;
   for (; t + 8 <= d; t += 8) {
-    const __m256 diff = _mm256_sub_ps(_mm256_loadu_ps(z + t), _mm256_loadu_ps(e + t));
+    const __m256 diff = _mm256_sub_ps(load8(z + t), load8(e + t));
     acc = _mm256_fmadd_ps(diff, diff, acc);
   }
   float sum = hsum8(acc);
   for (; t < d; ++t) {
-    const float diff = z[t] - e[t];
-    sum += diff * diff;
+    const float diff = to_f32(z[t]) - to_f32(e[t]);
+    sum = std::fma(diff, diff, sum);
   }
   return sum;
 }
 
-// The same on bf16 rows, widened exactly to fp32 first.
+__attribute__((target("avx2,fma"))) float residual_f32(const float* z, const float* e, int64_t d) {
+  return residual_avx2(z, e, d);
+}
+
 __attribute__((target("avx2,fma"))) float residual_bf16(const uint16_t* z, const uint16_t* e, int64_t d) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t t = 0;
-  for (; t + 8 <= d; t += 8) {
-    const __m256 diff = _mm256_sub_ps(load_bf16x8(z + t), load_bf16x8(e + t));
-    acc = _mm256_fmadd_ps(diff, diff, acc);
-  }
-  float sum = hsum8(acc);
-  for (; t < d; ++t) {
-    const float diff = bf16_to_f32(z[t]) - bf16_to_f32(e[t]);
-    sum += diff * diff;
-  }
-  return sum;
+  return residual_avx2(z, e, d);
 }
 
 void search_f32_avx2(const driver::Problem<float>& pb, int threads) { driver::search<Avx2F32>(pb, threads); }
