@@ -27,9 +27,11 @@ struct Avx2F32 {
                           float* packed, float* norms) {
     driver::pack_panels_f32<kNr>(cb, ldc, k, d, p0, p1, packed, norms);
   }
+  static void prepare(const float*, int64_t, int64_t, int64_t, float*) {}  // reads z in place
   static void run_block(const float* z0, int64_t ldz, int64_t rows, int64_t d, const float* packed,
                         const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, float* scratch);
   static float residual(const float* z, const float* e, int64_t d) { return residual_f32(z, e, d); }
+  static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { driver::best_lane_scalar(l, val, idx); }
 };
 
 // Scores of MR rows x 16 codes of one panel, folded into the rows' lane state.

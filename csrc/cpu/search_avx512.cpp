@@ -26,9 +26,18 @@ namespace {
 using driver::Lanes;
 constexpr int kMr = 14;
 constexpr int kNr = 32;
+constexpr int kAmxRows = 32;  // rows per AMX step (two 16-row A tiles)
 
 // Folds MR rows' 32 scores (acc0 codes 0-15, acc1 codes 16-31) into their lanes.
-template <int MR>
+//
+// MERGE: the two halves of each row are merged first: lane j keeps the better of
+// codes base + j and base + 16 + j (the second only when strictly smaller, or when the
+// first is NaN), and only that score is folded into lane j's state. Lane j still sees
+// its codes in increasing order, so ties keep the lowest index; lanes 16-31 are never
+// written. Two masked stores per row instead of four: stores, not arithmetic, bound
+// the fold when the products come from the tile unit (the AMX kernel; in the fp32
+// kernel the FMAs dominate and the plain fold stays).
+template <int MR, bool MERGE = false>
 VQ_TARGET_512 inline void fold(const __m512* acc0, const __m512* acc1, const float* norms, int32_t base,
                                Lanes<kNr>* lanes) {
   const __m512 minus2 = _mm512_set1_ps(-2.0f);
@@ -41,23 +50,63 @@ VQ_TARGET_512 inline void fold(const __m512* acc0, const __m512* acc1, const flo
     const __m512 s0 = _mm512_fmadd_ps(acc0[r], minus2, n0);  // |e|^2 - 2 z.e
     const __m512 s1 = _mm512_fmadd_ps(acc1[r], minus2, n1);
     // Strict and ordered: earlier codes keep ties, NaN never replaces.
-    const __mmask16 lt0 = _mm512_cmp_ps_mask(s0, _mm512_load_ps(lanes[r].val), _CMP_LT_OQ);
-    const __mmask16 lt1 = _mm512_cmp_ps_mask(s1, _mm512_load_ps(lanes[r].val + 16), _CMP_LT_OQ);
-    _mm512_mask_store_ps(lanes[r].val, lt0, s0);
-    _mm512_mask_store_ps(lanes[r].val + 16, lt1, s1);
-    _mm512_mask_store_epi32(lanes[r].idx, lt0, i0);
-    _mm512_mask_store_epi32(lanes[r].idx + 16, lt1, i1);
+    if constexpr (MERGE) {
+      const __mmask16 second = _mm512_cmp_ps_mask(s1, s0, _CMP_LT_OQ) | _mm512_cmp_ps_mask(s0, s0, _CMP_UNORD_Q);
+      const __m512 s = _mm512_mask_mov_ps(s0, second, s1);
+      const __mmask16 lt = _mm512_cmp_ps_mask(s, _mm512_load_ps(lanes[r].val), _CMP_LT_OQ);
+      _mm512_mask_store_ps(lanes[r].val, lt, s);
+      _mm512_mask_store_epi32(lanes[r].idx, lt, _mm512_mask_mov_epi32(i0, second, i1));
+    } else {
+      const __mmask16 lt0 = _mm512_cmp_ps_mask(s0, _mm512_load_ps(lanes[r].val), _CMP_LT_OQ);
+      const __mmask16 lt1 = _mm512_cmp_ps_mask(s1, _mm512_load_ps(lanes[r].val + 16), _CMP_LT_OQ);
+      _mm512_mask_store_ps(lanes[r].val, lt0, s0);
+      _mm512_mask_store_ps(lanes[r].val + 16, lt1, s1);
+      _mm512_mask_store_epi32(lanes[r].idx, lt0, i0);
+      _mm512_mask_store_epi32(lanes[r].idx + 16, lt1, i1);
+    }
   }
 }
 
-// Rows [0, rows) of a work item in blocks of 14 (and one remainder block).
+// best_lane of every AVX-512 kernel: a vector min over the 32 lanes, then the smallest
+// index among the lanes holding it. At K = 1024 the scalar loop over 32 lanes cost
+// about a third as much as the tile unit's products of the row.
+VQ_TARGET_512 inline void best_lane_512(const Lanes<kNr>& l, float& val, int32_t& idx) {
+  const __m512 v0 = _mm512_load_ps(l.val), v1 = _mm512_load_ps(l.val + 16);
+  const float best = _mm512_reduce_min_ps(_mm512_min_ps(v0, v1));  // lane scores are never NaN
+  const __m512 b = _mm512_set1_ps(best);
+  const __m512i none = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+  const __m512i c0 = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(v0, b, _CMP_EQ_OQ),
+                                           _mm512_load_si512(l.idx));
+  const __m512i c1 = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(v1, b, _CMP_EQ_OQ),
+                                           _mm512_load_si512(l.idx + 16));
+  val = best;
+  idx = _mm512_reduce_min_epi32(_mm512_min_epi32(c0, c1));
+}
+
+// Rows [0, rows) of a work item in blocks of 14 (and one remainder block). Block m
+// (rows m .. m + MR - 1) starts at element m * width of the prepared scratch, width
+// being the T elements of one prepared row.
 template <class K, typename T>
-void run_blocks(const T* z0, int64_t ldz, int64_t rows, int64_t d, const T* packed, const float* norms, int64_t p0,
-                int64_t p1, Lanes<kNr>* lanes, T* scratch) {
+void run_blocks(int64_t rows, int64_t d, int64_t width, const T* packed, const float* norms, int64_t p0,
+                int64_t p1, Lanes<kNr>* lanes, const T* scratch) {
   for (int64_t m = 0; m < rows; m += kMr) {
     driver::with_rows<kMr>(static_cast<int>(std::min<int64_t>(kMr, rows - m)), [&](auto mr) {
-      K::template block<decltype(mr)::value>(z0 + m * ldz, ldz, d, packed, norms, p0, p1, lanes + m, scratch);
+      K::template block<decltype(mr)::value>(scratch + m * width, d, packed, norms, p0, p1, lanes + m);
     });
+  }
+}
+
+// The work item's rows, each block of up to 14 d-major in its own slice of the scratch:
+// row m + r's step t at zp[t * MR + r], zp = scratch + m * width (MR = the block's
+// rows, width = words per row). make(row, t) is the word the kernel reads for step t
+// of that row (an fp32 element, or a pair of bf16 elements).
+template <typename W, class Make>
+VQ_TARGET_512 void transpose_rows(int64_t rows, int64_t steps, int64_t width, W* scratch, Make&& make) {
+  for (int64_t m = 0; m < rows; m += kMr) {
+    const int64_t mr = std::min<int64_t>(kMr, rows - m);
+    W* zp = scratch + m * width;
+    for (int64_t r = 0; r < mr; ++r)
+      for (int64_t t = 0; t < steps; ++t) zp[t * mr + r] = make(m + r, t);
   }
 }
 
@@ -91,25 +140,30 @@ struct Avx512F32 {
   using T = float;
   static constexpr int kNr = vqkern_cpu::kNr;
   static constexpr int64_t kRowBlock = 8 * kMr;  // 112 rows, ~28 KB of z at D = 64
-  static int64_t scratch_elems(int64_t d) { return kMr * d; }
+  static int64_t scratch_elems(int64_t d) { return kRowBlock * d; }  // the item's rows, transposed
   static int64_t panel_elems(int64_t d) { return d * kNr; }
   static void pack_panels(const float* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
                           float* packed, float* norms) {
     driver::pack_panels_f32<kNr>(cb, ldc, k, d, p0, p1, packed, norms);
   }
   static float residual(const float* z, const float* e, int64_t d) { return residual_f32(z, e, d); }
+  static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { best_lane_512(l, val, idx); }
+
+  // Transposed once per work item, not once per cache block of codes: at D = 256 a
+  // cache block is only 8 panels, and a copy per block cost ~10% of the FMAs' time.
+  static void prepare(const float* z0, int64_t ldz, int64_t rows, int64_t d, float* zp) {
+    transpose_rows(rows, d, d, zp, [&](int64_t r, int64_t t) { return z0[r * ldz + t]; });
+  }
 
   template <int MR>
-  static void block(const float* z0, int64_t ldz, int64_t d, const float* packed, const float* norms, int64_t p0,
-                    int64_t p1, Lanes<kNr>* lanes, float* zp) {
-    for (int r = 0; r < MR; ++r)
-      for (int64_t t = 0; t < d; ++t) zp[t * MR + r] = z0[r * ldz + t];
+  static void block(const float* zp, int64_t d, const float* packed, const float* norms, int64_t p0, int64_t p1,
+                    Lanes<kNr>* lanes) {
     panels_f32<MR>(zp, packed, norms, d, p0, p1, lanes);
   }
 
-  static void run_block(const float* z0, int64_t ldz, int64_t rows, int64_t d, const float* packed,
-                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, float* zp) {
-    run_blocks<Avx512F32>(z0, ldz, rows, d, packed, norms, p0, p1, lanes, zp);
+  static void run_block(const float*, int64_t, int64_t rows, int64_t d, const float* packed, const float* norms,
+                        int64_t p0, int64_t p1, Lanes<kNr>* lanes, float* zp) {
+    run_blocks<Avx512F32>(rows, d, d, packed, norms, p0, p1, lanes, zp);
   }
 };
 
@@ -178,32 +232,34 @@ struct Avx512Bf16 {
   using T = uint16_t;
   static constexpr int kNr = vqkern_cpu::kNr;
   static constexpr int64_t kRowBlock = 8 * kMr;
-  static int64_t scratch_elems(int64_t d) { return kMr * (d + 1); }  // (d + 1) / 2 pairs of 14 rows, as uint32
+  static int64_t scratch_elems(int64_t d) { return kRowBlock * 2 * ((d + 1) / 2); }  // pairs as uint32
   static int64_t panel_elems(int64_t d) { return (d + 1) / 2 * 2 * kNr; }
   static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
                           uint16_t* packed, float* norms) {
     pack_panels_bf16(cb, ldc, k, d, p0, p1, packed, norms);
   }
   static float residual(const uint16_t* z, const uint16_t* e, int64_t d) { return residual_bf16(z, e, d); }
+  static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { best_lane_512(l, val, idx); }
 
-  template <int MR>
-  static void block(const uint16_t* z0, int64_t ldz, int64_t d, const uint16_t* packed, const float* norms,
-                    int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
+  // A row's prepared width: its pairs as 32-bit words, 2 uint16 elements each.
+  static void prepare(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, uint16_t* scratch) {
     const int64_t pairs = (d + 1) / 2;
-    uint32_t* zp = reinterpret_cast<uint32_t*>(scratch);
-    for (int r = 0; r < MR; ++r) {
+    transpose_rows(rows, pairs, pairs, reinterpret_cast<uint32_t*>(scratch), [&](int64_t r, int64_t u) {
       const uint16_t* z = z0 + r * ldz;
-      for (int64_t u = 0; u < pairs; ++u) {
-        const uint32_t lo = z[2 * u], hi = 2 * u + 1 < d ? z[2 * u + 1] : 0;
-        zp[u * MR + r] = lo | (hi << 16);
-      }
-    }
-    panels_bf16<MR>(zp, packed, norms, pairs, p0, p1, lanes);
+      const uint32_t lo = z[2 * u], hi = 2 * u + 1 < d ? z[2 * u + 1] : 0;
+      return lo | (hi << 16);
+    });
   }
 
-  static void run_block(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, const uint16_t* packed,
-                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* zp) {
-    run_blocks<Avx512Bf16>(z0, ldz, rows, d, packed, norms, p0, p1, lanes, zp);
+  template <int MR>
+  static void block(const uint16_t* scratch, int64_t d, const uint16_t* packed, const float* norms, int64_t p0,
+                    int64_t p1, Lanes<kNr>* lanes) {
+    panels_bf16<MR>(reinterpret_cast<const uint32_t*>(scratch), packed, norms, (d + 1) / 2, p0, p1, lanes);
+  }
+
+  static void run_block(const uint16_t*, int64_t, int64_t rows, int64_t d, const uint16_t* packed,
+                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
+    run_blocks<Avx512Bf16>(rows, d, 2 * ((d + 1) / 2), packed, norms, p0, p1, lanes, scratch);
   }
 };
 
@@ -214,10 +270,10 @@ struct Avx512Bf16 {
 // tdpbf16ps), C tiles tmm4-tmm7 the 32 x 32 fp32 dot products; each tdpbf16ps does
 // 16 x 16 x 32 products, exact in fp32, summed in fp32. d is cut into chunks of 32,
 // z rows and codes zero-padded to a whole chunk. The C tiles go to a 4 KB buffer in
-// L1 and are folded into the lane state by the same AVX-512 code as above: at small
-// d that fold, not the tile unit, bounds the rate.
+// L1 and are folded into the lane state by fold<16, true>: at small d that fold, not
+// the tile unit, bounds the rate. Folding two panels' products together (64 codes,
+// half the lane state's stores) was measured 0.86-0.94x of this (benchmarks/NOTES.md).
 
-constexpr int kAmxRows = 32;
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -281,7 +337,7 @@ VQ_TARGET_AMX void panels_amx(const uint16_t* zp, int64_t zstride_bytes, int64_t
         acc0[r] = _mm512_load_ps(cbuf + (half * 16 + r) * 32);
         acc1[r] = _mm512_load_ps(cbuf + (half * 16 + r) * 32 + 16);
       }
-      fold<16>(acc0, acc1, norms + p * kNr, static_cast<int32_t>(p * kNr), lanes + half * 16);
+      fold<16, true>(acc0, acc1, norms + p * kNr, static_cast<int32_t>(p * kNr), lanes + half * 16);
     }
   }
 }
@@ -314,12 +370,12 @@ struct AmxBf16 {
     pack_panels_amx(cb, ldc, k, d, p0, p1, packed, norms);
   }
   static float residual(const uint16_t* z, const uint16_t* e, int64_t d) { return residual_bf16(z, e, d); }
+  static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { best_lane_512(l, val, idx); }
 
   // Rows past `rows` (to a multiple of 32) are zero and fold into lane slots that the
   // driver never reads (it sizes the lane state for kRowBlock rows).
-  static void run_block(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, const uint16_t* packed,
-                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
-    const int64_t chunks = amx_chunks(d), width = chunks * 32;
+  static void prepare(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, uint16_t* scratch) {
+    const int64_t width = amx_chunks(d) * 32;
     const int64_t groups = (rows + kAmxRows - 1) / kAmxRows;
     for (int64_t r = 0; r < groups * kAmxRows; ++r) {
       uint16_t* out = scratch + r * width;
@@ -327,6 +383,13 @@ struct AmxBf16 {
       if (have) std::memcpy(out, z0 + r * ldz, static_cast<size_t>(d) * sizeof(uint16_t));
       std::memset(out + have, 0, static_cast<size_t>(width - have) * sizeof(uint16_t));
     }
+  }
+
+  static void run_block(const uint16_t*, int64_t, int64_t rows, int64_t d, const uint16_t* packed,
+                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
+    const int64_t chunks = amx_chunks(d), width = chunks * 32;
+    const int64_t groups = (rows + kAmxRows - 1) / kAmxRows;
+    // The C buffer follows the row block's z; the scratch is this thread's alone.
     float* cbuf = reinterpret_cast<float*>(scratch + ((kRowBlock * width + 31) / 32) * 32);
     amx_configure();
     for (int64_t g = 0; g < groups; ++g)

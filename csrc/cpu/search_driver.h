@@ -8,10 +8,17 @@
 //   static int64_t panel_elems(int64_t d);  T elements of one packed panel
 //   static void pack_panels(const T* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0,
 //                           int64_t p1, T* packed, float* norms);
+//   static void prepare(const T* z0, int64_t ldz, int64_t rows, int64_t d, T* scratch);
+//                         // once per work item: the item's rows into scratch, in the
+//                         // kernel's layout (a transpose, padding), reused by every
+//                         // cache block of codes below
 //   static void run_block(const T* z0, int64_t ldz, int64_t rows, int64_t d, const T* packed,
 //                         const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes,
 //                         T* scratch);   // rows <= kRowBlock, folds panels [p0, p1)
 //   static float residual(const T* z, const T* e, int64_t d);
+//   static void best_lane(const Lanes<kNr>& lanes, float& val, int32_t& idx);
+//                         // the smallest score of a row's lanes, the lowest index among
+//                         // equal ones (lane scores are never NaN); best_lane_scalar below
 //
 // Ties. Lane j of a row sees the codes kNr * p + j in increasing p and replaces its
 // best only on a strictly smaller score (an ordered compare: a NaN score never wins),
@@ -93,6 +100,23 @@ void parallel(int threads, Fn&& fn) {
   for (auto& th : pool) th.join();
 }
 
+// The smallest score over a row's lanes and, among equal scores, the smallest index.
+template <int NR>
+inline void best_lane_scalar(const Lanes<NR>& lanes, float& val, int32_t& idx) {
+  float best = lanes.val[0];
+  int32_t at = lanes.idx[0];
+  for (int j = 1; j < NR; ++j) {
+    const float v = lanes.val[j];
+    const int32_t i = lanes.idx[j];
+    if (v < best || (v == best && i < at)) {
+      best = v;
+      at = i;
+    }
+  }
+  val = best;
+  idx = at;
+}
+
 // The chosen code's row and exact distance, while the row is in L1.
 template <class K>
 VQ_DRIVER_TARGET void epilogue(const Problem<typename K::T>& pb, int64_t row, int32_t idx) {
@@ -120,20 +144,14 @@ VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, 
   // next micro-block starts stay in L2 (about 256 KB of packed codes).
   const int64_t panel_bytes = K::panel_elems(pb.d) * static_cast<int64_t>(sizeof(typename K::T));
   const int64_t step = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, panel_bytes));
+  K::prepare(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, scratch);
   for (int64_t p0 = q0; p0 < q1; p0 += step)
     K::run_block(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, packed, norms, p0, std::min(q1, p0 + step), lanes,
                  scratch);
   for (int64_t r = 0; r < rows; ++r) {
-    float best = lanes[r].val[0];
-    int32_t idx = lanes[r].idx[0];
-    for (int j = 1; j < NR; ++j) {
-      const float v = lanes[r].val[j];
-      const int32_t i = lanes[r].idx[j];
-      if (v < best || (v == best && i < idx)) {
-        best = v;
-        idx = i;
-      }
-    }
+    float best;
+    int32_t idx;
+    K::best_lane(lanes[r], best, idx);
     if (part_val) {
       part_val[r0 + r] = best;
       part_idx[r0 + r] = idx;
