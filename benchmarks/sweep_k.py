@@ -130,9 +130,17 @@ def _stamp(what: str) -> None:
     print(f"[{time.time() - _T0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
+PROBE_STEPS = 20
+
+
 def run_one(library: str, k: int, steps: int, eval_images: int, seed: int, kmeans_rows: int,
-            kmeans_iters: int) -> dict:
-    """Train, evaluate and measure one (library, K); returns its record."""
+            kmeans_iters: int, budget_s: float = 0.0) -> dict:
+    """Train, evaluate and measure one (library, K); returns its record.
+
+    With ``budget_s`` > 0 the first PROBE_STEPS steps are timed first; when their median
+    step times ``steps`` exceeds the budget, the run stops there with status "over time"
+    and records only what those steps measured (time per step, and the quantizer's
+    time and peak memory on one batch), not the training's outcome."""
     from benchmarks.measure import peak_extra_bytes
     from vqkern.train.stage1 import VQVAEConfig, batch_indices, evaluate, load_splits, to_input, train_steps
 
@@ -155,15 +163,22 @@ def run_one(library: str, k: int, steps: int, eval_images: int, seed: int, kmean
     records: list[dict] = []
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    times = train_steps(model, optimizer, train, cfg, device, 0, steps, records.append, progress=False)
+    probe = min(steps, PROBE_STEPS)
+    times = train_steps(model, optimizer, train, cfg, device, 0, probe, records.append, progress=False)
+    projected = statistics.median(times[1:] or times) * steps
+    over = budget_s > 0 and projected > budget_s
+    if not over:
+        times += train_steps(model, optimizer, train, cfg, device, probe, steps, records.append, progress=False)
     train_s = time.perf_counter() - t0
-    _stamp(f"trained {steps} steps")
+    _stamp(f"trained {len(times)} steps" + (f", stopped: {steps} would take ~{projected:.0f} s" if over else ""))
     # Evaluation batches sized so that a peer's (rows, K) distance matrix stays near 256 MB.
     eval_batch = max(1, min(500, (64 << 20) // (rows_per_image * k)))
-    t1 = time.perf_counter()
-    metrics, _, _ = evaluate(model, test, device, batch_size=eval_batch)
-    eval_s = time.perf_counter() - t1
-    _stamp("evaluated")
+    metrics, eval_s = None, 0.0
+    if not over:
+        t1 = time.perf_counter()
+        metrics, _, _ = evaluate(model, test, device, batch_size=eval_batch)
+        eval_s = time.perf_counter() - t1
+        _stamp("evaluated")
 
     # The quantizer alone, forward + backward in training mode on one batch of encoder
     # output, on a copy (its training step changes the state): peak extra memory once,
@@ -185,14 +200,17 @@ def run_one(library: str, k: int, steps: int, eval_images: int, seed: int, kmean
         s = time.perf_counter()
         step()
         qtimes.append(time.perf_counter() - s)
-    return {"library": library, "K": k, "steps": steps, "status": "ok", "data": source,
-            "ms_per_step": 1e3 * statistics.median(times[1:] or times),
-            "ms_per_step_min": 1e3 * min(times), "ms_per_step_max": 1e3 * max(times),
-            "quantizer_ms": 1e3 * statistics.median(qtimes), "quantizer_peak_bytes": peak,
-            "codes_used": metrics["codes_used"], "codes_used_pct": 100.0 * metrics["codes_used"] / k,
-            "test_perplexity": metrics["test_perplexity"], "test_recon": metrics["test_recon"],
-            "final_train_recon": records[-1]["recon"], "eval_images": len(test), "eval_batch": eval_batch,
-            "train_s": train_s, "eval_s": eval_s, "kmeans_batches": kb, "kmeans_iters": kmeans_iters}
+    record = {"library": library, "K": k, "steps": steps, "status": "ok", "data": source,
+              "steps_run": len(times), "ms_per_step": 1e3 * statistics.median(times[1:] or times),
+              "ms_per_step_min": 1e3 * min(times), "ms_per_step_max": 1e3 * max(times),
+              "quantizer_ms": 1e3 * statistics.median(qtimes), "quantizer_peak_bytes": peak,
+              "final_train_recon": records[-1]["recon"], "eval_images": len(test), "eval_batch": eval_batch,
+              "train_s": train_s, "eval_s": eval_s, "kmeans_batches": kb, "kmeans_iters": kmeans_iters}
+    if over:
+        return {**record, "status": f"over time ({steps} steps ~{projected:.0f} s > budget {budget_s:.0f} s)",
+                "projected_train_s": projected}
+    return {**record, "codes_used": metrics["codes_used"], "codes_used_pct": 100.0 * metrics["codes_used"] / k,
+            "test_perplexity": metrics["test_perplexity"], "test_recon": metrics["test_recon"]}
 
 
 def _limit(mem_bytes: int, niceness: int):
@@ -207,7 +225,8 @@ def launch(library: str, k: int, steps: int, eval_images: int, args, log_dir: Pa
     result = log_dir / f"{library}-{k}.json"
     cmd = [sys.executable, "-m", "benchmarks.sweep_k", "--one", library, str(k), str(steps),
            "--eval-images", str(eval_images), "--seed", str(args.seed), "--result", str(result),
-           "--kmeans-rows", str(args.kmeans_rows), "--kmeans-iters", str(args.kmeans_iters)]
+           "--kmeans-rows", str(args.kmeans_rows), "--kmeans-iters", str(args.kmeans_iters),
+           "--budget-s", str(args.budget_fraction * args.timeout_s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.time()
     with open(log_dir / f"{library}-{k}.log", "w") as log:
@@ -236,12 +255,16 @@ def write_report(records: list[dict], out: Path, tag: str, prov: dict, args) -> 
     lines = ["| library | K | steps | ms/step | quantizer fwd+bwd ms | quantizer peak MiB | codes used | % of K "
              "| test perplexity | held-out MSE | test images |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(records, key=lambda r: (r["K"], r["library"])):
-        if r["status"] != "ok":
+        if "ms_per_step" not in r:  # out of memory, out of time, or failed: nothing measured
             lines.append(f"| {r['library']} | {r['K']} | {r['steps']} | {r['status']} | | | | | | | |")
             continue
         peak = "n/a" if r["quantizer_peak_bytes"] is None else f"{r['quantizer_peak_bytes'] / 2**20:.0f}"
-        lines.append(f"| {r['library']} | {r['K']} | {r['steps']} | {r['ms_per_step']:.0f} | {r['quantizer_ms']:.0f} "
-                     f"| {peak} | {r['codes_used']} | {r['codes_used_pct']:.1f} | {r['test_perplexity']:.0f} "
+        cost = (f"| {r['library']} | {r['K']} | {r['steps']} | {r['ms_per_step']:.0f} | {r['quantizer_ms']:.0f} "
+                f"| {peak} ")
+        if r["status"] != "ok":  # stopped after its first steps: their cost, no outcome
+            lines.append(cost + f"| {r['status']}, ms/step from its first {r['steps_run']} steps | | | | |")
+            continue
+        lines.append(cost + f"| {r['codes_used']} | {r['codes_used_pct']:.1f} | {r['test_perplexity']:.0f} "
                      f"| {r['test_recon']:.5f} | {r['eval_images']} |")
     keys = ("device", "threads_per_run", "jobs", "nice", "torch", "triton", "python", "git_commit", "started",
             "finished", "command", "load_average")
@@ -259,19 +282,20 @@ def plot(records: list[dict], out: Path, tag: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r["status"] == "ok"]
+    measured = [r for r in records if "ms_per_step" in r]  # with the runs stopped for time: their cost
     panels = [("quality", (("test_recon", "held-out reconstruction MSE"), ("codes_used_pct", "codes used on the test set (% of K)"))),
               ("cost", (("ms_per_step", "training step (ms)"), ("quantizer_peak_mib", "quantizer peak extra memory (MiB)")))]
-    for r in ok:
+    for r in measured:
         r["quantizer_peak_mib"] = (r["quantizer_peak_bytes"] or 0) / 2**20
     for name, keys in panels:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         for ax, (key, label) in zip(axes, keys):
             for lib in LIBRARIES:
-                pts = sorted((r["K"], r[key]) for r in ok if r["library"] == lib)
+                pts = sorted((r["K"], r[key]) for r in (ok if name == "quality" else measured) if r["library"] == lib)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label="vqkern" if lib == "vqkern" else "vector-quantize-pytorch")
             for r in records:
-                if r["status"] != "ok":
+                if r["status"] != "ok" and (name == "quality" or r not in measured):
                     ax.axvline(r["K"], color="grey", linestyle=":", linewidth=0.8)
                     ax.annotate(f"{r['library']}: {r['status'].split(' ')[0]}", (r["K"], 0.5),
                                 xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="grey")
@@ -303,6 +327,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each one thread)")
     p.add_argument("--mem-limit-gb", type=float, default=10.0)
     p.add_argument("--timeout-s", type=int, default=1800)
+    p.add_argument("--budget-fraction", type=float, default=0.8,
+                   help=f"a run whose first {PROBE_STEPS} steps project its training past this fraction of "
+                        "--timeout-s stops there and is recorded as over time, with its measured step time "
+                        "(0: never stop early)")
+    p.add_argument("--budget-s", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results/cpu/train")
     p.add_argument("--tag", default=time.strftime("%Y-%m-%d") + "-sweep-k")
@@ -313,7 +342,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.one:
         library, k, steps = args.one[0], int(args.one[1]), int(args.one[2])
-        record = run_one(library, k, steps, args.eval_images, args.seed, args.kmeans_rows, args.kmeans_iters)
+        record = run_one(library, k, steps, args.eval_images, args.seed, args.kmeans_rows, args.kmeans_iters,
+                         args.budget_s)
         Path(args.result).write_text(json.dumps(record) + "\n")
         return 0
 
