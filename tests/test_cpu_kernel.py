@@ -384,23 +384,58 @@ def _autograd_backward(gq, z, codebook, indices, beta, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ["plain", "offset100-near-duplicates", "weird-d"])
-def test_cpu_backward_error_within_twice_pytorch(case):
+def test_cpu_backward_error_within_twice_pytorch(case, dtype):
+    """fp32, or bf16 rows in and grad_z out (fp32 arithmetic, rounded once) with fp32
+    sums: within twice plain PyTorch autograd's error in the same dtype, against fp64
+    of the same input values."""
     n, k, d = {"plain": (3000, 256, 64), "offset100-near-duplicates": (4000, 64, 32), "weird-d": (999, 7, 65)}[case]
     offset, near = (100.0, 0.01) if case.startswith("offset") else (0.0, None)
-    gq, z, codebook, indices = _backward_case(n, k, d, offset, near)
+    gq, z, codebook, indices = (t.to(dtype) if t.is_floating_point() else t
+                                for t in _backward_case(n, k, d, offset, near))
     beta = 0.25
     scale = 2 * beta / (n * d)
-    grad_z = torch.full((n, d), float("nan"))
+    grad_z = torch.full((n, d), float("nan"), dtype=dtype)
     diff_sums = torch.zeros(k, d)
     assert torch_.cpu_backward(gq, z, codebook, indices, scale, grad_z, diff_sums, deterministic=False)
+    assert grad_z.dtype == dtype
     grad_e = diff_sums * (2.0 / (n * d))  # d/de of mse(e[idx], z) = 2 (e - z) / numel, summed per code
     ref_z, ref_e = _autograd_backward(gq.double(), z.double(), codebook.double(), indices, beta, torch.float64)
-    plain_z, plain_e = _autograd_backward(gq, z, codebook, indices, beta, torch.float32)
+    plain_z, plain_e = _autograd_backward(gq, z, codebook, indices, beta, dtype)
     for mine, plain, ref in ((grad_z, plain_z, ref_z), (grad_e, plain_e, ref_e)):
         err = (mine.double() - ref).abs().max().item()
         plain_err = (plain.double() - ref).abs().max().item()
-        assert err <= 2 * plain_err, f"kernel error {err:.3g} > 2 x PyTorch fp32 error {plain_err:.3g}"
+        assert err <= 2 * plain_err, f"kernel error {err:.3g} > 2 x PyTorch {dtype} error {plain_err:.3g}"
+    if dtype == torch.bfloat16:
+        # grad_z is the fp64 value rounded once to bf16, up to the fp32 arithmetic before
+        # it: never more than one bf16 step away.
+        once = ref_z.to(torch.bfloat16)
+        step = (once.double().abs() * 2.0**-7).clamp_min(2.0**-126)
+        assert bool(((grad_z.double() - once.double()).abs() <= step).all())
+
+
+@needs_kernel
+def test_cpu_backward_bf16_nan_and_bitwise_repeatable():
+    gq, z, codebook, indices = (t.bfloat16() if t.is_floating_point() else t
+                                for t in _backward_case(5000, 300, 48, offset=3.0))
+    z[7, 3] = float("nan")
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            grad_z, diff_sums = torch.empty_like(z), torch.zeros(300, 48)
+            assert torch_.cpu_backward(gq, z, codebook, indices, 0.3, grad_z, diff_sums, True)
+        finally:
+            torch.set_num_threads(THREADS)
+        results.append((grad_z, diff_sums))
+    for grad_z, diff_sums in results[1:]:
+        assert torch.equal(grad_z.view(torch.int16), results[0][0].view(torch.int16))
+        assert torch.equal(diff_sums.isnan(), results[0][1].isnan())
+        assert torch.equal(diff_sums.nan_to_num(), results[0][1].nan_to_num())
+    grad_z = results[0][0]
+    assert bool(grad_z[7, 3].isnan()) and int(grad_z.isnan().sum()) == 1
+    assert bool(results[0][1][indices[7], 3].isnan())
 
 
 @needs_kernel
@@ -438,7 +473,10 @@ def test_cpu_backward_outputs_optional_and_fallbacks():
     torch.testing.assert_close(full_z, gq + 0.5 * (z - codebook[indices]))
     # What the kernel does not take, it leaves to the caller, untouched.
     untouched = torch.zeros_like(codebook)
-    assert not torch_.cpu_backward(gq, z.bfloat16(), codebook, indices, 0.5, None, untouched, False)
+    assert not torch_.cpu_backward(gq, z.bfloat16(), codebook, indices, 0.5, None, untouched, False)  # mixed
+    assert not torch_.cpu_backward(gq.half(), z.half(), codebook.half(), indices, 0.5, None, untouched, False)
+    assert not torch_.cpu_backward(gq.bfloat16(), z.bfloat16(), codebook.bfloat16(), indices, 0.5, None,
+                                   untouched.bfloat16(), False)  # the sums are fp32
     wide = torch.randn(200, 16)[:, ::2]
     assert not torch_.cpu_backward(gq, wide, codebook, indices, 0.5, None, untouched, False)
     assert not torch_.cpu_backward(gq, z, codebook, indices.int(), 0.5, None, untouched, False)

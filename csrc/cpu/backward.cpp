@@ -1,4 +1,5 @@
-// One-pass backward of quantize on the CPU (fp32): for each row the difference
+// One-pass backward of quantize on the CPU (fp32, or bf16 in and out with fp32
+// arithmetic and fp32 sums): for each row the difference
 // z - e is formed once, giving the straight-through + commitment gradient of z and
 // the residual sum of its code, in one read of gq, z and the code row and one
 // write of grad_z.
@@ -17,6 +18,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -28,27 +30,51 @@
 namespace vqkern_cpu {
 namespace {
 
-// The per-row update, auto-vectorized at AVX2 width (memory-bound: wider vectors
-// would not move more bytes). ds -= diff is exactly ds += (e - z).
-__attribute__((target("avx2,fma"))) void row_both(const float* __restrict g, const float* __restrict z,
-                                                  const float* __restrict e, float scale, float* __restrict gz,
+// Elements as fp32: fp32 itself, or a bf16 bit pattern widened exactly.
+inline float as_f32(float v) { return v; }
+inline float as_f32(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// fp32 to the output type: fp32 itself, or bf16 rounded to nearest even (NaN kept a
+// quiet NaN), as torch's fp32 -> bf16 conversion rounds.
+inline void store_as(float* out, float v) { *out = v; }
+inline void store_as(uint16_t* out, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *out = nan ? static_cast<uint16_t>((bits >> 16) | 0x40u) : static_cast<uint16_t>(bits >> 16);
+}
+
+// The per-row updates, in fp32 whatever T is, auto-vectorized at AVX2 width
+// (memory-bound: wider vectors would not move more bytes). ds -= diff is exactly
+// ds += (e - z).
+template <typename T>
+__attribute__((target("avx2,fma"))) void row_both(const T* __restrict g, const T* __restrict z,
+                                                  const T* __restrict e, float scale, T* __restrict gz,
                                                   float* __restrict ds, int64_t d) {
   for (int64_t t = 0; t < d; ++t) {
-    const float diff = z[t] - e[t];
-    gz[t] = g[t] + scale * diff;
+    const float diff = as_f32(z[t]) - as_f32(e[t]);
+    store_as(gz + t, as_f32(g[t]) + scale * diff);
     ds[t] -= diff;
   }
 }
 
-__attribute__((target("avx2,fma"))) void row_grad(const float* __restrict g, const float* __restrict z,
-                                                  const float* __restrict e, float scale, float* __restrict gz,
+template <typename T>
+__attribute__((target("avx2,fma"))) void row_grad(const T* __restrict g, const T* __restrict z,
+                                                  const T* __restrict e, float scale, T* __restrict gz,
                                                   int64_t d) {
-  for (int64_t t = 0; t < d; ++t) gz[t] = g[t] + scale * (z[t] - e[t]);
+  for (int64_t t = 0; t < d; ++t) store_as(gz + t, as_f32(g[t]) + scale * (as_f32(z[t]) - as_f32(e[t])));
 }
 
-__attribute__((target("avx2,fma"))) void row_sums(const float* __restrict z, const float* __restrict e,
+template <typename T>
+__attribute__((target("avx2,fma"))) void row_sums(const T* __restrict z, const T* __restrict e,
                                                   float* __restrict ds, int64_t d) {
-  for (int64_t t = 0; t < d; ++t) ds[t] += e[t] - z[t];
+  for (int64_t t = 0; t < d; ++t) ds[t] += as_f32(e[t]) - as_f32(z[t]);
 }
 
 template <typename Fn>
@@ -59,10 +85,9 @@ void run_threads(int threads, Fn&& fn) {  // fn(thread index)
   for (auto& th : pool) th.join();
 }
 
-}  // namespace
-
-void backward_l2(const float* gq, const float* z, const float* codebook, const int64_t* idx, int64_t n, int64_t d,
-                 int64_t k, float scale, float* grad_z, float* diff_sums, bool /*deterministic*/, int threads) {
+template <typename T>
+void backward_rows(const T* gq, const T* z, const T* codebook, const int64_t* idx, int64_t n, int64_t d, int64_t k,
+                   float scale, T* grad_z, float* diff_sums, int threads) {
   if (n <= 0 || (!grad_z && !diff_sums)) return;
   if (k < 1 || d < 1) throw std::invalid_argument("vqkern._cpu.backward_l2: k and d must be >= 1");
   if (!supported()) throw std::runtime_error("vqkern._cpu.backward_l2 needs a CPU with AVX2 and FMA");
@@ -101,6 +126,20 @@ void backward_l2(const float* gq, const float* z, const float* codebook, const i
       else row_sums(z + i * d, codebook + c * d, diff_sums + c * d, d);
     }
   });
+}
+
+
+}  // namespace
+
+void backward_l2(const float* gq, const float* z, const float* codebook, const int64_t* idx, int64_t n, int64_t d,
+                 int64_t k, float scale, float* grad_z, float* diff_sums, bool /*deterministic*/, int threads) {
+  backward_rows(gq, z, codebook, idx, n, d, k, scale, grad_z, diff_sums, threads);
+}
+
+void backward_l2_bf16(const uint16_t* gq, const uint16_t* z, const uint16_t* codebook, const int64_t* idx, int64_t n,
+                      int64_t d, int64_t k, float scale, uint16_t* grad_z, float* diff_sums, bool /*deterministic*/,
+                      int threads) {
+  backward_rows(gq, z, codebook, idx, n, d, k, scale, grad_z, diff_sums, threads);
 }
 
 }  // namespace vqkern_cpu

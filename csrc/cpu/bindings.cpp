@@ -47,6 +47,21 @@ void def_search(py::module_& m, const char* name, const char* doc) {
         py::arg("ldq"), py::arg("threads"), py::arg("isa") = "auto", doc);
 }
 
+template <typename T, void (*Backward)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t, float,
+                                        T*, float*, bool, int)>
+void def_backward(py::module_& m, const char* name, const char* doc) {
+  m.def(name,
+        [](std::uintptr_t gq, std::uintptr_t z, std::uintptr_t codebook, std::uintptr_t idx, int64_t n, int64_t d,
+           int64_t k, float scale, std::uintptr_t grad_z, std::uintptr_t diff_sums, bool deterministic, int threads) {
+          py::gil_scoped_release release;
+          Backward(reinterpret_cast<const T*>(gq), reinterpret_cast<const T*>(z), reinterpret_cast<const T*>(codebook),
+                   reinterpret_cast<const int64_t*>(idx), n, d, k, scale, reinterpret_cast<T*>(grad_z),
+                   reinterpret_cast<float*>(diff_sums), deterministic, threads);
+        },
+        py::arg("gq"), py::arg("z"), py::arg("codebook"), py::arg("idx"), py::arg("n"), py::arg("d"), py::arg("k"),
+        py::arg("scale"), py::arg("grad_z"), py::arg("diff_sums"), py::arg("deterministic"), py::arg("threads"), doc);
+}
+
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "vqkern CPU kernels (data pointers, shapes, row strides)";
   m.def("supported", &supported, "True when this CPU has AVX2 and FMA (every kernel needs them).");
@@ -67,17 +82,13 @@ PYBIND11_MODULE(_cpu, m) {
       m, "search_l2_bf16",
       "As search_l2 for bf16 z and codebook (bf16 products, fp32 sums): distances fp32, quantized bf16. "
       "isa: amx (tdpbf16ps tiles) or avx512bf16 (vdpbf16ps); auto = the best this CPU runs.");
-  m.def("backward_l2",
-        [](std::uintptr_t gq, std::uintptr_t z, std::uintptr_t codebook, std::uintptr_t idx, int64_t n, int64_t d,
-           int64_t k, float scale, std::uintptr_t grad_z, std::uintptr_t diff_sums, bool deterministic, int threads) {
-          py::gil_scoped_release release;
-          backward_l2(reinterpret_cast<const float*>(gq), reinterpret_cast<const float*>(z),
-                      reinterpret_cast<const float*>(codebook), reinterpret_cast<const int64_t*>(idx), n, d, k, scale,
-                      reinterpret_cast<float*>(grad_z), reinterpret_cast<float*>(diff_sums), deterministic, threads);
-        },
-        py::arg("gq"), py::arg("z"), py::arg("codebook"), py::arg("idx"), py::arg("n"), py::arg("d"), py::arg("k"),
-        py::arg("scale"), py::arg("grad_z"), py::arg("diff_sums"), py::arg("deterministic"), py::arg("threads"),
-        "fp32 contiguous: grad_z (n, d) = gq + scale * (z - codebook[idx]) unless grad_z is 0; "
-        "diff_sums (k, d, zero-filled) += per-code sums of codebook[idx] - z unless diff_sums is 0. "
-        "Bitwise reproducible for any thread count; IndexError before any write if an index is outside [0, k).");
+  def_backward<float, backward_l2>(
+      m, "backward_l2",
+      "fp32 contiguous: grad_z (n, d) = gq + scale * (z - codebook[idx]) unless grad_z is 0; "
+      "diff_sums (k, d, zero-filled) += per-code sums of codebook[idx] - z unless diff_sums is 0. "
+      "Bitwise reproducible for any thread count; IndexError before any write if an index is outside [0, k).");
+  def_backward<uint16_t, backward_l2_bf16>(
+      m, "backward_l2_bf16",
+      "As backward_l2 for bf16 gq, z, codebook and grad_z (fp32 arithmetic, grad_z rounded once); "
+      "diff_sums fp32.");
 }

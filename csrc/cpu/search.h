@@ -54,5 +54,10 @@ void search_l2_bf16(const uint16_t* z, int64_t n, int64_t ldz, const uint16_t* c
 void backward_l2(const float* gq, const float* z, const float* codebook, const int64_t* idx,
                  int64_t n, int64_t d, int64_t k, float scale, float* grad_z, float* diff_sums,
                  bool deterministic, int threads);
+// The same for bf16 gq, z, codebook and grad_z: every element widened exactly to fp32,
+// the arithmetic and diff_sums (fp32) as above, grad_z rounded once to bf16.
+void backward_l2_bf16(const uint16_t* gq, const uint16_t* z, const uint16_t* codebook, const int64_t* idx,
+                      int64_t n, int64_t d, int64_t k, float scale, uint16_t* grad_z, float* diff_sums,
+                      bool deterministic, int threads);
 
 }  // namespace vqkern_cpu

@@ -324,8 +324,10 @@ def cpu_backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums,
     thread count, so ``deterministic`` needs nothing more.
 
     Returns False, touching nothing, when the kernel cannot take the call (extension
-    missing or disabled, a non-CPU tensor, a dtype other than fp32 or int64 indices,
-    a non-contiguous tensor): the caller then runs its PyTorch path. Raises
+    missing or disabled, a non-CPU tensor, rows other than all fp32 or all bf16 (z,
+    codebook, grad_quantized, grad_z; diff_sums is fp32), indices other than int64, a
+    non-contiguous tensor): the caller then runs its PyTorch path. bf16 rows are
+    widened exactly, the arithmetic is fp32 and grad_z is rounded once to bf16. Raises
     ValueError on mismatched shapes and IndexError (before any write) on an index
     outside [0, K).
     """
@@ -346,13 +348,20 @@ def cpu_backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums,
             raise ValueError(f"cpu_backward: {name} has shape {tuple(t.shape)}, expected {shape}")
     if indices.shape != (n,):
         raise ValueError(f"cpu_backward: indices has shape {tuple(indices.shape)}, expected ({n},)")
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for _, t, _ in floats):
+    if any(t.device.type != "cpu" or not t.is_contiguous() for _, t, _ in floats):
         return False
     if indices.device.type != "cpu" or indices.dtype != torch.int64 or not indices.is_contiguous():
         return False
+    if diff_sums is not None and diff_sums.dtype != torch.float32:
+        return False
+    row_dtypes = {t.dtype for name, t, _ in floats if name != "diff_sums"}
+    kernel = {frozenset({torch.float32}): ext.backward_l2,
+              frozenset({torch.bfloat16}): ext.backward_l2_bf16}.get(frozenset(row_dtypes))
+    if kernel is None:
+        return False
     s = float(scale) if not isinstance(scale, torch.Tensor) else float(scale.detach().reshape(-1)[0])
     gq = grad_quantized.data_ptr() if grad_z is not None else 0
-    ext.backward_l2(gq, z.data_ptr(), codebook.data_ptr(), indices.data_ptr(), n, d, k, s,
+    kernel(gq, z.data_ptr(), codebook.data_ptr(), indices.data_ptr(), n, d, k, s,
                     grad_z.data_ptr() if grad_z is not None else 0,
                     diff_sums.data_ptr() if diff_sums is not None else 0, bool(deterministic), torch.get_num_threads())
     return True
@@ -367,9 +376,10 @@ def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, det
         if cpu_backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic):
             return
         if _active_cpu_ext()[0] is not None:
-            # Half-precision inputs: widened to fp32 for the fused kernel. index_add_ of the
-            # PyTorch path took 400 ms against 45 ms for fp32 at 16384 x 16384 x 256 bf16
-            # (2 threads, load 9-13): its CPU kernel scales badly with threads.
+            # fp16 or mixed dtypes: widened to fp32 for the fused kernel (all-bf16 calls
+            # took the kernel's bf16 entry above). index_add_ of the PyTorch path took
+            # 400 ms against 45 ms for fp32 at 16384 x 16384 x 256 bf16 (2 threads, load
+            # 9-13): its CPU kernel scales badly with threads.
             out = None if grad_z is None else torch.empty(grad_z.shape, dtype=torch.float32)
             gq = None if grad_z is None else grad_quantized.float().contiguous()
             if cpu_backward(gq, z.float().contiguous(), codebook.float().contiguous(), indices.contiguous(), scale,
