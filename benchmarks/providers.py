@@ -312,8 +312,8 @@ def _cpu_isa_available(isa):
 def _cpu_backward_available(device, dtype):
     if device.type != "cpu":
         return False, "vqkern._cpu's backward kernel runs on CPU tensors"
-    if dtype != torch.float32:
-        return False, "vqkern._cpu.backward_l2 takes fp32 (other dtypes keep the PyTorch path)"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return False, "vqkern._cpu's backward takes fp32 or bf16 (fp16 is widened to fp32 first)"
     from vqkern.backends import torch_
     ok, reason = torch_.cpu_kernel()
     return ok, reason
@@ -353,7 +353,8 @@ PROVIDERS["vqkern-torch-avx512"] = Provider(
     note="the torch backend with vqkern._cpu forced to its AVX-512 path: bf16 inputs widened to fp32 (as before)")
 PROVIDERS["vqkern-cpu-backward"] = Provider(
     "vqkern-cpu-backward", ("backward",), _cpu_backward_build, _cpu_backward_available,
-    note="vqkern._cpu.backward_l2 alone (grad_z + per-code residual sums, one pass; sums zeroed per call)")
+    note="vqkern._cpu.backward_l2 (bf16: backward_l2_bf16) alone (grad_z + per-code residual sums, one pass; "
+         "sums fp32, zeroed per call)")
 for _p in (
     Provider("reference", ("forward", "backward", "train"), _plain_builder(_broadcast_idx),
              extra_bytes=_nkd, note="plain broadcast ((z[:,None]-E[None])**2).sum(-1).argmin()"),
