@@ -182,25 +182,58 @@ inline float bf16f(uint16_t v) {
   return f;
 }
 
+// Both bf16 layouts are matrices of 32-bit words W[u][j] = (e_j[2u], e_j[2u + 1]) (low half
+// first), one row of words per d pair u, codes along the row: packing is a transpose of
+// 32-bit words, written one whole row at a time while the code rows read stay in L1.
+// pair_word gives a word (zero past d and for a padding code, e null).
+inline uint32_t pair_word(const uint16_t* e, int64_t u, int64_t d) {
+  if (!e) return 0;
+  const int64_t t = 2 * u;
+  if (t + 1 < d) {
+    uint32_t w;
+    std::memcpy(&w, e + t, sizeof(w));
+    return w;
+  }
+  return t < d ? e[t] : 0;
+}
+
+// acc (16 codes) += the squares of a row of 16 words' two elements, low then high: the
+// norms' fma in d order (see driver::panel_norms), 16 codes at once.
+VQ_TARGET_512 inline __m512 add_pair_squares(__m512 acc, const uint32_t* words) {
+  const __m512i w = _mm512_loadu_si512(words);
+  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  return _mm512_fmadd_ps(hi, hi, _mm512_fmadd_ps(lo, lo, acc));
+}
+
+VQ_TARGET_512 inline void store_norms(float* out, int64_t first, int64_t k, __m512 acc) {
+  alignas(64) float v[16];
+  _mm512_store_ps(v, acc);
+  for (int j = 0; j < 16; ++j) out[j] = first + j < k ? v[j] : std::numeric_limits<float>::infinity();
+}
+
+template <int NR>
+inline void code_rows(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t p, const uint16_t** rows) {
+  for (int j = 0; j < NR; ++j) rows[j] = p * NR + j < k ? codebook + (p * NR + j) * ldc : nullptr;
+}
+
+// Panel p: (d + 1) / 2 rows of 32 words, W[u][j] for codes 32 p + j.
 VQ_TARGET_512 void pack_panels_bf16(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
                                     int64_t p1, uint16_t* packed, float* norms) {
   const int64_t pairs = (d + 1) / 2;
   for (int64_t p = p0; p < p1; ++p) {
-    uint16_t* panel = packed + p * pairs * 2 * kNr;
-    for (int j = 0; j < kNr; ++j) {
-      const int64_t code = p * kNr + j;
-      const uint16_t* e = codebook + code * ldc;
-      float norm = 0.0f;
-      for (int64_t u = 0; u < pairs; ++u) {
-        for (int h = 0; h < 2; ++h) {
-          const int64_t t = 2 * u + h;
-          const uint16_t v = (code < k && t < d) ? e[t] : 0;
-          panel[u * 2 * kNr + 2 * j + h] = v;
-          norm = std::fma(bf16f(v), bf16f(v), norm);  // see pack_panels_f32
-        }
-      }
-      norms[p * kNr + j] = code < k ? norm : std::numeric_limits<float>::infinity();
+    uint32_t* panel = reinterpret_cast<uint32_t*>(packed + p * pairs * 2 * kNr);
+    const uint16_t* rows[kNr];
+    code_rows<kNr>(codebook, ldc, k, p, rows);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t u = 0; u < pairs; ++u) {
+      uint32_t* row = panel + u * kNr;
+      for (int j = 0; j < kNr; ++j) row[j] = pair_word(rows[j], u, d);
+      acc0 = add_pair_squares(acc0, row);
+      acc1 = add_pair_squares(acc1, row + 16);
     }
+    store_norms(norms + p * kNr, p * kNr, k, acc0);
+    store_norms(norms + p * kNr + 16, p * kNr + 16, k, acc1);
   }
 }
 
@@ -285,24 +318,25 @@ struct alignas(64) TileConfig {
 inline int64_t amx_chunks(int64_t d) { return (d + 31) / 32; }
 
 // Panel p, chunk c, half h (codes 16h..16h+15): a 16 x 32 bf16 B tile, row u holding
-// (e_j[32c + 2u], e_j[32c + 2u + 1]) for j = 0..15.
+// (e_j[32c + 2u], e_j[32c + 2u + 1]) for j = 0..15, i.e. the words W[16c + u][16h + j].
 VQ_TARGET_512 void pack_panels_amx(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
                                    int64_t p1, uint16_t* packed, float* norms) {
   const int64_t chunks = amx_chunks(d);
   for (int64_t p = p0; p < p1; ++p) {
-    uint16_t* panel = packed + p * chunks * 1024;
-    for (int j = 0; j < kNr; ++j) {
-      const int64_t code = p * kNr + j;
-      const uint16_t* e = codebook + code * ldc;
-      float norm = 0.0f;
-      for (int64_t t = 0; t < chunks * 32; ++t) {
-        const uint16_t v = (code < k && t < d) ? e[t] : 0;
-        const int64_t c = t / 32, u = (t % 32) / 2, h = t % 2;
-        panel[(c * 2 + j / 16) * 512 + u * 32 + (j % 16) * 2 + h] = v;
-        norm = std::fma(bf16f(v), bf16f(v), norm);  // see pack_panels_f32
+    uint32_t* panel = reinterpret_cast<uint32_t*>(packed + p * chunks * 1024);
+    const uint16_t* rows[kNr];
+    code_rows<kNr>(codebook, ldc, k, p, rows);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int h = 0; h < 2; ++h) {
+        uint32_t* tile = panel + (c * 2 + h) * 256;
+        for (int u = 0; u < 16; ++u) {
+          for (int j = 0; j < 16; ++j) tile[u * 16 + j] = pair_word(rows[16 * h + j], 16 * c + u, d);
+          acc[h] = add_pair_squares(acc[h], tile + u * 16);
+        }
       }
-      norms[p * kNr + j] = code < k ? norm : std::numeric_limits<float>::infinity();
-    }
+    store_norms(norms + p * kNr, p * kNr, k, acc[0]);
+    store_norms(norms + p * kNr + 16, p * kNr + 16, k, acc[1]);
   }
 }
 

@@ -75,6 +75,35 @@ std::unique_ptr<T, AlignedFree> aligned_array(size_t count) {
   return std::unique_ptr<T, AlignedFree>(p);
 }
 
+// A 64-byte aligned buffer that a calling thread keeps from one call to the next, for
+// the packed codebook: a fresh 16 MB buffer costs its page faults on every call (3284
+// minor faults, ~10 ms on the Xeon VM of benchmarks/NOTES.md, as long as searching 32
+// rows against those 16384 x 256 codes). At most kKeepBytes stay allocated per
+// calling thread and kernel; a larger request is served by a buffer of its own,
+// freed when the call ends.
+constexpr size_t kKeepBytes = size_t(64) << 20;
+
+struct KeptBuffer {
+  std::unique_ptr<unsigned char, AlignedFree> data;
+  size_t bytes = 0;
+};
+
+template <typename T>
+T* kept_array(KeptBuffer& kept, std::unique_ptr<unsigned char, AlignedFree>& own, size_t count) {
+  const size_t bytes = (std::max<size_t>(count, 1) * sizeof(T) + 63) / 64 * 64;
+  if (bytes > kKeepBytes) {
+    own = aligned_array<unsigned char>(bytes);
+    return reinterpret_cast<T*>(own.get());
+  }
+  if (bytes > kept.bytes) {
+    kept.data.reset();  // before allocating the larger one: never both at once
+    kept.bytes = 0;
+    kept.data = aligned_array<unsigned char>(bytes);
+    kept.bytes = bytes;
+  }
+  return reinterpret_cast<T*>(kept.data.get());
+}
+
 // fn(std::integral_constant<int, rows>) for a runtime rows in [1, MAX]: the
 // micro-kernels are compiled for each row count of a block's remainder.
 template <int MAX, class Fn>
@@ -171,8 +200,10 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
   if (k > std::numeric_limits<int32_t>::max() - NR)
     throw std::invalid_argument("vqkern._cpu.search_l2: k must be < 2^31 - 64");
   const int64_t panels = (k + NR - 1) / NR;
-  auto packed = aligned_array<T>(static_cast<size_t>(panels * K::panel_elems(d)));
-  auto norms = aligned_array<float>(static_cast<size_t>(panels * NR));
+  static thread_local KeptBuffer kept_packed, kept_norms;
+  std::unique_ptr<unsigned char, AlignedFree> own_packed, own_norms;
+  T* const packed = kept_array<T>(kept_packed, own_packed, static_cast<size_t>(panels * K::panel_elems(d)));
+  float* const norms = kept_array<float>(kept_norms, own_norms, static_cast<size_t>(panels * NR));
 
   const int64_t blocks = (n + K::kRowBlock - 1) / K::kRowBlock;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, std::max(blocks, panels))));
@@ -181,7 +212,7 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
   // Pack in parallel, then join: the search needs every panel.
   parallel(threads, [&] {
     for (int64_t p0; (p0 = next_panel.fetch_add(pack_chunk)) < panels;)
-      K::pack_panels(pb.codebook, pb.ldc, k, d, p0, std::min(panels, p0 + pack_chunk), packed.get(), norms.get());
+      K::pack_panels(pb.codebook, pb.ldc, k, d, p0, std::min(panels, p0 + pack_chunk), packed, norms);
   });
   const int64_t min_split = std::max<int64_t>(1, kMinSplitPanelCodes / NR);
   const int64_t splits = blocks >= threads ? 1
@@ -196,7 +227,7 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
     for (int64_t item; (item = next_block.fetch_add(1)) < items;) {
       const int64_t b = item / splits, sp = item % splits;
       const int64_t r0 = b * K::kRowBlock;
-      search_rows<K>(pb, r0, std::min(n, r0 + K::kRowBlock), packed.get(), norms.get(), sp * panels / splits,
+      search_rows<K>(pb, r0, std::min(n, r0 + K::kRowBlock), packed, norms, sp * panels / splits,
                      (sp + 1) * panels / splits, lanes.data(), scratch.get(),
                      splits > 1 ? part_val.data() + sp * n : nullptr,
                      splits > 1 ? part_idx.data() + sp * n : nullptr);
@@ -215,9 +246,12 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
   }
 }
 
-// fp32 codes [NR p0, NR p1) into d-major panels (panel[t][j] = e_{NR p + j}[t]) with
-// their squared norms (fp32, norm = fma(e_t, e_t, norm) in d order, so that every
-// kernel ranks with the same norms); padding codes get zeros and a +inf norm.
+// The squared norms of panel p's NR codes, norm_j = fma(e_t, e_t, norm_j) for t = 0..d-1
+// in that order, as every kernel must rank with the same norms; value(j, t) is code
+// NR p + j's element t as fp32 (any value for a padding code, whose norm is +inf).
+// The NR sums run side by side (j innermost, vectorized where value allows), not one
+// after the other: one code's sum is a chain of dependent FMAs, 4 cycles each, and
+// packing 16384 x 256 codes that way took 10 ms, as long as a 32-row search of them.
 //
 // The fma is written out, not left to the compiler's contraction of norm += e * e:
 // packing runs inside the parallel() lambda, which the main thread runs inlined into
@@ -225,26 +259,33 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
 // as the out-of-line lambda (no target, so vmulss + vaddss). Which thread packed which
 // panels then decided how each norm was rounded, and on near-ties (unit vectors a few
 // ulps apart) the index changed from call to call and with the thread count.
+template <int NR, class Value>
+VQ_DRIVER_TARGET inline void panel_norms(int64_t p, int64_t k, int64_t d, Value&& value, float* norms) {
+  alignas(64) float acc[NR] = {};
+  for (int64_t t = 0; t < d; ++t)
+    for (int j = 0; j < NR; ++j) {
+      const float v = value(j, t);
+      acc[j] = std::fma(v, v, acc[j]);
+    }
+  for (int j = 0; j < NR; ++j)
+    norms[p * NR + j] = p * NR + j < k ? acc[j] : std::numeric_limits<float>::infinity();
+}
+
+// fp32 codes [NR p0, NR p1) into d-major panels (panel[t][j] = e_{NR p + j}[t]) with
+// their squared norms (panel_norms); padding codes get zeros and a +inf norm.
 template <int NR>
 VQ_DRIVER_TARGET void pack_panels_f32(const float* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
                                       int64_t p1, float* packed, float* norms) {
   for (int64_t p = p0; p < p1; ++p) {
     float* panel = packed + p * d * NR;
-    for (int j = 0; j < NR; ++j) {
-      const int64_t code = p * NR + j;
-      if (code < k) {
-        const float* e = codebook + code * ldc;
-        float norm = 0.0f;
-        for (int64_t t = 0; t < d; ++t) {
-          panel[t * NR + j] = e[t];
-          norm = std::fma(e[t], e[t], norm);
-        }
-        norms[p * NR + j] = norm;
-      } else {
-        for (int64_t t = 0; t < d; ++t) panel[t * NR + j] = 0.0f;
-        norms[p * NR + j] = std::numeric_limits<float>::infinity();
-      }
-    }
+    // t outer, codes inner: each panel row is written whole, in order, while the NR
+    // code rows being read stay in L1 (codes outer wrote every line of the panel NR
+    // times, 4 bytes at a time).
+    const float* rows[NR];
+    for (int j = 0; j < NR; ++j) rows[j] = p * NR + j < k ? codebook + (p * NR + j) * ldc : nullptr;
+    for (int64_t t = 0; t < d; ++t)
+      for (int j = 0; j < NR; ++j) panel[t * NR + j] = rows[j] ? rows[j][t] : 0.0f;
+    panel_norms<NR>(p, k, d, [&](int j, int64_t t) { return panel[t * NR + j]; }, norms);
   }
 }
 
