@@ -243,7 +243,7 @@ class VectorQuantizer(nn.Module):
         loss = self.commitment_cost * out.commitment_loss if self.ema else out.loss
         flat_idx = out.indices.reshape(-1)
         if self.training:
-            counts = self._update(self._search_rows(x), flat_idx)
+            counts = self._update(self._search_rows(x), flat_idx, out.commitment_loss)
         else:
             counts = torch.bincount(flat_idx, minlength=self.num_embeddings)
         quantized = out.quantized
@@ -285,8 +285,12 @@ class VectorQuantizer(nn.Module):
         self._kmeans_rows = []
 
     @torch.no_grad()
-    def _update(self, flat: Tensor, indices: Tensor) -> Tensor:
-        """EMA statistics, codebook update and dead-code re-seeding; returns this batch's counts."""
+    def _update(self, flat: Tensor, indices: Tensor, batch_loss: Tensor) -> Tensor:
+        """EMA statistics, codebook update and dead-code re-seeding; returns this batch's counts.
+
+        ``batch_loss``: the search's mean squared residual over ``flat`` (fp32 scalar),
+        non-finite exactly when a row of ``flat`` is (or the fp32 sum overflows).
+        """
         k = self.num_embeddings
         name = backends.resolve(self.backend, flat.device)
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -298,8 +302,10 @@ class VectorQuantizer(nn.Module):
         # A non-finite batch (NaN in z) leaves every buffer as it was: its loss is
         # already NaN, and a poisoned codebook could not recover. Under DDP a NaN on
         # one rank reaches every rank's sums through the all-reduce, so the flag is
-        # all-reduced with them and every rank skips the same step.
-        nonfinite = (~torch.isfinite(flat).all()).float()
+        # all-reduced with them and every rank skips the same step. The flag comes from
+        # the loss the search already summed: isfinite over the (N, D) rows cost three
+        # passes over them (eq, abs, ne), 10% of a CPU training step at 16384 x 2048 x 64.
+        nonfinite = (~torch.isfinite(batch_loss)).float()
         if self.ema:
             distributed.all_reduce_(counts, sums, nonfinite)
         else:
