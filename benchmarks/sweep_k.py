@@ -290,14 +290,27 @@ def plot(records: list[dict], out: Path, tag: str) -> None:
     for name, keys in panels:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         for ax, (key, label) in zip(axes, keys):
-            for lib in LIBRARIES:
-                pts = sorted((r["K"], r[key]) for r in (ok if name == "quality" else measured) if r["library"] == lib)
+            main_steps = max((r["steps"] for r in records), default=0)
+            for lib, color in zip(LIBRARIES, ("C0", "C1")):
+                name_ = "vqkern" if lib == "vqkern" else "vector-quantize-pytorch"
+                runs = [r for r in (ok if name == "quality" else measured) if r["library"] == lib]
+                if name == "cost":  # per step, whatever the run's length (20-step probes included)
+                    pts = sorted((r["K"], r[key]) for r in runs)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", color=color, label=name_)
+                    continue
+                pts = sorted((r["K"], r[key]) for r in runs if r["steps"] == main_steps)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label="vqkern" if lib == "vqkern" else "vector-quantize-pytorch")
+                    ax.plot(*zip(*pts), marker="o", color=color, label=f"{name_} ({main_steps} steps)")
+                # Shorter runs (the largest K) apart, hollow: not comparable on quality.
+                for steps in sorted({r["steps"] for r in runs} - {main_steps}):
+                    short = sorted((r["K"], r[key]) for r in runs if r["steps"] == steps)
+                    ax.plot(*zip(*short), marker="o", linestyle="none", markerfacecolor="none", color=color,
+                            label=f"{name_} ({steps} steps)")
             for r in records:
                 if r["status"] != "ok" and (name == "quality" or r not in measured):
                     ax.axvline(r["K"], color="grey", linestyle=":", linewidth=0.8)
-                    ax.annotate(f"{r['library']}: {r['status'].split(' ')[0]}", (r["K"], 0.5),
+                    ax.annotate(f"{r['library']}: {r['status'].split(' (')[0]}", (r["K"], 0.5),
                                 xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="grey")
             ax.set_xscale("log", base=2)
             if key in ("ms_per_step", "quantizer_peak_mib"):
