@@ -158,9 +158,12 @@ def _vqkern_build(backend, case, data, pass_):
         z, e = _inputs(data, case, 0, grad=True)
         out = vqkern.quantize(z, e, beta=BETA, backend=backend)
         return _backward_runner([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)], [z, e])
-    layer = vqkern.VectorQuantizer(case.k, case.d, BETA, backend=backend).to(case.device)
+    # The layer in the case's dtype (a model trained in bf16 holds a bf16 codebook): the
+    # search and the backward then take that dtype's kernels. With an fp32 codebook and
+    # bf16 z (autocast's mix) both would be widened to fp32.
+    layer = vqkern.VectorQuantizer(case.k, case.d, BETA, backend=backend).to(case.device, case.dtype)
     with torch.no_grad():
-        layer.codebook.copy_(data["codebook"].float())
+        layer.codebook.copy_(data["codebook"])
 
     def train(i):
         z, _ = _inputs(data, case, i, grad=True)
