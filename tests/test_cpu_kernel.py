@@ -6,6 +6,9 @@ backward kernel against fp64 and plain PyTorch."""
 import os
 import platform
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +172,38 @@ def test_kernel_same_answer_for_any_thread_count(isa, dtype, n, k):
     assert bool((idx[-10:] < k // 2).all())  # exact copies: the first copy wins
 
 
+@needs_kernel
+def test_kernel_threads_share_pytorchs_openmp_runtime():
+    """On Linux with GCC the module is built with OpenMP and resolves to the libgomp
+    PyTorch loaded (one worker pool: a kernel right after a PyTorch op would otherwise
+    wait for PyTorch's spinning worker)."""
+    if sys.platform != "linux":
+        pytest.skip("the OpenMP build is checked on Linux")
+    assert _ext().threading() == "OpenMP"
+    assert "OpenMP threads" in torch_.cpu_kernel()[1]
+    maps = Path("/proc/self/maps").read_text()
+    gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(gomp) == 1, f"more than one OpenMP runtime loaded: {sorted(gomp)}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_concurrent_callers_get_their_own_answers(dtype):
+    """Python threads calling at once (the GIL is released in the kernel; each calling
+    thread keeps its own packed-codebook buffer): every call answers for its inputs."""
+    cases = []
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        k = 300 + 97 * seed
+        cases.append((torch.randn(700, 40, generator=g).to(dtype), torch.randn(k, 40, generator=g).to(dtype)))
+    want = [_direct(z, cb, 2, "auto") for z, cb in cases]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda c: _direct(c[0], c[1], 2, "auto"), cases))
+            for (i1, d1, q1), (i2, d2, q2) in zip(want, got):
+                assert torch.equal(i1, i2) and torch.equal(d1, d2) and torch.equal(q1, q2)
+
+
 def test_kernel_repeatable_on_near_ties_with_code_splits(fp32_isa):
     # Unit vectors a few ulps of score apart: which code wins hangs on the last bit
     # of each code's norm. One row block and 20000 codes, so the panels are packed
@@ -211,7 +246,7 @@ def test_availability_names_the_cpu_path(monkeypatch):
         best = _ext().best_isa()
         assert f"({'avx512' if best == 'avx512bf16' else best}:" in reason  # vdpbf16ps only when forced
         monkeypatch.setenv("VQKERN_CPU_ISA", "avx2")
-        assert "(avx2: AVX2 + FMA)" in vqkern.backends.report("cpu")["torch"][1]
+        assert "(avx2: AVX2 + FMA;" in vqkern.backends.report("cpu")["torch"][1]
         monkeypatch.delenv("VQKERN_CPU_ISA")
     monkeypatch.setenv("VQKERN_CPU_KERNEL", "0")
     assert "tiled PyTorch" in vqkern.backends.availability("torch", "cpu")[1]

@@ -22,9 +22,9 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "search.h"
 
 namespace vqkern_cpu {
@@ -77,13 +77,6 @@ __attribute__((target("avx2,fma"))) void row_sums(const T* __restrict z, const T
   for (int64_t t = 0; t < d; ++t) ds[t] += as_f32(e[t]) - as_f32(z[t]);
 }
 
-template <typename Fn>
-void run_threads(int threads, Fn&& fn) {  // fn(thread index)
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(fn, t);
-  fn(0);
-  for (auto& th : pool) th.join();
-}
 
 template <typename T>
 void backward_rows(const T* gq, const T* z, const T* codebook, const int64_t* idx, int64_t n, int64_t d, int64_t k,
@@ -102,7 +95,7 @@ void backward_rows(const T* gq, const T* z, const T* codebook, const int64_t* id
     if (diff_sums) ++count[c];
   }
   if (!diff_sums) {  // rows are independent: a static row split
-    run_threads(threads, [&](int t) {
+    parallel_for_threads(threads, [&](int t) {
       const int64_t r0 = n * t / threads, r1 = n * (t + 1) / threads;
       for (int64_t i = r0; i < r1; ++i)
         row_grad(gq + i * d, z + i * d, codebook + idx[i] * d, scale, grad_z + i * d, d);
@@ -116,7 +109,7 @@ void backward_rows(const T* gq, const T* z, const T* codebook, const int64_t* id
     seen += count[c];
     while (t < threads && seen >= n * t / threads) bound[t++] = c + 1;
   }
-  run_threads(threads, [&](int t) {
+  parallel_for_threads(threads, [&](int t) {
     const int64_t c0 = bound[t], c1 = bound[t + 1];
     if (c0 >= c1) return;
     for (int64_t i = 0; i < n; ++i) {

@@ -73,6 +73,13 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("isa_missing", [](const std::string& name) { return isa_missing(parse_isa(name)); }, py::arg("isa"),
         "'' when this CPU and OS can run the path, else the instructions or OS support it lacks.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); }, "The best path this machine can run.");
+  m.def("threading", [] {
+#ifdef _OPENMP
+    return std::string("OpenMP");
+#else
+    return std::string("std::thread");
+#endif
+  }, "How the kernels run in parallel: 'OpenMP' (the runtime PyTorch's CPU ops use) or 'std::thread'.");
   def_search<float, search_l2>(
       m, "search_l2",
       "indices (n,) int64 = nearest code of each fp32 row of z, lowest index on ties; "

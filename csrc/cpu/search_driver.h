@@ -52,10 +52,10 @@
 #include <memory>
 #include <new>
 #include <stdexcept>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "search_kernels.h"
 
 namespace vqkern_cpu {
@@ -118,15 +118,7 @@ inline void with_rows(int rows, Fn&& fn) {
 
 template <typename Fn>
 void parallel(int threads, Fn&& fn) {
-  if (threads <= 1) {
-    fn();
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) pool.emplace_back(fn);
-  fn();
-  for (auto& th : pool) th.join();
+  parallel_for_threads(threads, [&](int) { fn(); });
 }
 
 // The smallest score over a row's lanes and, among equal scores, the smallest index.

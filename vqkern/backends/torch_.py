@@ -103,7 +103,7 @@ def _active_cpu_ext():
     if ext is None:
         return None, None, reason
     isa = _cpu_isa(ext)
-    return ext, isa, f"{reason} ({isa}: {_ISA_TEXT[isa]})"
+    return ext, isa, f"{reason} ({isa}: {_ISA_TEXT[isa]}; {ext.threading()} threads)"
 
 
 def cpu_kernel() -> tuple[bool, str]:
