@@ -1,6 +1,7 @@
 """VectorQuantizer against ReferenceVectorQuantizer; EMA, dead codes, channel-first, compile;
 k-means init, SimVQ codebooks and projected search spaces."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -302,6 +303,18 @@ def test_kmeans_init_in_the_search_space_and_not_in_eval(device):
     want = vqkern.kmeans(torch.nn.functional.normalize(rows, dim=1), 5, 3, metric="cosine")
     torch.testing.assert_close(layer.codebook.detach(), want.centroids)
     torch.testing.assert_close(layer.codebook.norm(dim=1), torch.ones(5, device=device))
+
+
+def test_kmeans_init_warns_when_there_are_fewer_rows_than_codes(device):
+    layer = vqkern.VectorQuantizer(64, 4, init="kmeans", kmeans_batches=2).to(device)
+    layer(torch.randn(20, 4, device=device))
+    with pytest.warns(UserWarning, match=r"40 rows for 64 codes.*kmeans_batches=4 or more"):
+        layer(torch.randn(20, 4, device=device))
+    assert bool(layer.initted)
+    enough = vqkern.VectorQuantizer(16, 4, init="kmeans").to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enough(torch.randn(20, 4, device=device))
 
 
 def test_kmeans_init_is_saved_so_resume_does_not_init_again(device):

@@ -1,6 +1,7 @@
 """nn.Module layers built on the functional API."""
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -266,6 +267,13 @@ class VectorQuantizer(nn.Module):
         if len(self._kmeans_rows) < self.kmeans_batches:
             return
         data = torch.cat(self._kmeans_rows)
+        total = sum(distributed.gather_sizes(data.shape[0], data.device))  # every rank's rows
+        if total < self.num_embeddings:
+            per_batch = max(1, total // self.kmeans_batches)
+            warnings.warn(f"VectorQuantizer k-means init: {total} rows for {self.num_embeddings} codes, so k-means "
+                          f"starts from rows drawn with replacement and repeated codes stay identical (identical "
+                          f"codes tie, and only the lowest index is ever chosen). kmeans_batches="
+                          f"{-(-self.num_embeddings // per_batch)} or more gives it a row per code.", stacklevel=3)
         centroids, counts = kmeans(data, self.num_embeddings, self.kmeans_iters, metric=self.metric,
                                    sync=distributed.is_distributed(), backend=self.backend)
         # Per-batch counts, the scale of the EMA statistics; an unseen code (k-means
