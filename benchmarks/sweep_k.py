@@ -287,10 +287,10 @@ def plot(records: list[dict], out: Path, tag: str) -> None:
               ("cost", (("ms_per_step", "training step (ms)"), ("quantizer_peak_mib", "quantizer peak extra memory (MiB)")))]
     for r in measured:
         r["quantizer_peak_mib"] = (r["quantizer_peak_bytes"] or 0) / 2**20
+    main_steps = max((r["steps"] for r in records), default=0)  # the study's length; shorter runs apart
     for name, keys in panels:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         for ax, (key, label) in zip(axes, keys):
-            main_steps = max((r["steps"] for r in records), default=0)
             for lib, color in zip(LIBRARIES, ("C0", "C1")):
                 name_ = "vqkern" if lib == "vqkern" else "vector-quantize-pytorch"
                 runs = [r for r in (ok if name == "quality" else measured) if r["library"] == lib]

@@ -83,6 +83,17 @@ VQ_TARGET_512 inline void best_lane_512(const Lanes<kNr>& l, float& val, int32_t
   idx = _mm512_reduce_min_epi32(_mm512_min_epi32(c0, c1));
 }
 
+// What the three AVX-512 policies share: element type, panel width, the residual
+// of the epilogue and the vector best-of-lanes.
+template <typename TT>
+struct Avx512Policy {
+  using T = TT;
+  static constexpr int kNr = vqkern_cpu::kNr;
+  static float residual(const float* z, const float* e, int64_t d) { return residual_f32(z, e, d); }
+  static float residual(const uint16_t* z, const uint16_t* e, int64_t d) { return residual_bf16(z, e, d); }
+  static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { best_lane_512(l, val, idx); }
+};
+
 // Rows [0, rows) of a work item in blocks of 14 (and one remainder block). Block m
 // (rows m .. m + MR - 1) starts at element m * width of the prepared scratch, width
 // being the T elements of one prepared row.
@@ -136,9 +147,7 @@ VQ_TARGET_512 void panels_f32(const float* zp, const float* packed, const float*
   }
 }
 
-struct Avx512F32 {
-  using T = float;
-  static constexpr int kNr = vqkern_cpu::kNr;
+struct Avx512F32 : Avx512Policy<float> {
   static constexpr int64_t kRowBlock = 8 * kMr;  // 112 rows, ~28 KB of z at D = 64
   static int64_t scratch_elems(int64_t d) { return kRowBlock * d; }  // the item's rows, transposed
   static int64_t panel_elems(int64_t d) { return d * kNr; }
@@ -146,8 +155,6 @@ struct Avx512F32 {
                           float* packed, float* norms) {
     driver::pack_panels_f32<kNr>(cb, ldc, k, d, p0, p1, packed, norms);
   }
-  static float residual(const float* z, const float* e, int64_t d) { return residual_f32(z, e, d); }
-  static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { best_lane_512(l, val, idx); }
 
   // Transposed once per work item, not once per cache block of codes: at D = 256 a
   // cache block is only 8 panels, and a copy per block cost ~10% of the FMAs' time.
@@ -261,9 +268,7 @@ VQ_TARGET_BF16 void panels_bf16(const uint32_t* zp, const uint16_t* packed, cons
   }
 }
 
-struct Avx512Bf16 {
-  using T = uint16_t;
-  static constexpr int kNr = vqkern_cpu::kNr;
+struct Avx512Bf16 : Avx512Policy<uint16_t> {
   static constexpr int64_t kRowBlock = 8 * kMr;
   static int64_t scratch_elems(int64_t d) { return kRowBlock * 2 * ((d + 1) / 2); }  // pairs as uint32
   static int64_t panel_elems(int64_t d) { return (d + 1) / 2 * 2 * kNr; }
@@ -271,8 +276,6 @@ struct Avx512Bf16 {
                           uint16_t* packed, float* norms) {
     pack_panels_bf16(cb, ldc, k, d, p0, p1, packed, norms);
   }
-  static float residual(const uint16_t* z, const uint16_t* e, int64_t d) { return residual_bf16(z, e, d); }
-  static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { best_lane_512(l, val, idx); }
 
   // A row's prepared width: its pairs as 32-bit words, 2 uint16 elements each.
   static void prepare(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, uint16_t* scratch) {
@@ -392,9 +395,7 @@ VQ_TARGET_AMX void amx_configure() { _tile_loadconfig(&kTileConfig); }
 
 VQ_TARGET_AMX void amx_release() { _tile_release(); }
 
-struct AmxBf16 {
-  using T = uint16_t;
-  static constexpr int kNr = vqkern_cpu::kNr;
+struct AmxBf16 : Avx512Policy<uint16_t> {
   static constexpr int64_t kRowBlock = 4 * kAmxRows;  // 128 rows, 16 KB of z at D = 64
   // The row block's z, padded to whole chunks, then the 4 KB C buffer.
   static int64_t scratch_elems(int64_t d) { return kRowBlock * amx_chunks(d) * 32 + 2048 + 32; }
@@ -403,8 +404,6 @@ struct AmxBf16 {
                           uint16_t* packed, float* norms) {
     pack_panels_amx(cb, ldc, k, d, p0, p1, packed, norms);
   }
-  static float residual(const uint16_t* z, const uint16_t* e, int64_t d) { return residual_bf16(z, e, d); }
-  static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { best_lane_512(l, val, idx); }
 
   // Rows past `rows` (to a multiple of 32) are zero and fold into lane slots that the
   // driver never reads (it sizes the lane state for kRowBlock rows).
