@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -282,11 +283,12 @@ def plot(records: list[dict], out: Path, tag: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r["status"] == "ok"]
-    measured = [r for r in records if "ms_per_step" in r]  # with the runs stopped for time: their cost
+    # With the runs stopped for time: their cost. Copies: the records stay as measured.
+    measured = [{**r, "quantizer_peak_mib": (r["quantizer_peak_bytes"] or 0) / 2**20}
+                for r in records if "ms_per_step" in r]
+    measured_runs = {(r["library"], r["K"]) for r in measured}
     panels = [("quality", (("test_recon", "held-out reconstruction MSE"), ("codes_used_pct", "codes used on the test set (% of K)"))),
               ("cost", (("ms_per_step", "training step (ms)"), ("quantizer_peak_mib", "quantizer peak extra memory (MiB)")))]
-    for r in measured:
-        r["quantizer_peak_mib"] = (r["quantizer_peak_bytes"] or 0) / 2**20
     main_steps = max((r["steps"] for r in records), default=0)  # the study's length; shorter runs apart
     for name, keys in panels:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -308,7 +310,7 @@ def plot(records: list[dict], out: Path, tag: str) -> None:
                     ax.plot(*zip(*short), marker="o", linestyle="none", markerfacecolor="none", color=color,
                             label=f"{name_} ({steps} steps)")
             for r in records:
-                if r["status"] != "ok" and (name == "quality" or r not in measured):
+                if r["status"] != "ok" and (name == "quality" or (r["library"], r["K"]) not in measured_runs):
                     ax.axvline(r["K"], color="grey", linestyle=":", linewidth=0.8)
                     ax.annotate(f"{r['library']}: {r['status'].split(' (')[0]}", (r["K"], 0.5),
                                 xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="grey")
@@ -385,12 +387,14 @@ def main(argv=None) -> int:
     if os.environ.get("SWEEP_GIT_COMMIT"):  # run from an exported copy of that commit
         prov["git_commit"] = os.environ["SWEEP_GIT_COMMIT"]
     records: list[dict] = []
+    report_lock = threading.Lock()  # the runs finish in worker threads; one report at a time
 
     def go(run):
         r = launch(*run, args, log_dir)
-        records.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
-        write_report(records, out, args.tag, prov, args)
+        with report_lock:
+            records.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
+            write_report(records, out, args.tag, prov, args)
         return r
 
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -418,6 +418,22 @@ def test_topk_matches(kw, training, masked):
     assert_states_close(ref, ours)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_topk_with_loss_breakdown_matches(training):
+    kw = dict(dim=DIM, codebook_size=K, orthogonal_reg_weight=0.5)
+    ref, ours = make_pair(**kw)
+    ref.train(training), ours.train(training)
+    x = make_input(kw, seed=0)
+    torch.manual_seed(0)
+    *_, want = ref(x.clone(), topk=3, return_loss_breakdown=True)
+    torch.manual_seed(0)
+    *_, got = ours(x.clone(), topk=3, return_loss_breakdown=True)
+    assert type(got).__name__ == "LossBreakdown"
+    for name in got._fields:
+        torch.testing.assert_close(torch.as_tensor(getattr(got, name)).float(),
+                                   torch.as_tensor(getattr(want, name)).float(), msg=name)
+
+
 def test_topk_one_is_the_search():
     vq = VectorQuantize(dim=DIM, codebook_size=K).eval()
     x = make_input({})

@@ -352,7 +352,6 @@ def test_simvq_codebook_is_the_basis_times_the_learned_map(backend, device):
     ref = vqkern.reference.quantize(zz, basis @ w.T, 0.25)
     assert torch.equal(out.indices, ref.indices)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
-    g = torch.randn_like(z)
     out.loss.backward()
     ref.loss.backward()
     torch.testing.assert_close(layer.codebook_map.weight.grad, w.grad, rtol=1e-5, atol=1e-7)
@@ -364,7 +363,6 @@ def test_simvq_codebook_is_the_basis_times_the_learned_map(backend, device):
     moved = (layer.codebook.detach() - before).abs().amax(dim=1) > 0
     assert bool(moved.all()) and not bool(used.all())
     assert torch.equal(layer.basis, basis), "the basis is frozen"
-    del g
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

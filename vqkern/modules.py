@@ -228,8 +228,12 @@ class VectorQuantizer(nn.Module):
         x = self._project_in(moved)
         stored = None if self.simvq else self.codebook
         check_inputs(x, self.basis if self.simvq else stored, self.metric)
+        # The search-space rows, only for what reads them: a pending k-means init, the
+        # EMA sums, dead-code re-seeding (once per call; a cosine pass over (N, C)).
+        needs_rows = self.training and (not self._initted_host or self.ema or self.dead_code_threshold > 0)
+        rows = self._search_rows(x) if needs_rows else None
         if self.training and not self._initted_host:
-            self._kmeans_init(self._search_rows(x))
+            self._kmeans_init(rows)
         codebook = self.codebook if self.simvq else stored  # the SimVQ product, once per call
         if self.training and (self.ema or self.dead_code_threshold > 0):
             # The op saves the codebook for its backward, and the update below rewrites
@@ -244,7 +248,7 @@ class VectorQuantizer(nn.Module):
         loss = self.commitment_cost * out.commitment_loss if self.ema else out.loss
         flat_idx = out.indices.reshape(-1)
         if self.training:
-            counts = self._update(self._search_rows(x), flat_idx, out.commitment_loss)
+            counts = self._update(rows, flat_idx, out.commitment_loss)
         else:
             counts = torch.bincount(flat_idx, minlength=self.num_embeddings)
         quantized = out.quantized
@@ -293,14 +297,16 @@ class VectorQuantizer(nn.Module):
         self._kmeans_rows = []
 
     @torch.no_grad()
-    def _update(self, flat: Tensor, indices: Tensor, batch_loss: Tensor) -> Tensor:
+    def _update(self, flat: Tensor | None, indices: Tensor, batch_loss: Tensor) -> Tensor:
         """EMA statistics, codebook update and dead-code re-seeding; returns this batch's counts.
 
-        ``batch_loss``: the search's mean squared residual over ``flat`` (fp32 scalar),
-        non-finite exactly when a row of ``flat`` is (or the fp32 sum overflows).
+        ``flat``: the search-space rows (N, C), None when neither EMA nor dead-code
+        re-seeding is on (the counts need only ``indices``). ``batch_loss``: the search's
+        mean squared residual over the rows (fp32 scalar), non-finite exactly when a row
+        is (or the fp32 sum overflows).
         """
         k = self.num_embeddings
-        name = backends.resolve(self.backend, flat.device)
+        name = backends.resolve(self.backend, indices.device)
         deterministic = torch.are_deterministic_algorithms_enabled()
         if self.ema:
             counts, sums = _library.segment_sum(indices, flat.contiguous(), k, name, deterministic)

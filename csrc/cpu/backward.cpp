@@ -26,18 +26,10 @@
 
 #include "parallel.h"
 #include "search.h"
+#include "search_kernels.h"
 
 namespace vqkern_cpu {
 namespace {
-
-// Elements as fp32: fp32 itself, or a bf16 bit pattern widened exactly.
-inline float as_f32(float v) { return v; }
-inline float as_f32(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
 
 // fp32 to the output type: fp32 itself, or bf16 rounded to nearest even (NaN kept a
 // quiet NaN), as torch's fp32 -> bf16 conversion rounds.
@@ -58,8 +50,8 @@ __attribute__((target("avx2,fma"))) void row_both(const T* __restrict g, const T
                                                   const T* __restrict e, float scale, T* __restrict gz,
                                                   float* __restrict ds, int64_t d) {
   for (int64_t t = 0; t < d; ++t) {
-    const float diff = as_f32(z[t]) - as_f32(e[t]);
-    store_as(gz + t, as_f32(g[t]) + scale * diff);
+    const float diff = to_f32(z[t]) - to_f32(e[t]);
+    store_as(gz + t, to_f32(g[t]) + scale * diff);
     ds[t] -= diff;
   }
 }
@@ -68,13 +60,13 @@ template <typename T>
 __attribute__((target("avx2,fma"))) void row_grad(const T* __restrict g, const T* __restrict z,
                                                   const T* __restrict e, float scale, T* __restrict gz,
                                                   int64_t d) {
-  for (int64_t t = 0; t < d; ++t) store_as(gz + t, as_f32(g[t]) + scale * (as_f32(z[t]) - as_f32(e[t])));
+  for (int64_t t = 0; t < d; ++t) store_as(gz + t, to_f32(g[t]) + scale * (to_f32(z[t]) - to_f32(e[t])));
 }
 
 template <typename T>
 __attribute__((target("avx2,fma"))) void row_sums(const T* __restrict z, const T* __restrict e,
                                                   float* __restrict ds, int64_t d) {
-  for (int64_t t = 0; t < d; ++t) ds[t] += as_f32(e[t]) - as_f32(z[t]);
+  for (int64_t t = 0; t < d; ++t) ds[t] += to_f32(e[t]) - to_f32(z[t]);
 }
 
 

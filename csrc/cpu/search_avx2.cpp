@@ -109,19 +109,10 @@ __attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p)
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-inline float bf16_to_f32(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-}  // namespace
-
 __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 __attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) { return load_bf16x8(p); }
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+
+}  // namespace
 
 // sum((z - e)^2) in fp32 (bf16 rows widened exactly first), eight partial sums (relative
 // error <= about d/8 * 2^-24); the tail's fma is spelled out so its rounding never

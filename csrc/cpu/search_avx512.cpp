@@ -182,13 +182,6 @@ struct Avx512F32 : Avx512Policy<float> {
 // fp32, so this ranks as the fp32 search of the widened values would, up to the order
 // of the additions (vdpbf16ps flushes bf16 subnormals, below 1.2e-38, to zero).
 
-inline float bf16f(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
 // Both bf16 layouts are matrices of 32-bit words W[u][j] = (e_j[2u], e_j[2u + 1]) (low half
 // first), one row of words per d pair u, codes along the row: packing is a transpose of
 // 32-bit words, written one whole row at a time while the code rows read stay in L1.

@@ -2,8 +2,18 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace vqkern_cpu {
+
+// An element as fp32: fp32 itself, or a bf16 bit pattern widened exactly.
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 namespace driver {
 
 template <int NR>

@@ -365,7 +365,7 @@ class VectorQuantize(nn.Module):
 
     def _finish_topk(self, x, quantize, indices, mask, orig_input, freeze, input_requires_grad):
         """The rest of forward for topk (heads = 1): x (B, N, D), quantize (B, N, k, D),
-        indices (B, N, k) -> (quantize (B, N, k, dim), indices, loss, commitment)."""
+        indices (B, N, k) -> (quantize (B, N, k, dim), indices, loss, commitment, orthogonal term)."""
         xk = x.unsqueeze(-2).expand_as(quantize)
         commit_quantize = quantize
         if self.training:
@@ -378,13 +378,15 @@ class VectorQuantize(nn.Module):
         if mask is not None:
             per_code = torch.where(mask.unsqueeze(-1), per_code, torch.zeros_like(per_code))
         weighted = per_code * self.commitment_weight if self.has_commitment_loss else per_code
+        orthogonal = self.zero
         if self.training:
             loss = self.zero if torch.compiler.is_compiling() else self.zero.clone().requires_grad_()
             commit_loss = per_code if self.has_commitment_loss else self.zero
             if self.has_commitment_loss:
                 loss = loss + weighted
             if self.has_codebook_orthogonal_loss:
-                loss = loss + self._orthogonal_loss(indices) * self.orthogonal_reg_weight
+                orthogonal = self._orthogonal_loss(indices)
+                loss = loss + orthogonal * self.orthogonal_reg_weight
         else:
             loss, commit_loss = weighted, per_code
         quantize = self.project_out(quantize)
@@ -392,7 +394,7 @@ class VectorQuantize(nn.Module):
             padding = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding else orig_input
             quantize = torch.where(mask[..., None, None], quantize, padding.unsqueeze(-2).expand_as(quantize))
             indices = indices.masked_fill(~mask.unsqueeze(-1), -1)
-        return quantize, indices, loss, commit_loss
+        return quantize, indices, loss, commit_loss, orthogonal
 
     def forward(self, x: Tensor, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
@@ -483,7 +485,7 @@ class VectorQuantize(nn.Module):
             out = self._finish_topk(x[0], quantize.reshape(rows, n, topk, d).type(dtype),
                                     embed_ind.reshape(rows, n, topk), mask, orig_input, freeze,
                                     input_requires_grad)
-            quantize, embed_ind, loss, commit_loss = out
+            quantize, embed_ind, loss, commit_loss, orthogonal_reg_loss = out
             if only_one:
                 quantize, embed_ind, loss = quantize[:, 0], embed_ind[:, 0], (loss[:, 0] if loss.dim() else loss)
             else:
@@ -491,7 +493,8 @@ class VectorQuantize(nn.Module):
                 loss = unlayout(loss, False) if loss.dim() else loss
             if not return_loss_breakdown:
                 return quantize, embed_ind, loss
-            return quantize, embed_ind, loss, LossBreakdown(commit_loss, diversity_loss, orthogonal_reg_loss, self.zero)
+            # No diversity term with topk (the codebook's diversity loss needs the single search).
+            return quantize, embed_ind, loss, LossBreakdown(commit_loss, self.zero, orthogonal_reg_loss, self.zero)
         quantize = quantize.reshape(c, rows, n, d).type(dtype)
         codes_flat = embed_ind
         embed_ind = embed_ind.reshape(c, rows, n)
