@@ -9,6 +9,7 @@ from .modules import VectorQuantizer, VQOutput
 # vqkern.kmeans is the function; its module stays importable as vqkern.kmeans (sys.modules).
 from .kmeans import KMeansOutput, kmeans
 from .compat import GroupedResidualVQ, ResidualVQ, VectorQuantize
+from .integrations import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -23,8 +24,10 @@ __all__ = [
     "backends",
     "kmeans",
     "nearest_code",
+    "patch",
     "quantize",
     "reference",
     "sample_code",
     "segment_sum",
+    "unpatch",
 ]
