@@ -10,7 +10,7 @@ from .modules import VectorQuantizer, VQOutput
 from .kmeans import KMeansOutput, kmeans
 from .compat import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "GroupedResidualVQ",
