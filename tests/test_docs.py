@@ -12,7 +12,7 @@ import torch
 
 MODULES = ["vqkern", "vqkern.functional", "vqkern.modules", "vqkern.reference", "vqkern.kmeans",
            "vqkern.distributed", "vqkern.compat", "vqkern.compat.vector_quantize", "vqkern.compat.residual_vq",
-           "vqkern.compat.codebook", "vqkern.compat.rotation"]
+           "vqkern.compat.codebook", "vqkern.compat.rotation", "vqkern.compat.layout", "vqkern.compat.topk"]
 SHAPE = re.compile(r"\((\.\.\.|[A-Z]|B,|C,|M,|x |num_)|shape")
 DTYPE = re.compile(r"float|int64|bool|dtype")
 
