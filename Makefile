@@ -89,8 +89,9 @@ docs: $(DEV_STAMP)
 # Checks only: ruff over the Python tree, clang-format over csrc/ (.clang-format). Fixes:
 # `ruff check --fix .` and `clang-format -i FILE`, or pre-commit on each commit.
 lint: $(DEV_STAMP)
-	$(DEV_VENV)/bin/ruff check .
-	$(DEV_VENV)/bin/clang-format --dry-run --Werror $(CSRC)
+	@rc=0; $(DEV_VENV)/bin/ruff check . || rc=1; \
+	$(DEV_VENV)/bin/clang-format --dry-run --Werror $(CSRC) || rc=1; \
+	exit $$rc
 
 # sdist + wheel into dist-release/, twine check --strict, one version everywhere.
 release-check: $(DEV_STAMP)
