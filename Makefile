@@ -2,13 +2,13 @@
 # Without a GPU they create .venv with the pinned CPU stack (requirements-cpu.txt, which
 # also brings the build tools: setuptools, pybind11, cmake, ninja) and install vqkern
 # editable into it without build isolation, so a rebuild needs no download. On a GPU
-# machine, `pip install .` into the environment that has CUDA torch (README, Install).
+# machine, `pip install .` into the environment that has CUDA torch (docs/getting-started.md, Install).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo fashion-mnist test test-all bench package-smoke clean
+.PHONY: venv demo fashion-mnist test test-all bench package-smoke dev docs lint release-check clean
 
 # `make demo` trains a small VQ-VAE on Fashion-MNIST after the backend check: 600 steps
 # of batch 64 at about 80 ms/step; the whole demo took about 90 s on 2 CPU cores with .venv
@@ -66,5 +66,36 @@ bench: $(STAMP)
 package-smoke:
 	bash .ci/package_smoke.sh
 
+# Contributor tools in their own venv (.venv-dev: the pinned docs site, ruff, clang-format,
+# pre-commit, build, twine), so the test environment keeps its pins.
+DEV_VENV := .venv-dev
+DEV_PY := $(DEV_VENV)/bin/python
+DEV_STAMP := $(DEV_VENV)/.installed
+CSRC := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
+
+$(DEV_STAMP): requirements-docs.txt requirements-dev.txt
+	test -x $(DEV_PY) || $(PYTHON) -m venv $(DEV_VENV)
+	$(DEV_PY) -m pip install -q --upgrade pip
+	$(DEV_PY) -m pip install -q -r requirements-docs.txt -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
+dev: $(DEV_STAMP)
+
+# The documentation site into site/; --strict: a broken link, a missing page or an API entry
+# that does not resolve fails it. NO_MKDOCS_2_WARNING silences the theme's end-of-life banner.
+docs: $(DEV_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(DEV_VENV)/bin/mkdocs build --strict
+
+# Checks only: ruff over the Python tree, clang-format over csrc/ (.clang-format). Fixes:
+# `ruff check --fix .` and `clang-format -i FILE`, or pre-commit on each commit.
+lint: $(DEV_STAMP)
+	@rc=0; $(DEV_VENV)/bin/ruff check . || rc=1; \
+	$(DEV_VENV)/bin/clang-format --dry-run --Werror $(CSRC) || rc=1; \
+	exit $$rc
+
+# sdist + wheel into dist-release/, twine check --strict, one version everywhere.
+release-check: $(DEV_STAMP)
+	PY=$(DEV_PY) bash .ci/release_check.sh
+
 clean:
-	rm -rf $(VENV) .venv-smoke build dist *.egg-info vqkern/*.so
+	rm -rf $(VENV) $(DEV_VENV) .venv-smoke build dist dist-release site *.egg-info vqkern/*.so

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every install command of the README's Install section, each from a fresh clone of this
+# Every install command of docs/getting-started.md's Install section, each from a fresh clone of this
 # checkout's HEAD into a fresh venv that already has torch, with and without build isolation,
 # with nvcc (vqkern._C built) and without (VQKERN_SKIP_CUDA_BUILD=1: _C absent, reported).
 # After each: torch untouched (same version, same file), import from outside the clone,

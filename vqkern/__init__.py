@@ -11,7 +11,7 @@ from .kmeans import KMeansOutput, kmeans
 from .compat import GroupedResidualVQ, ResidualVQ, VectorQuantize
 from .integrations import patch, unpatch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "GroupedResidualVQ",

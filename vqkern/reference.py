@@ -25,6 +25,18 @@ class ReferenceOutput(NamedTuple):
     codebook_loss: torch.Tensor
 
 
+class ReferenceVQOutput(NamedTuple):
+    """Outputs of :class:`ReferenceVectorQuantizer`: quantized (z's shape and dtype), indices
+    (int64, z's shape without the channel dimension), loss and perplexity (float32 scalars).
+
+    The same fields as ``vqkern.VQOutput``, defined here so that the oracle imports
+    nothing from the module it checks."""
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    perplexity: torch.Tensor
+
+
 def distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Squared L2 distances (N, K) in float64, by broadcasting the residual z_i - e_k.
 
@@ -123,10 +135,8 @@ class ReferenceVectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(num_embeddings))
 
     def forward(self, z):
-        """z: float, D at ``channel_dim``. Returns VQOutput(quantized like z, indices int64
-        of z's shape without the channel dimension, loss and perplexity fp32 scalars)."""
-        from .modules import VQOutput
-
+        """z: float, D at ``channel_dim``. Returns ReferenceVQOutput(quantized like z, indices
+        int64 of z's shape without the channel dimension, loss and perplexity fp32 scalars)."""
         moved = z.movedim(self.channel_dim, -1) if self.channel_dim != -1 else z
         out = quantize(moved, self.codebook, self.commitment_cost)
         loss = self.commitment_cost * out.commitment_loss if self.ema else out.loss
@@ -150,4 +160,4 @@ class ReferenceVectorQuantizer(nn.Module):
                         self.embed_avg.copy_(torch.where(dead[:, None], self.codebook * self.dead_code_threshold,
                                                          self.embed_avg))
         quantized = out.quantized.movedim(-1, self.channel_dim) if self.channel_dim != -1 else out.quantized
-        return VQOutput(quantized, out.indices, loss, perplexity(flat_idx, self.num_embeddings))
+        return ReferenceVQOutput(quantized, out.indices, loss, perplexity(flat_idx, self.num_embeddings))

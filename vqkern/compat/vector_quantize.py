@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from .. import backends, distributed
 from ._args import reject_unsupported
 from .codebook import Codebook
+from .layout import check_indices, check_mask, merge_heads, split_heads, split_mask, to_rows
 from .losses import codebook_diversity_loss, mean_cross_entropy
 from .rotation import directional_reparam as directional_reparam_fn
 from .rotation import rotate_to
+from .topk import finish_topk
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -181,6 +183,14 @@ class VectorQuantize(nn.Module):
     def _is_fmap(self) -> bool:
         return self.accept_image_fmap or self.accept_3d_fmap
 
+    @property
+    def _head_layout(self) -> tuple[int, bool]:
+        """(heads, separate codebook per head): the arguments of the layout functions."""
+        return self.heads, self.separate_codebook_per_head
+
+    def _to_rows(self, x: Tensor):
+        return to_rows(x, self.accept_image_fmap, self.accept_3d_fmap, self.channel_last)
+
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """Codes of the int64 indices forward returned (before project_out), laid out as
         vector_quantize_pytorch lays them out: (..., D) for one codebook (one code per
@@ -201,82 +211,11 @@ class VectorQuantize(nn.Module):
         (see :meth:`get_codes_from_indices`) through ``project_out``, float32 (..., dim)."""
         return self.project_out(self.get_codes_from_indices(indices))
 
-    # ---- head layout ------------------------------------------------------------
-
-    def _split_heads(self, x: Tensor) -> Tensor:
-        """(B, N, H*D) -> (C, rows, N, D): (H, B, N, D) for separate codebooks, (1, B*H, N, D) shared."""
-        b, n, features = x.shape
-        if self.heads == 1:
-            return x.unsqueeze(0)
-        # Explicit sizes, not -1: a batch with no rows must still reshape.
-        d = features // self.heads
-        x = x.reshape(b, n, self.heads, d)
-        if self.separate_codebook_per_head:
-            return x.permute(2, 0, 1, 3)
-        return x.permute(0, 2, 1, 3).reshape(1, b * self.heads, n, d)
-
-    def _merge_heads(self, t: Tensor, b: int) -> Tensor:
-        """Inverse of _split_heads for (C, rows, N, ...) -> (B, N, heads, ...)."""
-        if self.heads == 1:
-            return t[0].unsqueeze(2)
-        if self.separate_codebook_per_head:
-            return t.movedim(0, 2)
-        t = t[0].reshape(b, self.heads, *t.shape[2:])
-        return t.movedim(1, 2)
-
-    def _split_mask(self, mask: Tensor) -> Tensor:
-        """(B, N) bool -> (C, rows, N), the row layout of :meth:`_split_heads`."""
-        b, n = mask.shape
-        if self.heads == 1:
-            return mask.unsqueeze(0)
-        if self.separate_codebook_per_head:
-            return mask.unsqueeze(0).expand(self.heads, b, n)
-        return mask.unsqueeze(1).expand(b, self.heads, n).reshape(1, b * self.heads, n)
-
-    def _to_rows(self, x: Tensor):
-        """Any accepted input layout -> ((B, N, dim), a function putting (B, N, ...) back)."""
-        if self.accept_image_fmap:
-            if x.dim() != 4:
-                raise ValueError(f"x must be (B, C, H, W) with accept_image_fmap=True, got {tuple(x.shape)}")
-            spatial = x.shape[2:]
-        elif self.accept_3d_fmap:
-            if x.dim() != 5:
-                raise ValueError(f"x must be (B, C, D, H, W) with accept_3d_fmap=True, got {tuple(x.shape)}")
-            spatial = x.shape[2:]
-        elif x.dim() != 3:
-            raise ValueError(f"x must be (B, N, dim), (B, dim, N) or (B, dim), got {tuple(x.shape)}")
-        if self._is_fmap:
-            x = x.flatten(2).transpose(1, 2)
-
-            def back(t, channels_first):
-                t = t.reshape(t.shape[0], *spatial, *t.shape[2:])
-                return t.movedim(-1, 1) if channels_first else t
-            return x, back
-        if not self.channel_last:
-            return x.transpose(1, 2), (lambda t, channels_first: t.movedim(-1, 1) if channels_first else t)
-        return x, (lambda t, channels_first: t)
-
     # ---- EMA from outside -------------------------------------------------------------
 
     def _codebook_rows(self, x: Tensor) -> Tensor:
         """(B, N, dim) rows -> (C, rows, N, D) codebook inputs (projected, split, normalized)."""
-        return self._codebook.transform_input(self._split_heads(self.project_in(x)))
-
-    def _check_mask(self, mask: Tensor, b: int, n: int) -> Tensor:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (b, n):
-            raise ValueError(f"mask must be a bool tensor of shape (B, N) = {(b, n)}, got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
-        return mask
-
-    def _check_indices(self, indices, b: int, n: int) -> Tensor:
-        """forward's index layout (B, N[, heads]) or (B, H, W[, heads]) -> (B, N, heads) int64."""
-        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32) or \
-                indices.numel() != b * n * self.heads:
-            raise ValueError(f"indices must be an integer tensor with one code per row and head "
-                             f"({b} x {n} x {self.heads}), got {getattr(indices, 'shape', type(indices))}")
-        if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}) or be -1 (ignored)")
-        return indices.long().reshape(b, n, self.heads)
+        return self._codebook.transform_input(split_heads(self.project_in(x), *self._head_layout))
 
     def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
         """Run the EMA update (and dead-code re-seeding in training) for codes chosen elsewhere.
@@ -298,10 +237,11 @@ class VectorQuantize(nn.Module):
             flat = self._codebook_rows(x).float()
         c, r, _, d = flat.shape
         # (B, N, heads) through the head split as features of size 1: (C, rows, N, 1).
-        ind = self._split_heads(indices.reshape(b, n, self.heads))
+        ind = split_heads(indices.reshape(b, n, self.heads), *self._head_layout)
         cb_mask = None
         if mask is not None:
-            cb_mask = self._split_mask(self._check_mask(mask, b, n).to(x.device)).reshape(c, r * n)
+            cb_mask = check_mask(mask, b, n).to(x.device)
+            cb_mask = split_mask(cb_mask, *self._head_layout).reshape(c, r * n)
         self._codebook.update_indices(flat.reshape(c, r * n, d), ind.reshape(c, r * n), mask=cb_mask)
 
     update_ema_indices = update_indices
@@ -362,39 +302,6 @@ class VectorQuantize(nn.Module):
         if self.sync_update_v > 0:
             return quantize + self.sync_update_v * (quantize - quantize.detach())
         return quantize
-
-    def _finish_topk(self, x, quantize, indices, mask, orig_input, freeze, input_requires_grad):
-        """The rest of forward for topk (heads = 1): x (B, N, D), quantize (B, N, k, D),
-        indices (B, N, k) -> (quantize (B, N, k, dim), indices, loss, commitment, orthogonal term)."""
-        xk = x.unsqueeze(-2).expand_as(quantize)
-        commit_quantize = quantize
-        if self.training:
-            commit_quantize = quantize if self.learnable_codebook and not freeze else quantize.detach()
-            if input_requires_grad and self.route_gradients_to_input:
-                quantize = self._straight_through(xk, quantize)
-            quantize = self._sync_update(quantize)
-        # One loss per row and candidate (vector_quantize_pytorch's beam-search scores).
-        per_code = F.mse_loss(commit_quantize, xk, reduction="none").mean(-1)
-        if mask is not None:
-            per_code = torch.where(mask.unsqueeze(-1), per_code, torch.zeros_like(per_code))
-        weighted = per_code * self.commitment_weight if self.has_commitment_loss else per_code
-        orthogonal = self.zero
-        if self.training:
-            loss = self.zero if torch.compiler.is_compiling() else self.zero.clone().requires_grad_()
-            commit_loss = per_code if self.has_commitment_loss else self.zero
-            if self.has_commitment_loss:
-                loss = loss + weighted
-            if self.has_codebook_orthogonal_loss:
-                orthogonal = self._orthogonal_loss(indices)
-                loss = loss + orthogonal * self.orthogonal_reg_weight
-        else:
-            loss, commit_loss = weighted, per_code
-        quantize = self.project_out(quantize)
-        if mask is not None:
-            padding = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding else orig_input
-            quantize = torch.where(mask[..., None, None], quantize, padding.unsqueeze(-2).expand_as(quantize))
-            indices = indices.masked_fill(~mask.unsqueeze(-1), -1)
-        return quantize, indices, loss, commit_loss, orthogonal
 
     def forward(self, x: Tensor, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
@@ -457,14 +364,14 @@ class VectorQuantize(nn.Module):
             # measures them along x.shape[1], the features of a channel-first input).
             mask = torch.arange(n, device=lens.device) < lens[:, None]
         if mask is not None:
-            mask = self._check_mask(mask, batch, n).to(x.device)
+            mask = check_mask(mask, batch, n).to(x.device)
         orig_input = x
 
         x = self._codebook_rows(x)
         dtype = x.dtype
 
         c, rows, n, d = x.shape
-        split_mask = None if mask is None else self._split_mask(mask)
+        row_mask = None if mask is None else split_mask(mask, *self._head_layout)
         flatten = x.float().reshape(c, rows * n, d)
         stochastic = self.stochastic_sample_codes and self.training and temp > 0
         wants_ce = indices is not None or (self.training and self.has_commitment_loss
@@ -472,17 +379,18 @@ class VectorQuantize(nn.Module):
             self.training and self.has_codebook_diversity_loss)
         if wants_ce:
             if indices is not None:
-                target = self._split_heads(self._check_indices(indices, batch, n)).reshape(c, rows * n)
+                target = check_indices(indices, batch, n, self.heads, self.codebook_size)
+                target = split_heads(target, *self._head_layout).reshape(c, rows * n)
             # The logits are those of the codebook before this step's EMA update rewrites it.
             ce_embed = self._codebook.embed if self.learnable_codebook else self._codebook.embed.detach().clone()
         quantize, embed_ind = self._codebook(
             flatten, update=self.training and not freeze,
-            mask=None if split_mask is None else split_mask.reshape(c, rows * n),
+            mask=None if row_mask is None else row_mask.reshape(c, rows * n),
             sample_temp=temp if stochastic else 0.0, ema_update=ema_update,
             ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, topk=topk,
             transform=None if codebook_transform_fn is None else self._transform(codebook_transform_fn, batch, n))
         if topk is not None:
-            out = self._finish_topk(x[0], quantize.reshape(rows, n, topk, d).type(dtype),
+            out = finish_topk(self, x[0], quantize.reshape(rows, n, topk, d).type(dtype),
                                     embed_ind.reshape(rows, n, topk), mask, orig_input, freeze,
                                     input_requires_grad)
             quantize, embed_ind, loss, commit_loss, orthogonal_reg_loss = out
@@ -512,7 +420,7 @@ class VectorQuantize(nn.Module):
             ce = mean_cross_entropy(flatten, ce_embed, target, cosine=self.use_cosine_sim)
             return (quantize[0] if self.heads == 1 else quantize), ce
 
-        embed_ind = self._merge_heads(embed_ind, batch)
+        embed_ind = merge_heads(embed_ind, batch, *self._head_layout)
         if self.heads == 1:
             embed_ind = embed_ind[..., 0]
 
@@ -529,8 +437,8 @@ class VectorQuantize(nn.Module):
                 loss = loss + diversity_loss * self.codebook_diversity_loss_weight
             if self.has_commitment_loss:
                 if self.commitment_use_cross_entropy_loss:
-                    target = codes_flat if split_mask is None else codes_flat.masked_fill(
-                        ~split_mask.reshape(c, rows * n), -1)
+                    target = codes_flat if row_mask is None else codes_flat.masked_fill(
+                        ~row_mask.reshape(c, rows * n), -1)
                     commit_loss = mean_cross_entropy(flatten, ce_embed, target, cosine=self.use_cosine_sim)
                 elif mask is None:
                     commit_loss = F.mse_loss(commit_quantize, x)
@@ -539,7 +447,7 @@ class VectorQuantize(nn.Module):
                     # (for the cosine metric that is the input before its l2 normalization).
                     commit_loss = F.mse_loss(commit_quantize[0], orig_input, reduction="none")[mask].mean()
                 else:
-                    commit_loss = F.mse_loss(commit_quantize, x, reduction="none")[split_mask].mean()
+                    commit_loss = F.mse_loss(commit_quantize, x, reduction="none")[row_mask].mean()
                 loss = loss + commit_loss * self.commitment_weight
             if self.has_codebook_orthogonal_loss:
                 orthogonal_reg_loss = self._orthogonal_loss(embed_ind)
@@ -547,7 +455,7 @@ class VectorQuantize(nn.Module):
         else:
             loss = self.zero
 
-        quantize = self._merge_heads(quantize, batch).flatten(-2)
+        quantize = merge_heads(quantize, batch, *self._head_layout).flatten(-2)
         quantize = self.project_out(quantize)
         if mask is not None:
             padding = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding else orig_input
