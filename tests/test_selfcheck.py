@@ -98,11 +98,44 @@ def test_the_key_holds_the_code_path(kernel, monkeypatch):
     t = selfcheck.tiles("torch", "cpu", torch.float32, torch.float32)
     shapes = {case["name"]: (case["n"], case["k"]) for case in selfcheck.plan("torch", "cpu", torch.float32,
                                                                              torch.float32, "l2")}
-    n, k = shapes["row and code tiles"]
-    assert n > 2 * t["rows"] and k > t["codes"]  # crosses the backend's own tiles
+    # The cases cross the backend's own tiles (at once, or rows and codes apart when large).
+    if "row and code tiles" in shapes:
+        n, k = shapes["row and code tiles"]
+        assert n > t["rows"] and k > t["codes"]
+    else:
+        assert shapes["row tiles"][0] > t["rows"] and shapes["code tiles"][1] > t["codes"]
     if t["split_rows"]:
         n, k = shapes["code splits"]
         assert n <= t["split_rows"] and k > 2 * t["split_codes"]
+    assert ("code splits" in shapes) == (kernel == "1" and torch.get_num_threads() > 1)
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_gpu_plans_follow_each_backend_s_own_split_rule(name, monkeypatch):
+    # No GPU here: the plans for a 132-SM GPU, judged by the split rules the launchers use.
+    import importlib
+    from types import SimpleNamespace
+    from vqkern.backends import cuda
+
+    triton_search = importlib.import_module("vqkern.backends.triton.search")  # the package exports a search()
+
+    monkeypatch.delenv("VQKERN_TRITON_NUM_SPLITS", raising=False)
+    monkeypatch.setattr(triton_search, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(cuda, "_sm_count", lambda index: 132)
+    if name == "cuda" and cuda._load() is None:
+        pytest.skip(f"vqkern._C not built: {cuda._ext_error}")
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    splits = {"triton": lambda n, k: triton_search._choose_splits(on_gpu, n, k),
+              "cuda": lambda n, k: cuda.choose_splits(n, k, 132, cuda._load().SEARCH_ROWS)}[name]
+    for z_dtype in (torch.float32, torch.bfloat16):
+        t = selfcheck.tiles(name, "cuda:0", z_dtype, z_dtype)
+        cases = {c["name"]: c for c in selfcheck.plan(name, "cuda:0", z_dtype, z_dtype, "l2")}
+        tile = cases["row and code tiles"]
+        assert tile["n"] > t["rows"] and tile["k"] > t["codes"]
+        assert splits(tile["n"], tile["k"]) == 1  # the unsplit search, across row blocks and code tiles
+        assert splits(cases["code splits"]["n"], cases["code splits"]["k"]) >= 2
+        assert cases["D chunks and backward row blocks"]["d"] > t["d_block"]
+        assert cases["a code holding more rows than a segment piece"]["n"] > t["piece"] > 0
 
 
 @pytest.mark.parametrize("wrong", [wrong_search, wrong_gradient, wrong_segment_sum],

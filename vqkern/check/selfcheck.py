@@ -77,7 +77,7 @@ def _device(device) -> torch.device:
 
 def tiles(name: str, device, z_dtype: torch.dtype, codebook_dtype: torch.dtype) -> dict:
     """The backend's blocking for these inputs (its ``tiles()``, else DEFAULT_TILES)."""
-    module = backends.get(name)
+    module = backends._load(name)  # metadata, not a launch: the registry's module itself
     out = dict(DEFAULT_TILES)
     if hasattr(module, "tiles"):
         out.update(module.tiles(torch.device(device), z_dtype, codebook_dtype))
@@ -160,7 +160,7 @@ def plan(name: str, device, z_dtype, codebook_dtype, metric: str) -> list[dict]:
     """The battery's cases for a key: name, shape (n, k, d), data kind, what runs on it, and
     the codes at the backend's tile and split edges that rows are put next to."""
     t = tiles(name, device, z_dtype, codebook_dtype)
-    sampler = hasattr(backends.get(name), "sample")
+    sampler = hasattr(backends._load(name), "sample")
     sample = ("sample",) if sampler and t["sample_tiles"] else ()
     # A second, partly filled row block; a second code tile of 3 codes.
     n, k = t["rows"] + t["rows"] // 2 + 1, t["codes"] + 3
