@@ -86,6 +86,16 @@ def test_every_cpu_backend_passes(device):
             assert verdict.cases == len(selfcheck.plan(name, device, key[2], key[3], metric))
 
 
+def test_report_runs_and_shows_the_verdicts():
+    assert all("not yet run" in reason for ok, reason in backends.report("cpu").values() if ok)
+    report = backends.report("cpu", check=True)
+    for name in ("torch", "reference"):
+        ok, reason = report[name]
+        assert ok and "z fp32, codebook fp32, metric l2" in reason and reason.endswith("passed")
+        assert [v.ok for v in report[name].verdicts.values()] == [True]
+    assert not report["cuda"].available and report["cuda"].verdicts == {}
+
+
 @pytest.mark.parametrize("kernel", ["1", "0"], ids=["cpu-kernel", "tiled"])
 def test_the_key_holds_the_code_path(kernel, monkeypatch):
     # VQKERN_CPU_KERNEL=0 switches the torch backend to another search: checked afresh.

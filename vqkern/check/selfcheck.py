@@ -94,6 +94,7 @@ def key(name: str, device, z_dtype: torch.dtype, codebook_dtype: torch.dtype, me
 
 
 def describe_key(k: tuple) -> str:
+    """A key in words: backend, device, dtypes, metric and code path."""
     name, device, z_dtype, cb_dtype, metric, path = k
     short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     text = f"backend {name!r} on {device}, z {short.get(z_dtype, z_dtype)}, codebook {short.get(cb_dtype, cb_dtype)}, " \
