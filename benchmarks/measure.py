@@ -29,6 +29,9 @@ import time
 
 import torch
 
+# The CPU's model and the CPU kernel path, as `python -m vqkern.check` records them.
+from vqkern.check.env import cpu_kernel_path, cpu_model as cpu_name  # noqa: F401
+
 CPU_MEM_METHOD = "rss-hwm-delta (clear_refs=5, malloc_trim, VmHWM - VmRSS before)"
 CUDA_MEM_METHOD = "torch.cuda.max_memory_allocated delta"
 
@@ -160,27 +163,6 @@ def _git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError) as exc:
         return f"unknown ({exc})"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_kernel_path() -> str:
-    """The CPU search path of the torch backend as it runs now: vqkern._cpu's ISA path
-    (avx2, avx512, avx512bf16) or the tiled PyTorch fallback, with the reason."""
-    try:
-        from vqkern.backends import torch_
-        return torch_.cpu_kernel()[1]
-    except Exception as exc:  # a bad VQKERN_CPU_ISA is a result too
-        return f"error: {type(exc).__name__}: {exc}"
 
 
 def device_name(device: torch.device) -> str:

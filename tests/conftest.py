@@ -55,3 +55,14 @@ def pytest_report_collectionfinish(config):
     if counts is not None:
         import gpu_quick
         return gpu_quick.report_line(counts)
+
+
+# The backends' self-check runs before each key's first call (VQKERN_SELFCHECK=0 turns it
+# off): its cost in this run, beside the run's own time.
+def pytest_terminal_summary(terminalreporter):
+    from vqkern.check import selfcheck
+
+    batteries, seconds = selfcheck.spent()
+    if batteries:
+        terminalreporter.write_line(f"vqkern self-check: {batteries} batteries (backend x device x dtypes x "
+                                    f"metric), {seconds:.1f} s in all")

@@ -1,26 +1,11 @@
-"""Shared checks: tie-aware index comparison and fp64 ground truth."""
+"""Shared checks: tie-aware index comparison and fp64 ground truth.
+
+The precision policy's numbers and the fp64 distances live in ``vqkern.check.policy``
+(one place, shared with the fuzz battery, the backends' self-check and ``vqkern.check``).
+"""
 import torch
 
-# Relative slack on a chosen code's distance, scaled by |z|^2 + |e|^2 (the size of
-# the terms the fp32 ranking cancels): the fp32 expansion ranks codes to ~1e-7 of
-# that scale; 1e-5 leaves room for accumulation order across tiles and D up to 1000.
-RANK_RTOL = 1e-5
-# fp32 residual sum of D squares: relative error grows like D * 2^-24 at worst.
-DIST_RTOL = {1: 1e-6, 16: 4e-6, 64: 8e-6, 1000: 8e-5}
-
-
-def dist_rtol(d: int) -> float:
-    return next(v for k, v in sorted(DIST_RTOL.items()) if d <= k) if d <= 1000 else 1e-4
-
-
-def exact_distances(z2d: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """(N, K) squared distances in fp64 from the residual, chunked to stay small."""
-    z64, e64 = z2d.double(), codebook.double()
-    out = []
-    for start in range(0, z64.shape[0], 256):
-        diff = z64[start:start + 256, None, :] - e64[None]
-        out.append((diff * diff).sum(-1))
-    return torch.cat(out) if out else z64.new_zeros((0, codebook.shape[0]))
+from vqkern.check.policy import DIST_RTOL, RANK_RTOL, dist_rtol, exact_distances, rank_scale  # noqa: F401
 
 
 def assert_nearest(z2d, codebook, indices, distances=None):
@@ -31,7 +16,7 @@ def assert_nearest(z2d, codebook, indices, distances=None):
     assert bool(((indices >= 0) & (indices < codebook.shape[0])).all()), "index out of range"
     chosen = exact.gather(1, indices.view(-1, 1)).squeeze(1)
     best = exact.min(dim=1).values
-    scale = (z2d.double() ** 2).sum(1) + (codebook.double() ** 2).sum(1).max()
+    scale = rank_scale(z2d.double(), codebook.double())
     slack = chosen - best
     worst = (slack / scale).max().item() if slack.numel() else 0.0
     assert worst <= RANK_RTOL, f"a chosen code is farther than the nearest by {worst:.3g} of |z|^2+|e|^2"

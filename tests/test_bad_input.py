@@ -118,3 +118,14 @@ def test_module_refuses_bad_input_and_keeps_its_state(z, match):
         layer(z)
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.usefixtures("no_kernels")
+@pytest.mark.parametrize("channel_dim,shape,codebook_dim", [(1, (2, 5, 3, 3), None), (-3, (2, 5, 3, 3), None),
+                                                            (2, (2, 3, 5), None), (1, (2, 5, 3, 3), 3)])
+def test_module_names_the_channel_dimension_it_was_given(channel_dim, shape, codebook_dim):
+    # Not "z's last dimension": the user set channel_dim, and the message says so.
+    layer = vqkern.VectorQuantizer(6, 4, channel_dim=channel_dim, codebook_dim=codebook_dim)
+    with pytest.raises(ValueError, match=rf"z's channel dimension \(channel_dim={channel_dim}\) has size 5, "
+                                         r"but it must equal embedding_dim \(4\)"):
+        layer(torch.randn(*shape))

@@ -262,8 +262,10 @@ def test_deterministic_mode_reaches_the_segment_sum(backend, monkeypatch, device
 
         return SimpleNamespace(search=impl.search, backward=backward, segment_sum=segment_sum)
 
-    monkeypatch.setattr(vqkern.backends, "get", spying_get)
     z = torch.randn(40, 8, device=device)
+    # The backend's self-check for this key launches too: it runs here, before the spy.
+    vqkern.backends.resolve(backend, device, z.dtype, z.dtype, "l2")
+    monkeypatch.setattr(vqkern.backends, "get", spying_get)
     layer = vqkern.VectorQuantizer(6, 8, ema=True, backend=backend).to(device)
     for mode in (True, False):
         torch.use_deterministic_algorithms(mode)

@@ -196,6 +196,8 @@ def test_split_k_env_reaches_public_api(monkeypatch):
                 return reduce_kernel[grid](*args, **kwargs)
             return launch
 
+    # The self-check of this key (forced splits are a code path of their own) runs first.
+    vqkern.backends.resolve("triton", DEVICE, z.dtype, codebook.dtype, "l2")
     monkeypatch.setattr(search_module, "_split_reduce_kernel", Spy())
     indices, distances = vqkern.nearest_code(z, codebook, backend="triton")
     assert launched == [5], "the split-K path did not run"

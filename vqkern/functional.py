@@ -64,9 +64,9 @@ def check_finite(name: str, value) -> float:
     return value
 
 
-def _prepare(z: Tensor, codebook: Tensor, metric: str, backend: str):
+def _prepare(z: Tensor, codebook: Tensor, metric: str, backend: str, sampling: bool = False):
     check_inputs(z, codebook, metric)
-    name = backends.resolve(backend, z.device)
+    name = backends.resolve(backend, z.device, z.dtype, codebook.dtype, metric, sampling)
     flat = z.reshape(-1, codebook.shape[1])
     if metric == "cosine":
         # Nearest unit vector in L2 is the largest cosine: |a - b|^2 = 2 - 2 cos(a, b).
@@ -128,9 +128,7 @@ def sample_code(z: Tensor, codebook: Tensor, temperature: float, *, metric: str 
         seed = int(torch.randint(0, 2**62, (1,)))
     elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
-    flat, cb, name = _prepare(z, codebook, metric, backend)
-    if not hasattr(backends.get(name), "sample"):
-        name = "triton" if backends.availability("triton", z.device)[0] else "torch"
+    flat, cb, name = _prepare(z, codebook, metric, backend, sampling=True)
     with torch.no_grad():
         indices, distances, _ = _library.sample(flat, cb, 1.0 / temperature, seed, metric == "cosine", name)
     if metric == "cosine":
@@ -193,5 +191,5 @@ def segment_sum(indices: Tensor, values: Tensor, num_codes: int, *, backend: str
         raise ValueError(f"indices must lie in [0, num_codes) = [0, {num_codes})")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    name = backends.resolve(backend, values.device)
+    name = backends.resolve(backend, values.device, values.dtype, values.dtype, "l2")
     return _library.segment_sum(indices, values.contiguous(), num_codes, name, bool(deterministic))

@@ -99,7 +99,7 @@ def segment_sum_unchecked(indices: Tensor, values: Tensor, num_codes: int, backe
     search's own output needs no such check, so this goes straight to the op.
     Returns (counts (K,) float32, sums (K, D) float32).
     """
-    name = backends.resolve(backend, values.device)
+    name = backends.resolve(backend, values.device, values.dtype, values.dtype, "l2")
     return _library.segment_sum(indices, values.contiguous(), num_codes, name,
                                 torch.are_deterministic_algorithms_enabled())
 

@@ -193,6 +193,12 @@ class VectorQuantizer(nn.Module):
             return z
         if not -z.dim() <= self.channel_dim < z.dim():
             raise ValueError(f"channel_dim={self.channel_dim} is out of range for z with {z.dim()} dimensions")
+        if z.shape[self.channel_dim] != self.embedding_dim:
+            # Checked here, not after the move: the search's check would name "z's last
+            # dimension", which the user never set.
+            raise ValueError(f"z's channel dimension (channel_dim={self.channel_dim}) has size "
+                             f"{z.shape[self.channel_dim]}, but it must equal embedding_dim ({self.embedding_dim}); "
+                             f"z has shape {tuple(z.shape)}")
         return z.movedim(self.channel_dim, -1)
 
     def _project_in(self, moved: Tensor) -> Tensor:
@@ -306,9 +312,9 @@ class VectorQuantizer(nn.Module):
         is (or the fp32 sum overflows).
         """
         k = self.num_embeddings
-        name = backends.resolve(self.backend, indices.device)
         deterministic = torch.are_deterministic_algorithms_enabled()
         if self.ema:
+            name = backends.resolve(self.backend, flat.device, flat.dtype, flat.dtype, "l2")
             counts, sums = _library.segment_sum(indices, flat.contiguous(), k, name, deterministic)
         else:
             counts = torch.bincount(indices, minlength=k).float()

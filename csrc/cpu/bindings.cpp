@@ -72,6 +72,12 @@ PYBIND11_MODULE(_cpu, m) {
   }, "The kernel paths, in increasing order of what they need.");
   m.def("isa_missing", [](const std::string& name) { return isa_missing(parse_isa(name)); }, py::arg("isa"),
         "'' when this CPU and OS can run the path, else the instructions or OS support it lacks.");
+  m.def("search_tiles", [](const std::string& isa, bool bf16) {
+    const SearchTiles t = search_tiles(parse_isa(isa), bf16);
+    return py::make_tuple(t.row_block, t.panel_codes, t.min_split_codes);
+  }, py::arg("isa"), py::arg("bf16"),
+        "(rows per work item, codes per packed panel, fewest codes per split of the codes) of the kernel that "
+        "search_l2 (bf16 False) or search_l2_bf16 (True) runs for isa.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); }, "The best path this machine can run.");
   m.def("threading", [] {
 #ifdef _OPENMP

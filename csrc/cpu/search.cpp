@@ -39,4 +39,10 @@ void search_l2_bf16(const uint16_t* z, int64_t n, int64_t ldz, const uint16_t* c
   else search_bf16_avx512(pb, threads);
 }
 
+// The same choice of kernel as search_l2 and search_l2_bf16 above.
+SearchTiles search_tiles(Isa isa, bool bf16) {
+  if (bf16) return isa == Isa::kAmx ? tiles_bf16_amx() : tiles_bf16_avx512();
+  return isa == Isa::kAvx2 ? tiles_f32_avx2() : tiles_f32_avx512();
+}
+
 }  // namespace vqkern_cpu

@@ -23,6 +23,18 @@ Isa best_isa();
 // True when this CPU can run the kernels (x86-64 with AVX2 and FMA).
 bool supported();
 
+// How a search splits its work: rows per work item, codes per packed panel, and the
+// fewest codes a split of the codes scans (the codes are split between threads when
+// there are fewer row blocks than threads). The backend's self-check draws shapes
+// that cross these boundaries.
+struct SearchTiles {
+  int64_t row_block;
+  int64_t panel_codes;
+  int64_t min_split_codes;
+};
+// The blocking of the kernel search_l2 (bf16 false) or search_l2_bf16 (true) runs for isa.
+SearchTiles search_tiles(Isa isa, bool bf16);
+
 // indices[i] = argmin_k |e_k|^2 - 2 z_i . e_k (lowest k on ties, NaN never wins),
 // fp32, for z (n, d) with row stride ldz and codebook (k, d) with row stride ldc,
 // using up to `threads` threads and the fp32 kernel of `isa` (kAvx2 or kAvx512;

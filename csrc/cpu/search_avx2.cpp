@@ -142,5 +142,6 @@ __attribute__((target("avx2,fma"))) float residual_bf16(const uint16_t* z, const
 }
 
 void search_f32_avx2(const driver::Problem<float>& pb, int threads) { driver::search<Avx2F32>(pb, threads); }
+SearchTiles tiles_f32_avx2() { return driver::tiles<Avx2F32>(); }
 
 }  // namespace vqkern_cpu

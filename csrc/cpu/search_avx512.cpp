@@ -432,5 +432,8 @@ void search_bf16_avx512(const driver::Problem<uint16_t>& pb, int threads) {
   driver::search<Avx512Bf16>(pb, threads);
 }
 void search_bf16_amx(const driver::Problem<uint16_t>& pb, int threads) { driver::search<AmxBf16>(pb, threads); }
+SearchTiles tiles_f32_avx512() { return driver::tiles<Avx512F32>(); }
+SearchTiles tiles_bf16_avx512() { return driver::tiles<Avx512Bf16>(); }
+SearchTiles tiles_bf16_amx() { return driver::tiles<AmxBf16>(); }
 
 }  // namespace vqkern_cpu

@@ -75,6 +75,11 @@ std::unique_ptr<T, AlignedFree> aligned_array(size_t count) {
   return std::unique_ptr<T, AlignedFree>(p);
 }
 
+template <class K>
+SearchTiles tiles() {
+  return {K::kRowBlock, K::kNr, kMinSplitPanelCodes};
+}
+
 // A 64-byte aligned buffer that a calling thread keeps from one call to the next, for
 // the packed codebook: a fresh 16 MB buffer costs its page faults on every call (3284
 // minor faults, ~10 ms on the Xeon VM of benchmarks/NOTES.md, as long as searching 32

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "search.h"
+
 namespace vqkern_cpu {
 
 // An element as fp32: fp32 itself, or a bf16 bit pattern widened exactly.
@@ -46,5 +48,10 @@ void search_f32_avx2(const driver::Problem<float>& pb, int threads);
 void search_f32_avx512(const driver::Problem<float>& pb, int threads);
 void search_bf16_avx512(const driver::Problem<uint16_t>& pb, int threads);
 void search_bf16_amx(const driver::Problem<uint16_t>& pb, int threads);
+// Each kernel's blocking (search.h, search_tiles).
+SearchTiles tiles_f32_avx2();
+SearchTiles tiles_f32_avx512();
+SearchTiles tiles_bf16_avx512();
+SearchTiles tiles_bf16_amx();
 
 }  // namespace vqkern_cpu

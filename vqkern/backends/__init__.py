@@ -32,12 +32,25 @@ outputs it is given:
     from softmax(logit / T) (``inv_temperature`` = 1 / T, a float), logit ``-|z - e|``
     or, with ``cosine``, ``z . e`` of unit rows, with noise derived from the int ``seed``.
 
-A backend module also exposes ``availability(device) -> (bool, reason)``.
+A backend module also exposes ``availability(device) -> (bool, reason)`` and may expose
+``tiles(device, z_dtype, codebook_dtype) -> dict``: how its kernels cut the work for such
+inputs (``path``, the code path they take; ``rows`` and ``codes`` of a search tile;
+``split_rows`` and ``split_codes``, the search splits the codes between programs when
+N <= split_rows, each split at least split_codes; ``d_block``, the widest D chunk;
+``backward_rows``, the rows of a backward or atomic segment-sum block; ``piece``, the rows
+of a deterministic segment-sum piece; ``sample_tiles``, the sampler shares the search's
+tiles). The self-check draws shapes that cross them.
+
+Before a backend serves a (device, z dtype, codebook dtype, metric) for the first time in
+a process it passes a self-check on that device (``vqkern.check.selfcheck``): ``auto``
+skips a backend that fails, with one warning, and an explicit choice raises.
+``VQKERN_SELFCHECK=0`` turns the check off.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -50,7 +63,15 @@ _MODULES = {
     "reference": "vqkern.backends.reference",
 }
 BACKENDS = tuple(_MODULES)
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+# "reference" comes last everywhere: it materializes N x K (slow, memory-hungry), but it
+# is plain fp64-ranked PyTorch, so when every fused backend fails its self-check on a
+# device a correct answer (with a warning) beats refusing to run.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch", "reference"), "cpu": ("torch", "reference")}
+_SAMPLERS = ("triton", "torch", "reference")  # the cuda backend has no sampler
+# Keys whose self-check failure "auto" has already warned about (one warning per key).
+_WARNED: set = set()
+REPORT_HINT = ("Please report it to the vqkern developers with the output of "
+               "`python -m vqkern.check --json check.json` and that file.")
 
 
 def _load(name: str) -> ModuleType:
@@ -68,27 +89,76 @@ def availability(name: str, device: torch.device | str) -> tuple[bool, str]:
 
 
 
-# Under torch.compile the choice is made once at trace time and kept as a constant
-# (import machinery and os.environ cannot be traced).
-@torch.compiler.assume_constant_result
-def resolve(name: str, device: torch.device | str) -> str:
-    """Turn ``"auto"`` (or ``VQKERN_BACKEND``) into a concrete backend name.
+def _selfcheck():
+    from ..check import selfcheck  # the battery imports the reference and this registry
+    return selfcheck
 
-    ``auto`` falls back quietly to the first backend that can run on the device;
-    an explicit choice that cannot run raises with the reason.
+
+# Under torch.compile the choice is made once at trace time and kept as a constant
+# (import machinery, os.environ and the self-check's launches cannot be traced): the
+# self-check of a key a compiled function meets first runs eagerly while it is traced.
+@torch.compiler.assume_constant_result
+def resolve(name: str, device: torch.device | str, z_dtype: torch.dtype = torch.float32,
+            codebook_dtype: torch.dtype | None = None, metric: str = "l2", sampling: bool = False) -> str:
+    """Turn ``"auto"`` (or ``VQKERN_BACKEND``) into a concrete backend name for a call with
+    z of ``z_dtype`` and a codebook of ``codebook_dtype`` (default: z's) on ``device``.
+
+    ``auto`` falls back quietly past backends that cannot run on the device, and with one
+    warning past a backend that fails its self-check for this key; when none passes, it
+    raises with every reason. An explicit choice that cannot run or fails its self-check
+    raises with the reason. ``sampling``: the call draws codes (``sample_code``); a backend
+    without a sampler hands it to the first of triton, torch, reference that can run.
     """
     device = torch.device(device)
+    codebook_dtype = z_dtype if codebook_dtype is None else codebook_dtype
     if name == "auto":
         name = os.environ.get("VQKERN_BACKEND", "auto") or "auto"
-    if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if availability(candidate, device)[0]:
-                return candidate
-        return "torch"
-    ok, reason = availability(name, device)
-    if not ok:
-        raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
-    return name
+    if name != "auto":
+        ok, reason = availability(name, device)
+        if not ok:
+            raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
+        if not (sampling and not hasattr(_load(name), "sample")):
+            ok, detail = _passes(name, device, z_dtype, codebook_dtype, metric)
+            if not ok:
+                raise RuntimeError(f"backend={name!r} failed its self-check, so vqkern will not use it: {detail}. "
+                                   f"{REPORT_HINT} backend='auto' skips a backend that fails.")
+            return name
+    candidates = _AUTO_ORDER.get(device.type, ("torch", "reference"))
+    if sampling:
+        candidates = tuple(c for c in candidates if c in _SAMPLERS)
+    reasons = []
+    for candidate in candidates:
+        ok, reason = availability(candidate, device)
+        if not ok:
+            reasons.append(f"{candidate}: cannot run ({reason})")
+            continue
+        ok, detail = _passes(candidate, device, z_dtype, codebook_dtype, metric, warn=True)
+        if ok:
+            return candidate
+        reasons.append(f"{candidate}: {detail}")
+    raise RuntimeError(f"no vqkern backend passed its self-check on {device} for z {z_dtype}, codebook "
+                       f"{codebook_dtype}, metric {metric}:\n  " + "\n  ".join(reasons) + f"\n{REPORT_HINT}")
+
+
+def _passes(name, device, z_dtype, codebook_dtype, metric, warn=False) -> tuple[bool, str]:
+    """(passed, what failed) of the backend's self-check for this key (run now if not cached)."""
+    if not _selfcheck_enabled():
+        return True, ""
+    selfcheck = _selfcheck()
+    key, verdict = selfcheck.verdict(name, device, z_dtype, codebook_dtype, metric)
+    if verdict.ok:
+        return True, ""
+    detail = f"{selfcheck.describe_key(key)}: {verdict.detail}"
+    if warn and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"vqkern: backend {name!r} failed its self-check on {device}, so backend='auto' skips it for "
+                      f"these inputs and the next backend serves. {detail}. {REPORT_HINT}", RuntimeWarning,
+                      stacklevel=4)
+    return False, detail
+
+
+def _selfcheck_enabled() -> bool:
+    return os.environ.get("VQKERN_SELFCHECK", "1").strip() != "0"
 
 
 def get(name: str) -> ModuleType:
@@ -96,6 +166,45 @@ def get(name: str) -> ModuleType:
     return _load(name)
 
 
-def report(device: torch.device | str = "cpu") -> dict[str, tuple[bool, str]]:
-    """Availability of every backend on ``device``: name -> (available, reason)."""
-    return {name: availability(name, device) for name in BACKENDS}
+class BackendReport(tuple):
+    """(available, reason) of a backend on a device, plus ``verdicts``: the self-check
+    verdicts reached in this process on that device, a dict key -> Verdict (key: backend,
+    device, z dtype, codebook dtype, metric, code path). ``reason`` ends with them."""
+
+    def __new__(cls, available: bool, reason: str, verdicts: dict):
+        self = super().__new__(cls, (available, reason))
+        self.verdicts = verdicts
+        return self
+
+    @property
+    def available(self) -> bool:
+        return self[0]
+
+    @property
+    def reason(self) -> str:
+        return self[1]
+
+
+def report(device: torch.device | str = "cpu", check: bool = False) -> dict[str, BackendReport]:
+    """Every backend on ``device``: name -> (available, reason) with its self-check verdicts.
+
+    ``check=True`` first runs the self-check of each available backend for fp32 z and
+    codebook with metric l2 (cached like any other). Each entry unpacks as (available,
+    reason); its ``verdicts`` attribute holds the verdicts, also summed up in the reason."""
+    selfcheck = _selfcheck()
+    out = {}
+    for name in BACKENDS:
+        ok, reason = availability(name, device)
+        if ok and check:
+            selfcheck.verdict(name, device, torch.float32, torch.float32, "l2")
+        found = {k: v for k, v in selfcheck.verdicts(device).items() if k[0] == name} if ok else {}
+        if ok and not _selfcheck_enabled():
+            reason += "; self-check: off (VQKERN_SELFCHECK=0)"
+        elif ok and not found:
+            reason += "; self-check: not yet run in this process"
+        elif ok:
+            reason += "; self-check: " + "; ".join(
+                f"{selfcheck.describe_key(k).split(', ', 1)[1]}: {'passed' if v.ok else 'FAILED: ' + v.detail}"
+                for k, v in found.items())
+        out[name] = BackendReport(ok, reason, found)
+    return out

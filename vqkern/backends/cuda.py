@@ -99,7 +99,15 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_splits(n: int, k: int, sm_count: int, rows_per_block: int = 64, codes_per_tile: int = 64) -> int:
+# Codes per tile of the search kernels (kCodes in csrc/search.cu).
+CODES_PER_TILE = 64
+# A D chunk for the self-check to cross: 64 spans two of the search's chunks (16 deep for
+# fp32, 32 for tensor cores) and of the backward's 32-lane warp rows.
+D_BLOCK = 64
+
+
+def choose_splits(n: int, k: int, sm_count: int, rows_per_block: int = 64,
+                  codes_per_tile: int = CODES_PER_TILE) -> int:
     """Split-K factor: divide the codes among blocks when the row blocks alone
     cannot fill the GPU (about two blocks per SM), keeping >= 4 code tiles per split."""
     row_blocks = -(-n // rows_per_block)
@@ -143,6 +151,20 @@ def search(z, codebook, indices, distances, quantized, *, splits: int | None = N
                _DTYPE_CODES[codebook.dtype], n, k, d, norms.data_ptr(), part_scores.data_ptr(),
                part_index.data_ptr(), splits, bool(tensor_cores), indices.data_ptr(),
                distances.data_ptr(), quantized.data_ptr(), _stream(device))
+
+
+def tiles(device: torch.device, z_dtype: torch.dtype, codebook_dtype: torch.dtype) -> dict:
+    """How the kernels cut such inputs (see ``vqkern.backends``), from the launcher's
+    constants: SEARCH_ROWS-row blocks, CODES_PER_TILE-code tiles, choose_splits' split-K
+    (while the row blocks are fewer than two per SM, at least 4 tiles a split), and
+    SEGMENT_CHUNK_ROWS-row pieces of the deterministic segment sum."""
+    ext = _require()
+    tensor_cores = z_dtype == codebook_dtype and z_dtype in _HALF
+    rows = ext.SEARCH_ROWS
+    sms = _sm_count(_index(torch.device(device)))
+    return dict(path="tensor cores" if tensor_cores else "fp32 FMA", rows=rows, codes=CODES_PER_TILE,
+                split_rows=rows * (2 * sms - 1), split_codes=4 * CODES_PER_TILE, d_block=D_BLOCK,
+                backward_rows=rows, piece=ext.SEGMENT_CHUNK_ROWS)
 
 
 def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic) -> None:

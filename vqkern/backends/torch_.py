@@ -432,3 +432,21 @@ def segment_sum(indices, values, counts, sums, deterministic) -> None:
     with _deterministic(sums.device, deterministic):
         counts.index_add_(0, indices, ones)
         sums.index_add_(0, indices, values.float())
+
+
+def tiles(device: torch.device, z_dtype: torch.dtype, codebook_dtype: torch.dtype) -> dict:
+    """How a search of such inputs is cut (see ``vqkern.backends``): on CPU the fused
+    kernel's row blocks, code panels and thread splits (from vqkern._cpu) or the tiled
+    path's tiles; elsewhere the (rows x K) blocks, which small shapes never cross."""
+    if torch.device(device).type != "cpu":
+        return dict(path="blocked PyTorch")
+    ext, isa, _ = _active_cpu_ext()
+    if ext is None:
+        rows, codes, _ = _cpu_tile()
+        return dict(path="tiled PyTorch", rows=rows, codes=codes)  # the backward: index_add_, untiled
+    bf16 = isa in BF16_ISAS and z_dtype == codebook_dtype == torch.bfloat16
+    row_block, panel, min_split = ext.search_tiles(isa, bf16)
+    threads = torch.get_num_threads()
+    # The kernel splits the codes when there are fewer row blocks than threads.
+    return dict(path=f"vqkern._cpu {isa}{' bf16' if bf16 else ''}", rows=row_block, codes=panel,
+                split_rows=row_block * (threads - 1), split_codes=min_split, backward_rows=row_block)

@@ -1,0 +1,4 @@
+"""python -m vqkern.check: see vqkern.check.cli."""
+from .cli import main
+
+raise SystemExit(main())
