@@ -3,14 +3,16 @@
 Each case draws N (0 included), K (1 included), D (1 to 1024), the dtypes of z and of the
 codebook (fp32/fp16/bf16, mixed), the metric, the layout of z (2-D, 3-D, strided) and
 adversarial data: duplicate codes, near-ties (z at the midpoint of two codes), a common
-offset of +100 on every coordinate, z within 0.01 (or 1e-4, or 0) of possibly duplicated
+offset of +100 or of 50 standard deviations on every coordinate, z within 0.01 (or 1e-4, or 0) of possibly duplicated
 codes, scales 1e-3 and 1e3, NaN/+-inf entries in rows of z and of the codebook. Through
 ``vqkern.nearest_code``, ``vqkern.quantize`` (forward and autograd) and ``vqkern.segment_sum``
 it checks, on every finite row of z:
 
 - rank: the chosen code's exact fp64 distance is within the precision policy of the fp64
-  minimum over the finite codes (README, "Precision policy"): l2 excess at most
-  ``RANK_RTOL * (|z|^2 + max|e|^2)``; cosine excess of ``1 - cos`` at most ``COS_RANK_ATOL``;
+  minimum over the finite codes (docs/precision.md): l2 excess at most
+  ``RANK_RTOL * (|z - c|^2 + max|e - c|^2)``, c the codebook's mean, for the searches that
+  rank in the frame centred on the codebook (``vqkern.backends.centred_ranking``), else
+  ``RANK_RTOL * (|z|^2 + max|e|^2)`` (helpers.rank_scale); cosine excess of ``1 - cos`` at most ``COS_RANK_ATOL``;
   a finite row never picks a non-finite code;
 - ties: the chosen code is the first of its identical copies (duplicates tie exactly);
 - distance: against the fp64 residual ``sum((z - e)^2)`` (``1 - cos`` for cosine);
@@ -55,7 +57,7 @@ import vqkern  # noqa: E402
 from vqkern import backends  # noqa: E402
 from vqkern.backends import torch_  # noqa: E402
 
-from helpers import RANK_RTOL, dist_rtol, exact_distances  # noqa: E402
+from helpers import RANK_RTOL, dist_rtol, exact_distances, rank_scale  # noqa: E402
 
 pytestmark = [
     # The interpreter turns runtime loop bounds into 1-element arrays and numpy warns;
@@ -129,8 +131,8 @@ def _seeds(base, count):
     return list(range(base, base + count))
 
 
-def _case_count(interpreting, factor=1):
-    n = int(os.environ.get("VQKERN_FUZZ_CASES", DEFAULT_CASES)) * factor
+def _case_count(interpreting, factor=1, cases=None):
+    n = int(os.environ.get("VQKERN_FUZZ_CASES", cases or DEFAULT_CASES)) * factor
     return max(1, math.ceil(n / INTERPRET_SHARE)) if interpreting else n
 
 
@@ -156,7 +158,8 @@ def draw_case(seed, small):
     cb_dtype = z_dtype if rng.random() < 0.5 else rng.choice(DTYPES)
     metric = "cosine" if rng.random() < 0.3 else "l2"
     scale = rng.choice([1.0] * 4 + [1e-3, 1e3])
-    offset = 100.0 if rng.random() < 0.25 else 0.0
+    u = rng.random()  # a common offset: +100, or 50 standard deviations (the issue's far data), or none
+    offset = 100.0 if u < 0.25 else 50.0 * scale if u < 0.4 else 0.0
     dups = [(rng.randrange(k), rng.randrange(k)) for _ in range(rng.choice([0, 0, 1, 3, k // 2]))] if k > 1 else []
     p_near = rng.choice([0.0, 0.5, 1.0])
     near_noise = rng.choice([1e-2, 1e-2, 1e-4, 0.0])
@@ -176,6 +179,21 @@ def draw_case(seed, small):
                 scale=scale, offset=offset, dups=dups, p_near=p_near, near_noise=near_noise,
                 p_tie=p_tie, bad_z=bad_z, bad_cb=bad_cb, layout=layout, beta=beta,
                 deterministic=rng.random() < 0.5, small=small)
+
+
+def draw_rows_per_code_case(seed, small):
+    """Case ``seed`` of draw_case made a sum over many rows per code: fp16/bf16 z against an
+    fp32 codebook, K = 1 to 3 and 100 to 1,500 rows per code (500 when small), l2, finite
+    rows and codes. Residuals of half-precision rows share their code's low bits, so a
+    running fp32 sum of them errs like the rows (up to 24x plain PyTorch's error)."""
+    case = draw_case(seed, small)
+    rng = random.Random(-seed)
+    k = rng.randint(1, 3)
+    case.update(k=k, n=k * rng.randint(100, 500 if small else 1500), d=min(case["d"], 128 if small else 256),
+                z_dtype=rng.choice(DTYPES[1:]), cb_dtype=torch.float32, metric="l2", dups=[], bad_z=[], bad_cb=[])
+    if case["layout"] == "3d" and case["n"] % 2:
+        case["layout"] = "2d"
+    return case
 
 
 def describe(case):
@@ -293,7 +311,7 @@ def _oracle_threads():
         torch.set_num_threads(threads)
 
 
-def _check_search(case, z, codebook, idx, dist, fail):
+def _check_search(case, z, codebook, idx, dist, fail, centred=False):
     """rank, ties, distance and non-finite rows of one search; returns the fp64 distance
     (1 - cos for cosine) of each row's chosen code and the fp64 unit codes (cosine)."""
     n, k, d, metric = case["n"], case["k"], case["d"], case["metric"]
@@ -321,11 +339,11 @@ def _check_search(case, z, codebook, idx, dist, fail):
                 if worst > COS_RANK_ATOL:
                     fail("rank", worst, f"chosen 1-cos exceeds the best by {worst:.3g} > {COS_RANK_ATOL:g}")
             else:
-                norm = (z64[rows] ** 2).sum(1) + (cb64[finite_codes] ** 2).sum(1).max()
+                norm = rank_scale(z64[rows], cb64, centred)
                 worst = (excess / norm).max().item()
                 if worst > RANK_RTOL:
-                    fail("rank", worst, f"chosen distance exceeds the best by {worst:.3g} of |z|^2+max|e|^2 "
-                                        f"> {RANK_RTOL:g}")
+                    frame = "|z-c|^2+max|e-c|^2" if centred else "|z|^2+max|e|^2"
+                    fail("rank", worst, f"chosen distance exceeds the best by {worst:.3g} of {frame} > {RANK_RTOL:g}")
         # Identical codes score identically in any order of operations: the first copy wins.
         # (Non-finite codes get distinct stand-ins: NaN rows would not group.)
         stand_in = -1e300 * (1.0 + torch.arange(k, device=device, dtype=torch.float64))[:, None]
@@ -506,7 +524,8 @@ def run_case(case, backend, device):
             if n and not bool(((t >= 0) & (t < k)).all()):
                 fail("index-range", 0, f"{name} returned indices outside [0, {k})")
                 return fails
-        chosen, en64 = _check_search(case, z, codebook, idx, dist, fail)
+        centred = backends.centred_ranking(backend, device, z.dtype, codebook.dtype)
+        chosen, en64 = _check_search(case, z, codebook, idx, dist, fail, centred)
         if not torch.equal(q_idx, idx):
             fail("quantize-indices", int((q_idx != idx).sum()), "quantize chose other indices than nearest_code")
             chosen, en64 = _check_search(case, z, codebook, q_idx, dist, lambda *a: None)
@@ -529,12 +548,12 @@ def run_case(case, backend, device):
 
 # ---------------------------------------------------------------------------- tests
 
-def _fuzz(name, monkeypatch, base, factor):
+def _fuzz(name, monkeypatch, base, factor, draw=draw_case, cases=None):
     backend, device, interpreting = _target(name, monkeypatch)
     failed = []
-    seeds = _seeds(base, _case_count(interpreting, factor))
+    seeds = _seeds(base, _case_count(interpreting, factor, cases))
     for seed in seeds:
-        case = draw_case(seed, small=interpreting)
+        case = draw(seed, small=interpreting)
         for check, figure, msg in run_case(case, backend, device):
             failed.append((case, check, figure, msg))
     if failed:
@@ -562,6 +581,21 @@ def test_fuzz_many(name, monkeypatch):
     _fuzz(name, monkeypatch, SLOW_BASE_SEED, SLOW_FACTOR)
 
 
+# Cases of many rows per code (draw_rows_per_code_case), per CPU target.
+ROWS_PER_CODE_CASES = 12
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_fuzz_rows_per_code(name, monkeypatch):
+    _fuzz(name, monkeypatch, BASE_SEED, 1, draw_rows_per_code_case, ROWS_PER_CODE_CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_fuzz_rows_per_code_many(name, monkeypatch):
+    _fuzz(name, monkeypatch, SLOW_BASE_SEED, SLOW_FACTOR, draw_rows_per_code_case, ROWS_PER_CODE_CASES)
+
+
 def test_cases_are_reproducible_and_cover_the_space():
     # Same seed, same tensors bit for bit; and the default seeds reach every corner the
     # module docstring promises (so a change of draw_case cannot quietly drop one).
@@ -575,6 +609,7 @@ def test_cases_are_reproducible_and_cover_the_space():
         assert seen(lambda c: c["n"] == 0) and seen(lambda c: c["k"] == 1) and seen(lambda c: c["d"] == 1)
         assert seen(lambda c: c["metric"] == "cosine") and seen(lambda c: c["z_dtype"] != c["cb_dtype"])
         assert seen(lambda c: c["offset"] == 100.0 and c["p_near"] > 0 and c["dups"])
+        assert seen(lambda c: c["offset"] == 50.0 * c["scale"] and c["metric"] == "l2" and c["p_near"] == 0)
         assert seen(lambda c: c["scale"] == 1e-3) and seen(lambda c: c["scale"] == 1e3)
         assert seen(lambda c: c["p_tie"] > 0) and seen(lambda c: c["layout"] == "strided")
         assert seen(lambda c: any(v != v for *_, v in c["bad_z"])) and seen(lambda c: c["bad_cb"])
