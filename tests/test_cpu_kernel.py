@@ -489,7 +489,8 @@ def test_cpu_backward_bitwise_repeatable_for_any_threads():
     for grad_z, diff_sums in results[1:]:
         assert torch.equal(grad_z, results[0][0]) and torch.equal(diff_sums, results[0][1])
     # The sums are those of the blocked order: each code's rows in pieces of PIECE rows in
-    # row order, the pieces of a code of several added pairwise.
+    # row order; a code of more than one piece adds the pairwise sum of its full pieces to
+    # its last, open one.
     piece = _ext().BACKWARD_PIECE_ROWS
     diff = codebook[indices] - z
     want = torch.zeros_like(codebook)
@@ -501,12 +502,16 @@ def test_cpu_backward_bitwise_repeatable_for_any_threads():
             for row in rows[start:start + piece]:
                 acc += row
             sums.append(acc)
+        if rows.shape[0] <= piece:
+            want[code] = sums[0] if sums else 0.0
+            continue
+        full, last = (sums, torch.zeros(rows.shape[1])) if rows.shape[0] % piece == 0 else (sums[:-1], sums[-1])
         step = 1
-        while step < len(sums):
-            for j in range(0, len(sums) - step, 2 * step):
-                sums[j] = sums[j] + sums[j + step]
+        while step < len(full):
+            for j in range(0, len(full) - step, 2 * step):
+                full[j] = full[j] + full[j + step]
             step *= 2
-        want[code] = sums[0] if sums else 0.0
+        want[code] = last + full[0]
     assert torch.equal(results[0][1], want)
 
 

@@ -12,9 +12,10 @@
 // the code's low-order bits, so a running fp32 sum of them rounds the same way at every
 // step and its error grows like the rows: 166 fp32 ulps of sum|e - z| for one code of
 // 10^5 fp16 rows, against 1.5 for PyTorch autograd (tests/test_precision.py). Each
-// code's rows are therefore summed in pieces of kPiece rows, in row order; a code of
-// one piece is summed straight into diff_sums, a longer one parks its piece sums in a
-// workspace and adds them pairwise (error ~ kPiece + log2(pieces) roundings, not rows).
+// code's rows are therefore summed in pieces of kPiece rows, in row order, in the code's
+// row of diff_sums; each full piece of a longer code is parked in a workspace, and the
+// full pieces are added pairwise to the last one (error ~ kPiece + log2(pieces)
+// roundings, not rows).
 //
 // Determinism. A first pass over the indices counts the rows of each code (and
 // checks every index before anything is written); the codes are then cut into one
@@ -22,7 +23,7 @@
 // all rows in order, taking those whose code is in its range. Every code's pieces and
 // their pairwise sum are therefore formed by one thread in a fixed order: bitwise the
 // same result for any thread count, with O(k) extra memory plus the pieces of the codes
-// of more than kPiece rows (at most 2n / kPiece rows of d floats, kept per calling
+// of more than kPiece rows (at most n / kPiece rows of d floats, kept per calling
 // thread between calls), and no per-thread (k, d) partials to zero and reduce (which
 // would double the traffic at k * d = n * d, e.g. 16384 x 16384 x 256).
 #include <immintrin.h>
@@ -53,27 +54,31 @@ inline void store_as(uint16_t* out, float v) {
   *out = nan ? static_cast<uint16_t>((bits >> 16) | 0x40u) : static_cast<uint16_t>(bits >> 16);
 }
 
-// Rows per piece of a code's sum. 16: in a simulation of 10^5 fp16 rows of one code
-// (z independent of e, benchmarks/NOTES.md) pieces of 4, 8, 16 and 32 rows then pairwise
-// erred by 2.6, 2.8, 3.3 and 7.5 fp32 ulps of sum|e - z| (a running sum: 3400; PyTorch
-// autograd: 150); the workspace holds at most 2n / kPiece rows.
+// Rows per piece of a code's sum. 16: for 10^5 fp16 rows of one code (z independent of
+// e; python -m benchmarks.sum_orders) pieces of 4, 8, 16 and 32 rows then pairwise erred
+// by 2.8-2.9, 2.8-3.3, 3.3-4.6 and 6.7-6.8 fp32 ulps of sum|e - z| (a running sum:
+// 2500-3100; PyTorch autograd: 144-148); the workspace holds at most n / kPiece rows.
 constexpr int64_t kPiece = kBackwardPieceRows;
 
 // The per-row updates, in fp32 whatever T is, auto-vectorized at AVX2 width
 // (memory-bound: wider vectors would not move more bytes). With GRAD_Z, grad_z =
-// gq + scale * diff; with SUMS, sum = e - z (START: the first row of a piece) or
-// sum += e - z (sum -= diff is exactly sum += (e - z)).
-template <bool GRAD_Z, bool SUMS, bool START, typename T>
+// gq + scale * diff; with SUMS, sum += e - z (sum -= diff is exactly sum += (e - z)).
+template <bool GRAD_Z, bool SUMS, typename T>
 __attribute__((target("avx2,fma"))) void row_update(const T* __restrict g, const T* __restrict z,
                                                     const T* __restrict e, float scale, T* __restrict gz,
                                                     float* __restrict sum, int64_t d) {
   for (int64_t t = 0; t < d; ++t) {
     const float diff = to_f32(z[t]) - to_f32(e[t]);
     if constexpr (GRAD_Z) store_as(gz + t, to_f32(g[t]) + scale * diff);
-    if constexpr (SUMS) {
-      if constexpr (START) sum[t] = -diff;
-      else sum[t] -= diff;
-    }
+    if constexpr (SUMS) sum[t] -= diff;
+  }
+}
+
+// A full piece leaves the code's row for the workspace: piece = row, row = 0.
+__attribute__((target("avx2,fma"))) void park_row(float* __restrict piece, float* __restrict row, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) {
+    piece[t] = row[t];
+    row[t] = 0.0f;
   }
 }
 
@@ -108,18 +113,22 @@ void backward_rows(const T* gq, const T* z, const T* codebook, const int64_t* id
     parallel_for_threads(threads, [&](int t) {
       const int64_t r0 = n * t / threads, r1 = n * (t + 1) / threads;
       for (int64_t i = r0; i < r1; ++i)
-        row_update<true, false, false>(gq + i * d, z + i * d, codebook + idx[i] * d, scale, grad_z + i * d,
-                                       nullptr, d);
+        row_update<true, false>(gq + i * d, z + i * d, codebook + idx[i] * d, scale, grad_z + i * d, nullptr, d);
     });
     return;
   }
-  // The first workspace row of each code of several pieces (-1: one piece, summed in place).
+  // Each code's row of diff_sums holds its open piece; a code of more than kPiece rows
+  // parks each full piece in the workspace (first_piece: its first workspace row; -1: the
+  // code never fills a piece before its last row), and at the end its row (the last,
+  // open piece, after the caller's earlier sums) gets the pairwise sum of its full pieces.
+  // The hot rows stay the (k, d) sums, as with one running sum; the workspace is written
+  // once per piece and read once.
   std::vector<int64_t> first_piece(k, -1);
   int64_t pieces = 0;
   for (int64_t c = 0; c < k; ++c) {
     if (count[c] <= kPiece) continue;
     first_piece[c] = pieces;
-    pieces += (count[c] + kPiece - 1) / kPiece;
+    pieces += count[c] / kPiece;
   }
   static thread_local buffers::KeptBuffer kept;
   std::unique_ptr<unsigned char, buffers::AlignedFree> own;
@@ -140,22 +149,13 @@ void backward_rows(const T* gq, const T* z, const T* codebook, const int64_t* id
       if (c < c0 || c >= c1) continue;
       const T* e = codebook + c * d;
       float* sum = diff_sums + c * d;
-      bool start = false;
-      if (first_piece[c] >= 0) {
-        const int64_t r = rank[c]++;
-        sum = work + (first_piece[c] + r / kPiece) * d;
-        start = r % kPiece == 0;
-      }
-      const T* g = grad_z ? gq + i * d : nullptr;
-      T* gz = grad_z ? grad_z + i * d : nullptr;
-      if (grad_z && start) row_update<true, true, true>(g, z + i * d, e, scale, gz, sum, d);
-      else if (grad_z) row_update<true, true, false>(g, z + i * d, e, scale, gz, sum, d);
-      else if (start) row_update<false, true, true>(g, z + i * d, e, scale, gz, sum, d);
-      else row_update<false, true, false>(g, z + i * d, e, scale, gz, sum, d);
+      if (grad_z) row_update<true, true>(gq + i * d, z + i * d, e, scale, grad_z + i * d, sum, d);
+      else row_update<false, true>(gq, z + i * d, e, scale, grad_z, sum, d);
+      if (first_piece[c] >= 0 && ++rank[c] % kPiece == 0)
+        park_row(work + (first_piece[c] + rank[c] / kPiece - 1) * d, sum, d);
     }
     for (int64_t c = c0; c < c1; ++c)
-      if (first_piece[c] >= 0)
-        add_pairwise(diff_sums + c * d, work + first_piece[c] * d, (count[c] + kPiece - 1) / kPiece, d);
+      if (first_piece[c] >= 0) add_pairwise(diff_sums + c * d, work + first_piece[c] * d, count[c] / kPiece, d);
   });
 }
 

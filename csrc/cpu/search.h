@@ -54,7 +54,7 @@ constexpr int64_t kBackwardPieceRows = 16;
 // Codes are split into ranges of about equal row counts, one per thread, so the sums
 // are bitwise the same whatever `threads` is (`deterministic` is accepted for the
 // interface; every run is deterministic). Extra memory O(threads + k) int64 and the
-// pieces of the codes of more than one piece (at most 2n / kBackwardPieceRows rows).
+// full pieces of the codes of more than one piece (at most n / kBackwardPieceRows rows).
 // Throws std::out_of_range, before writing anything, if an index is outside [0, k).
 void backward_l2(const float* gq, const float* z, const float* codebook, const int64_t* idx,
                  int64_t n, int64_t d, int64_t k, float scale, float* grad_z, float* diff_sums,
