@@ -62,21 +62,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("search",
         [](int device, std::uintptr_t z, int z_dtype, std::uintptr_t codebook, int cb_dtype,
-           int64_t n, int64_t k, int64_t d, std::uintptr_t norms, std::uintptr_t part_scores,
+           int64_t n, int64_t k, int64_t d, std::uintptr_t centre, std::uintptr_t norms, std::uintptr_t part_scores,
            std::uintptr_t part_index, int splits, bool use_tensor_cores, std::uintptr_t indices,
            std::uintptr_t distances, std::uintptr_t quantized, std::uintptr_t stream) {
           DeviceGuard guard(device);
           vqkern::search(ptr<const void>(z), z_dtype, ptr<const void>(codebook), cb_dtype, n, k, d,
-                         ptr<float>(norms), ptr<float>(part_scores), ptr<int32_t>(part_index),
+                         ptr<const float>(centre), ptr<float>(norms), ptr<float>(part_scores), ptr<int32_t>(part_index),
                          splits, use_tensor_cores, ptr<int64_t>(indices), ptr<float>(distances),
                          ptr<void>(quantized), stream_of(stream));
         },
         py::arg("device"), py::arg("z"), py::arg("z_dtype"), py::arg("codebook"),
-        py::arg("cb_dtype"), py::arg("n"), py::arg("k"), py::arg("d"), py::arg("norms"),
+        py::arg("cb_dtype"), py::arg("n"), py::arg("k"), py::arg("d"), py::arg("centre"), py::arg("norms"),
         py::arg("part_scores"), py::arg("part_index"), py::arg("splits"),
         py::arg("use_tensor_cores"), py::arg("indices"), py::arg("distances"),
         py::arg("quantized"), py::arg("stream"),
-        "Nearest code per row; workspaces norms (k,) f32, part_scores/part_index (splits, n) f32/i32.");
+        "Nearest code per row; centre (d,) f32 (the fp32 kernel's frame; 0 for the tensor-core kernel); "
+        "workspaces norms (k,) f32, part_scores/part_index (splits, n) f32/i32.");
 
   m.def("backward",
         [](int device, std::uintptr_t grad_q, int g_dtype, std::uintptr_t z, int z_dtype,

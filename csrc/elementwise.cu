@@ -50,31 +50,34 @@ search_epilogue_kernel(const void* __restrict__ z, int z_dtype, const void* __re
   }
 }
 
-// The straight-through backward, one pass: the difference e - z is formed once per
-// element in fp32 and gives grad_z = grad_q - scale * (e - z) (out may be null) and
-// the per-code residual sums diff_sums[idx] += e - z with fp32 atomics (may be null).
-// scale is read on the device, so the backward never waits on the host.
+// The straight-through gradient of z alone (the deterministic mode takes the residual
+// sums from the sorted segment sum): grad_z = grad_q - scale * (e - z), the difference
+// formed once per element in fp32. With the sums too, the tiled segment-sum kernel runs
+// the same pass (segment_sum.cu). scale is read on the device: no wait on the host.
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 backward_kernel(const void* __restrict__ grad_q, int g_dtype, const void* __restrict__ z, int z_dtype,
                 const void* __restrict__ codebook, int cb_dtype, const int64_t* __restrict__ indices,
-                int64_t n, int64_t d, const float* __restrict__ scale_ptr, void* __restrict__ out,
-                float* __restrict__ diff_sums) {
+                int64_t n, int64_t d, const float* __restrict__ scale_ptr, void* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int64_t row = warp_row();
   if (row >= n) return;
   const int64_t code = indices[row];
-  const float scale = out != nullptr ? *scale_ptr : 0.f;
+  const float scale = *scale_ptr;
   for (int64_t j = lane; j < d; j += 32) {
     const int64_t at = row * d + j;
     const float diff = load_as_float(codebook, cb_dtype, code * d + j) - load_as_float(z, z_dtype, at);
-    if (out != nullptr) store_from_float(out, z_dtype, at, load_as_float(grad_q, g_dtype, at) - scale * diff);
-    if (diff_sums != nullptr) atomicAdd(diff_sums + code * d + j, diff);
+    store_from_float(out, z_dtype, at, load_as_float(grad_q, g_dtype, at) - scale * diff);
   }
 }
 
 int warp_blocks(int64_t n) { return ceil_div_int(n, kWarpsPerBlock); }
 
 }  // namespace
+
+void launch_segment_tiles(const int64_t* indices, const void* values, int v_dtype, const void* base,
+                          int base_dtype, const void* grad_q, int g_dtype, const float* scale,
+                          void* grad_out, int64_t n, int64_t d, float* counts, float* sums,
+                          cudaStream_t stream);
 
 void launch_search_epilogue(const void* z, int z_dtype, const void* codebook, int cb_dtype,
                             int64_t n, int64_t k, int64_t d, const float* part_scores,
@@ -96,8 +99,13 @@ void backward(const void* grad_q, int g_dtype, const void* z, int z_dtype, const
   if (grad_z != nullptr && scale == nullptr)
     throw std::invalid_argument("vqkern._C.backward: grad_z needs the scale pointer");
   if (n == 0 || (grad_z == nullptr && diff_sums == nullptr)) return;
+  if (diff_sums != nullptr) {
+    launch_segment_tiles(indices, z, z_dtype, codebook, cb_dtype, grad_q, g_dtype, scale, grad_z, n, d, nullptr,
+                         diff_sums, stream);
+    return;
+  }
   backward_kernel<<<warp_blocks(n), kWarpsPerBlock * 32, 0, stream>>>(
-      grad_q, g_dtype, z, z_dtype, codebook, cb_dtype, indices, n, d, scale, grad_z, diff_sums);
+      grad_q, g_dtype, z, z_dtype, codebook, cb_dtype, indices, n, d, scale, grad_z);
   VQ_LAUNCH_CHECK("backward_kernel");
 }
 

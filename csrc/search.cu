@@ -3,7 +3,20 @@
 //
 // score(i, k) = |e_k|^2 - 2 z_i . e_k  (|z_i|^2 is constant per row, so it does not
 // change the argmin). The chosen code's distance is recomputed exactly from the
-// residual by the epilogue (epilogue.cu), as the op contract requires.
+// residual by the epilogue (elementwise.cu), as the op contract requires.
+//
+// Frame. The fp32 scores round at the scale of |z|^2 + |e|^2, so data far from the origin
+// loses its ranking in the rounding (50 standard deviations out, N = 4000, K = 1024,
+// D = 128: a farther code on 48 rows, up to 0.21% farther). The fp32 FMA kernel ranks in
+// the frame centred on the codebook: z - c and e - c for a per-call centre c (the mean
+// of the finite codes, computed by the caller), so the rounding scales with the spread of
+// the data about c. The tensor-core kernel multiplies the fp16/bf16 inputs as they are,
+// in the origin's frame (bound relative to |z|^2 + |e|^2): rounding z - c and e - c back
+// to 16 bits loses 2^-9 (bf16) or 2^-12 (fp16) of the spread. Emulated on CPU
+// (benchmarks/half_frame.py) bf16 lost nothing in the origin's frame out to 500 standard
+// deviations, fp16 chose a farther code on 1% of rows at 50; an exact centring (hi/lo
+// split, three products) lost nothing for either, at three times the MMA work: to be
+// timed on a GPU (docs/precision.md).
 #include <mma.h>
 
 #include <climits>
@@ -22,15 +35,15 @@ constexpr int kThreads = 256;       // 16 x 16 threads, each owning 4 rows x 4 c
 // The tile loaders index rows of z and codes of the codebook with the same counter.
 static_assert(kRows == kCodes, "search tiles are square");
 
-// |e_k|^2 in fp32, once per call: one warp per code.
+// |e_k - c|^2 in fp32 (c null: |e_k|^2), once per call: one warp per code.
 __global__ void code_norms_kernel(const void* __restrict__ codebook, int cb_dtype, int64_t k,
-                                  int64_t d, float* __restrict__ norms) {
+                                  int64_t d, const float* __restrict__ centre, float* __restrict__ norms) {
   const int lane = threadIdx.x & 31;
   const int64_t code = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (code >= k) return;
   float acc = 0.f;
   for (int64_t j = lane; j < d; j += 32) {
-    const float v = load_as_float(codebook, cb_dtype, code * d + j);
+    const float v = load_as_float(codebook, cb_dtype, code * d + j) - (centre != nullptr ? centre[j] : 0.f);
     acc = fmaf(v, v, acc);
   }
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -84,13 +97,14 @@ __device__ __forceinline__ void split_range(int64_t k, int tiles_per_split, int6
 }
 
 // fp32 path: plain FMA in fp32, for fp32 inputs and for mixed dtypes (the narrower
-// operand is widened to fp32 on load, so bf16 z with an fp32 codebook is exact).
+// operand is widened to fp32 on load, so bf16 z with an fp32 codebook is exact), in the
+// frame centred on `centre` (d,): z and the codes minus the centre, formed on load.
 constexpr int kDepthF32 = 16;
 
 __global__ void __launch_bounds__(kThreads)
 search_fma_kernel(const void* __restrict__ z, int z_dtype, const void* __restrict__ codebook,
-                  int cb_dtype, int64_t n, int64_t k, int64_t d, const float* __restrict__ norms,
-                  int tiles_per_split, float* __restrict__ part_scores,
+                  int cb_dtype, int64_t n, int64_t k, int64_t d, const float* __restrict__ centre,
+                  const float* __restrict__ norms, int tiles_per_split, float* __restrict__ part_scores,
                   int32_t* __restrict__ part_index) {
   // Transposed tiles ([depth][row]) so the inner loop reads 16 consecutive codes per
   // half-warp; the +1 column spreads the loader's stores (consecutive depths) over banks.
@@ -110,8 +124,9 @@ search_fma_kernel(const void* __restrict__ z, int z_dtype, const void* __restric
       for (int l = 0; l < (kRows * kDepthF32) / kThreads; ++l) {
         const int e = tid + l * kThreads, r = e / kDepthF32, kk = e % kDepthF32;
         const int64_t row = row0 + r, col = k0 + kk, code = code0 + r;
-        zs[kk][r] = (row < n && col < d) ? load_as_float(z, z_dtype, row * d + col) : 0.f;
-        es[kk][r] = (code < hi && col < d) ? load_as_float(codebook, cb_dtype, code * d + col) : 0.f;
+        const float c = col < d ? centre[col] : 0.f;
+        zs[kk][r] = (row < n && col < d) ? load_as_float(z, z_dtype, row * d + col) - c : 0.f;
+        es[kk][r] = (code < hi && col < d) ? load_as_float(codebook, cb_dtype, code * d + col) - c : 0.f;
       }
       __syncthreads();
 #pragma unroll
@@ -247,8 +262,8 @@ std::string probe() {
 }
 
 void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k,
-            int64_t d, float* norms, float* part_scores, int32_t* part_index, int splits,
-            bool use_tensor_cores, int64_t* indices, float* distances, void* quantized,
+            int64_t d, const float* centre, float* norms, float* part_scores, int32_t* part_index,
+            int splits, bool use_tensor_cores, int64_t* indices, float* distances, void* quantized,
             cudaStream_t stream) {
   check_dtype(z_dtype, "z");
   check_dtype(cb_dtype, "codebook");
@@ -256,8 +271,12 @@ void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int6
   if (k > INT_MAX) throw std::invalid_argument("vqkern._C.search: k must fit in int32");
   if (splits < 1) throw std::invalid_argument("vqkern._C.search: splits must be >= 1");
   if (n == 0) return;
+  const bool mma = use_tensor_cores && z_dtype == cb_dtype && z_dtype != kFloat32;
+  if (!mma && centre == nullptr)
+    throw std::invalid_argument("vqkern._C.search: the fp32 kernel needs the centre (d,) of the codebook");
 
-  code_norms_kernel<<<ceil_div_int(k * 32, 256), 256, 0, stream>>>(codebook, cb_dtype, k, d, norms);
+  code_norms_kernel<<<ceil_div_int(k * 32, 256), 256, 0, stream>>>(codebook, cb_dtype, k, d,
+                                                                   mma ? nullptr : centre, norms);
   VQ_LAUNCH_CHECK("code_norms_kernel");
 
   // Whole tiles per split; the effective split count may come out below `splits`
@@ -269,7 +288,6 @@ void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int6
   const int eff_splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);
   const dim3 grid(ceil_div_int(n, kRows), eff_splits);
 
-  const bool mma = use_tensor_cores && z_dtype == cb_dtype && z_dtype != kFloat32;
   // 16-byte loads need 16-byte aligned rows: d a multiple of 8 (2-byte elements)
   // and aligned bases (torch's allocations are; a sliced view may not be).
   const bool vec16 = d % 8 == 0 && reinterpret_cast<std::uintptr_t>(z) % 16 == 0 &&
@@ -285,8 +303,8 @@ void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int6
         norms, tiles_per_split, vec16, part_scores, part_index);
     VQ_LAUNCH_CHECK("search_mma_kernel<bfloat16>");
   } else {
-    search_fma_kernel<<<grid, kThreads, 0, stream>>>(z, z_dtype, codebook, cb_dtype, n, k, d, norms,
-                                                     tiles_per_split, part_scores, part_index);
+    search_fma_kernel<<<grid, kThreads, 0, stream>>>(z, z_dtype, codebook, cb_dtype, n, k, d, centre,
+                                                     norms, tiles_per_split, part_scores, part_index);
     VQ_LAUNCH_CHECK("search_fma_kernel");
   }
   launch_search_epilogue(z, z_dtype, codebook, cb_dtype, n, k, d, part_scores, part_index,

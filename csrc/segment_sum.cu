@@ -8,24 +8,65 @@
 namespace vqkern {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
 constexpr int kChunk = kSegmentChunkRows;
 constexpr int kChunkThreads = 128;
+constexpr int kMaxTileWarps = 8;
 
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-segment_atomic_kernel(const int64_t* __restrict__ indices, const void* __restrict__ values,
-                      int v_dtype, int64_t n, int64_t d, float* __restrict__ counts,
-                      float* __restrict__ sums) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (row >= n) return;
-  const int64_t code = indices[row];
-  if (lane == 0) atomicAdd(counts + code, 1.f);
-  for (int64_t j = lane; j < d; j += 32)
-    atomicAdd(sums + code * d + j, load_as_float(values, v_dtype, row * d + j));
+// Atomic path: one block per tile of kTileRows consecutive rows. The tile's rows are
+// sorted by code (stably, by rank, in shared memory); each thread then owns a column and
+// walks the sorted rows, summing each run of one code in pieces (PieceSum) and adding the
+// run's total with one atomic. A code's sum is thus a sum of per-tile partial sums whose
+// low-order bits no longer agree, instead of a running sum over every row (which errs
+// like the rows when they round alike). One warp per 32 columns (at most 8): the grid is
+// (tiles, column groups of 8 warps).
+//
+// With base (the codebook gradient), each row adds base[code] - value, formed once in
+// fp32, and with grad_out also writes grad_out = grad_q - *scale * (base[code] - value)
+// in the value's dtype: the straight-through backward's one pass.
+__global__ void __launch_bounds__(kMaxTileWarps * 32)
+segment_tile_kernel(const int64_t* __restrict__ indices, const void* __restrict__ values, int v_dtype,
+                    const void* __restrict__ base, int base_dtype, const void* __restrict__ grad_q,
+                    int g_dtype, const float* __restrict__ scale_ptr, void* __restrict__ grad_out,
+                    int64_t n, int64_t d, float* __restrict__ counts, float* __restrict__ sums) {
+  __shared__ int64_t code[kTileRows];
+  __shared__ int order[kTileRows];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int rows = static_cast<int>(n - row0 < kTileRows ? n - row0 : kTileRows);
+  const int tid = threadIdx.y * 32 + threadIdx.x, threads = blockDim.x * blockDim.y;
+  for (int r = tid; r < rows; r += threads) code[r] = indices[row0 + r];
+  __syncthreads();
+  // Stable rank sort: a row's position is the number of rows before it in (code, row) order.
+  for (int r = tid; r < rows; r += threads) {
+    int pos = 0;
+    for (int j = 0; j < rows; ++j) pos += code[j] < code[r] || (code[j] == code[r] && j < r);
+    order[pos] = r;
+  }
+  __syncthreads();
+  const float scale = grad_out != nullptr ? *scale_ptr : 0.f;
+  const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y) * 32 + threadIdx.x;
+  if (col >= d) return;
+  PieceSum run;
+  int run_rows = 0;
+  for (int p = 0; p < rows; ++p) {
+    const int r = order[p];
+    const int64_t c = code[r], at = (row0 + r) * d + col;
+    float v = load_as_float(values, v_dtype, at);
+    if (base != nullptr) {
+      v = load_as_float(base, base_dtype, c * d + col) - v;
+      if (grad_out != nullptr) store_from_float(grad_out, v_dtype, at, load_as_float(grad_q, g_dtype, at) - scale * v);
+    }
+    run.add(v);
+    ++run_rows;
+    if (p + 1 < rows && code[order[p + 1]] == c) continue;
+    atomicAdd(sums + c * d + col, run.value());
+    if (counts != nullptr && col == 0) atomicAdd(counts + c, static_cast<float>(run_rows));
+    run = PieceSum{};
+    run_rows = 0;
+  }
 }
 
-// Pass 1: one block per chunk of sorted rows, walking it in order. A run of one
+// Pass 1: one block per chunk of sorted rows, walking it in order (each run summed in
+// pieces, PieceSum). A run of one
 // code that lies wholly inside the chunk (its code appears in no other chunk) is
 // added to sums directly: this block is the code's only writer. A run that
 // continues into a neighbouring chunk is parked in partial: slot 0 for the
@@ -46,25 +87,25 @@ segment_chunk_kernel(const int64_t* __restrict__ sorted_idx, const int64_t* __re
     const int64_t col = col0 + threadIdx.x;
     const bool active = col < d;
     int64_t run_start = begin;
-    float acc = 0.f;
+    PieceSum acc;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t code = sorted_idx[p];
       if (active) {
         const float v = load_as_float(values, v_dtype, perm[p] * d + col);
-        acc += base != nullptr ? load_as_float(base, base_dtype, code * d + col) - v : v;
+        acc.add(base != nullptr ? load_as_float(base, base_dtype, code * d + col) - v : v);
       }
       if (p + 1 < end && sorted_idx[p + 1] == code) continue;
       // The run [run_start, p] of `code` ends here.
       const bool first = run_start == begin, last = p + 1 == end;
       const bool spans = (first && code == before) || (last && code == after);
       if (!spans) {
-        if (active) sums[code * d + col] += acc;
+        if (active) sums[code * d + col] += acc.value();
         if (counts != nullptr && col0 == 0 && threadIdx.x == 0)
           counts[code] += static_cast<float>(p + 1 - run_start);
       } else if (active) {
-        partial[(2 * chunk + (first ? 0 : 1)) * d + col] = acc;
+        partial[(2 * chunk + (first ? 0 : 1)) * d + col] = acc.value();
       }
-      acc = 0.f;
+      acc = PieceSum{};
       run_start = p + 1;
     }
   }
@@ -101,9 +142,10 @@ segment_span_kernel(const int64_t* __restrict__ sorted_idx, int64_t n, int64_t d
     for (int64_t col = threadIdx.x; col < d; col += kChunkThreads) {
       // Chunk c0 holds the code's run as its last piece (slot 1) unless the run is
       // also the chunk's first (it starts at the chunk's first row): slot 0.
-      float acc = partial[(2 * c0 + (sorted_idx[c0 * kChunk] == code ? 0 : 1)) * d + col];
-      for (int64_t c = c0 + 1; c <= c1; ++c) acc += partial[2 * c * d + col];  // first run: slot 0
-      sums[code * d + col] += acc;
+      PieceSum acc;
+      acc.add(partial[(2 * c0 + (sorted_idx[c0 * kChunk] == code ? 0 : 1)) * d + col]);
+      for (int64_t c = c0 + 1; c <= c1; ++c) acc.add(partial[2 * c * d + col]);  // first run: slot 0
+      sums[code * d + col] += acc.value();
     }
     if (counts != nullptr && threadIdx.x == 0) {
       const int64_t lo = lower_bound(sorted_idx, c0 * kChunk, at, code);
@@ -116,14 +158,26 @@ segment_span_kernel(const int64_t* __restrict__ sorted_idx, int64_t n, int64_t d
 
 }  // namespace
 
+void launch_segment_tiles(const int64_t* indices, const void* values, int v_dtype, const void* base,
+                          int base_dtype, const void* grad_q, int g_dtype, const float* scale,
+                          void* grad_out, int64_t n, int64_t d, float* counts, float* sums,
+                          cudaStream_t stream) {
+  const int64_t warps = (d + 31) / 32;
+  const int per_block = static_cast<int>(warps < kMaxTileWarps ? warps : kMaxTileWarps);
+  const dim3 grid(ceil_div_int(n, kTileRows), ceil_div_int(warps, per_block));
+  if (grid.y > 65535) throw std::invalid_argument("vqkern._C: d is too large for the segment sum (d <= 16.7M)");
+  segment_tile_kernel<<<grid, dim3(32, per_block), 0, stream>>>(indices, values, v_dtype, base, base_dtype, grad_q,
+                                                                g_dtype, scale, grad_out, n, d, counts, sums);
+  VQ_LAUNCH_CHECK("segment_tile_kernel");
+}
+
 void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype, int64_t n,
                         int64_t d, float* counts, float* sums, cudaStream_t stream) {
   check_dtype(v_dtype, "values");
   if (n < 0 || d < 1) throw std::invalid_argument("vqkern._C.segment_sum: need n >= 0, d >= 1");
   if (n == 0) return;
-  segment_atomic_kernel<<<ceil_div_int(n, kWarpsPerBlock), kWarpsPerBlock * 32, 0, stream>>>(
-      indices, values, v_dtype, n, d, counts, sums);
-  VQ_LAUNCH_CHECK("segment_atomic_kernel");
+  launch_segment_tiles(indices, values, v_dtype, nullptr, 0, nullptr, 0, nullptr, nullptr, n, d, counts, sums,
+                       stream);
 }
 
 void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const void* values,

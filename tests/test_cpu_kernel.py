@@ -187,7 +187,8 @@ def test_kernel_threads_share_pytorchs_openmp_runtime():
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_isa("avx512bf16"))],
+                         ids=["fp32", "bf16"])
 def test_kernel_concurrent_callers_get_their_own_answers(dtype):
     """Python threads calling at once (the GIL is released in the kernel; each calling
     thread keeps its own packed-codebook buffer): every call answers for its inputs."""
@@ -487,11 +488,30 @@ def test_cpu_backward_bitwise_repeatable_for_any_threads():
         results.append((grad_z, diff_sums))
     for grad_z, diff_sums in results[1:]:
         assert torch.equal(grad_z, results[0][0]) and torch.equal(diff_sums, results[0][1])
-    # The sums are those of a sequential pass in row order.
-    want = torch.zeros_like(codebook)
+    # The sums are those of the blocked order: each code's rows in pieces of PIECE rows in
+    # row order; a code of more than one piece adds the pairwise sum of its full pieces to
+    # its last, open one.
+    piece = _ext().BACKWARD_PIECE_ROWS
     diff = codebook[indices] - z
-    for i in range(0, 5000):
-        want[indices[i]] += diff[i]
+    want = torch.zeros_like(codebook)
+    for code in range(codebook.shape[0]):
+        rows = diff[indices == code]
+        sums = []
+        for start in range(0, rows.shape[0], piece):
+            acc = torch.zeros(rows.shape[1])
+            for row in rows[start:start + piece]:
+                acc += row
+            sums.append(acc)
+        if rows.shape[0] <= piece:
+            want[code] = sums[0] if sums else 0.0
+            continue
+        full, last = (sums, torch.zeros(rows.shape[1])) if rows.shape[0] % piece == 0 else (sums[:-1], sums[-1])
+        step = 1
+        while step < len(full):
+            for j in range(0, len(full) - step, 2 * step):
+                full[j] = full[j] + full[j + step]
+            step *= 2
+        want[code] = last + full[0]
     assert torch.equal(results[0][1], want)
 
 

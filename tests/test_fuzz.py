@@ -25,7 +25,8 @@ if not torch.cuda.is_available():  # also when this file is collected without co
 
 from vqkern import backends  # noqa: E402
 from vqkern.backends import torch_  # noqa: E402
-from vqkern.check.fuzz import DTYPES, SHORT, describe, draw_case, loss_formula, make_tensors, run_case  # noqa: E402
+from vqkern.check.fuzz import (  # noqa: E402
+    DTYPES, SHORT, describe, draw_case, draw_rows_per_code_case, loss_formula, make_tensors, run_case)
 
 pytestmark = [
     # The interpreter turns runtime loop bounds into 1-element arrays and numpy warns;
@@ -79,19 +80,19 @@ def _seeds(base, count):
     return list(range(base, base + count))
 
 
-def _case_count(interpreting, factor=1):
-    n = int(os.environ.get("VQKERN_FUZZ_CASES", DEFAULT_CASES)) * factor
+def _case_count(interpreting, factor=1, cases=None):
+    n = int(os.environ.get("VQKERN_FUZZ_CASES", cases or DEFAULT_CASES)) * factor
     return max(1, math.ceil(n / INTERPRET_SHARE)) if interpreting else n
 
 
 # ---------------------------------------------------------------------------- tests
 
-def _fuzz(name, monkeypatch, base, factor):
+def _fuzz(name, monkeypatch, base, factor, draw=draw_case, cases=None):
     backend, device, interpreting = _target(name, monkeypatch)
     failed = []
-    seeds = _seeds(base, _case_count(interpreting, factor))
+    seeds = _seeds(base, _case_count(interpreting, factor, cases))
     for seed in seeds:
-        case = draw_case(seed, small=interpreting)
+        case = draw(seed, small=interpreting)
         for check, figure, msg in run_case(case, backend, device):
             failed.append((case, check, figure, msg))
     if failed:
@@ -119,6 +120,21 @@ def test_fuzz_many(name, monkeypatch):
     _fuzz(name, monkeypatch, SLOW_BASE_SEED, SLOW_FACTOR)
 
 
+# Cases of many rows per code (draw_rows_per_code_case), per CPU target.
+ROWS_PER_CODE_CASES = 12
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_fuzz_rows_per_code(name, monkeypatch):
+    _fuzz(name, monkeypatch, BASE_SEED, 1, draw_rows_per_code_case, ROWS_PER_CODE_CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_fuzz_rows_per_code_many(name, monkeypatch):
+    _fuzz(name, monkeypatch, SLOW_BASE_SEED, SLOW_FACTOR, draw_rows_per_code_case, ROWS_PER_CODE_CASES)
+
+
 def test_cases_are_reproducible_and_cover_the_space():
     # Same seed, same tensors bit for bit; and the default seeds reach every corner the
     # module docstring promises (so a change of draw_case cannot quietly drop one).
@@ -132,6 +148,7 @@ def test_cases_are_reproducible_and_cover_the_space():
         assert seen(lambda c: c["n"] == 0) and seen(lambda c: c["k"] == 1) and seen(lambda c: c["d"] == 1)
         assert seen(lambda c: c["metric"] == "cosine") and seen(lambda c: c["z_dtype"] != c["cb_dtype"])
         assert seen(lambda c: c["offset"] == 100.0 and c["p_near"] > 0 and c["dups"])
+        assert seen(lambda c: c["offset"] == 50.0 * c["scale"] and c["metric"] == "l2" and c["p_near"] == 0)
         assert seen(lambda c: c["scale"] == 1e-3) and seen(lambda c: c["scale"] == 1e3)
         assert seen(lambda c: c["p_tie"] > 0) and seen(lambda c: c["layout"] == "strided")
         assert seen(lambda c: any(v != v for *_, v in c["bad_z"])) and seen(lambda c: c["bad_cb"])

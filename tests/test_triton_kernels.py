@@ -137,14 +137,17 @@ def test_runner_up_scores(splits):
     codebook = torch.randn(k, d, device=DEVICE)
     codebook[7] = codebook[3]  # an exact tie: the runner-up equals the best
     z[0] = codebook[3]
-    norms = (codebook * codebook).sum(1)
+    # Scores in the frame centred on the codebook: |e - c|^2 - 2 (z - c).(e - c).
+    centre = codebook.mean(0)
+    norms = ((codebook - centre) ** 2).sum(1)
     best, second = (torch.full((n,), float("nan"), device=DEVICE) for _ in range(2))
     out = _poisoned(n, d, z.dtype)
     search_module._search_pass(z, codebook, norms, *out, splits, True, "ieee", None, 32,
-                               DEVICE == "cpu", best=best, second=second)
-    scores = (norms[None, :].double() - 2 * z.double() @ codebook.double().t())
+                               DEVICE == "cpu", centre, best=best, second=second)
+    zc, ec = z.double() - centre.double(), codebook.double() - centre.double()
+    scores = (norms[None, :].double() - 2 * zc @ ec.t())
     top2 = scores.topk(2, dim=1, largest=False).values
-    scale = (z.double() ** 2).sum(1) + (norms.double()).max()
+    scale = (zc ** 2).sum(1) + (norms.double()).max()
     assert ((best - top2[:, 0]).abs() / scale).max() <= 1e-6
     assert ((second - top2[:, 1]).abs() / scale).max() <= 1e-6
     assert best[0] == second[0]
@@ -160,7 +163,7 @@ def test_row_filter_searches_and_writes_only_flagged_rows():
     flags[64:128] = 0  # a whole block without a flagged row scans nothing
     indices, distances, quantized = _poisoned(n, d, z.dtype)
     search_module._search_pass(z, codebook, (codebook * codebook).sum(1), indices, distances, quantized, 1, True,
-                               "ieee", None, 32, DEVICE == "cpu", flags=flags)
+                               "ieee", None, 32, DEVICE == "cpu", torch.zeros(d, device=DEVICE), flags=flags)
     on = flags.bool()
     _check(z[on], codebook, indices[on], distances[on], quantized[on])
     assert bool((indices[~on] == -1).all()) and bool(torch.isnan(distances[~on]).all())
@@ -519,7 +522,8 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
     dot_fp32 = zt != ct or zt == "fp32"
     sig = {"z_ptr": P[zt], "cb_ptr": P[ct], "norms_ptr": "*fp32", "idx_out_ptr": "*i64", "dist_ptr": "*fp32",
            "q_ptr": P[zt], "part_val_ptr": "*fp32", "part_idx_ptr": "*i64", "second_ptr": "*fp32", "flag_ptr": "*i8",
-           "zn2_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32", "stride_zm": "i32", "stride_k": "i32",
+           "zn2_ptr": "*fp32", "centre_ptr": "*fp32", "N": "i32", "K": "i32", "D": "i32", "stride_zm": "i32",
+           "stride_k": "i32",
            "stride_qm": "i32", "num_splits": "i32", "inv_temperature": "fp32", "seed": "i64"}
     # (precision, tracks the runner-up, re-check pass): ieee alone; tensor-core fp32
     # searches with the runner-up, then the ieee re-check of flagged rows.
@@ -543,8 +547,8 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
         for cfg in configs:
             for split in ((False, True) if not row_filter else (False,)):
                 consts = dict(SPLIT=split, INTERPRET=False, ONE_CHUNK=d <= bd, DOT_FP32=dot_fp32,
-                              INPUT_PRECISION=precision, TRACK_SECOND=track, ROW_FILTER=row_filter, SAMPLE=sample,
-                              COSINE=cosine, BLOCK_D=bd, EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
+                              INPUT_PRECISION=precision, CENTRE=dot_fp32 and not cosine, TRACK_SECOND=track,
+                              ROW_FILTER=row_filter, SAMPLE=sample, COSINE=cosine, BLOCK_D=bd, EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
                 compile_(S._search_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts, cfg.num_warps,
                          cfg.num_stages)
     for track in (False, True):
@@ -554,21 +558,22 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
                  "part_second_ptr": "*fp32", "best_ptr": "*fp32", "second_ptr": "*fp32", "N": "i32", "D": "i32",
                  "stride_zm": "i32", "stride_k": "i32", "stride_qm": "i32", "num_splits": "i32",
                  **{k: "constexpr" for k in consts}}, consts)
-    consts = dict(BLOCK_K=64, BLOCK_D=32)
-    compile_(S._code_norms_kernel, {"cb_ptr": P[ct], "norms_ptr": "*fp32", "K": "i32", "D": "i32", "stride_k": "i32",
-             **{k: "constexpr" for k in consts}}, consts)
+    consts = dict(CENTRE=dot_fp32, BLOCK_K=64, BLOCK_D=32)
+    compile_(S._code_norms_kernel, {"cb_ptr": P[ct], "centre_ptr": "*fp32", "norms_ptr": "*fp32", "K": "i32",
+             "D": "i32", "stride_k": "i32", **{k: "constexpr" for k in consts}}, consts)
     for write_z, write_sums in ((True, True), (True, False), (False, True)):
-        consts = dict(WRITE_GRAD_Z=write_z, WRITE_SUMS=write_sums, INTERPRET=False, BLOCK_M=B.GPU_BLOCK_M,
-                      BLOCK_D=B.GPU_BLOCK_D)
+        bm, bd, warps = ((G.GPU_SUM_BLOCK_M, G.GPU_SUM_BLOCK_D, G.GPU_SUM_WARPS) if write_sums
+                         else (B.GPU_BLOCK_M, B.GPU_BLOCK_D, B.GPU_WARPS))
+        consts = dict(WRITE_GRAD_Z=write_z, WRITE_SUMS=write_sums, INTERPRET=False, BLOCK_M=bm, BLOCK_D=bd)
         compile_(B._backward_kernel, {"gq_ptr": P[zt], "z_ptr": P[zt], "cb_ptr": P[ct], "idx_ptr": "*i64",
                  "scale_ptr": "*fp32", "out_ptr": P[zt], "sums_ptr": "*fp32", "N": "i32", "D": "i32",
                  **{s: "i32" for s in ("stride_gq", "stride_gq_d", "stride_z", "stride_z_d", "stride_k", "stride_k_d",
-                 "stride_out", "stride_out_d")}, **{k: "constexpr" for k in consts}}, consts, B.GPU_WARPS)
+                 "stride_out", "stride_out_d")}, **{k: "constexpr" for k in consts}}, consts, warps)
     seg = {"val_ptr": P[zt], "counts_ptr": "*fp32", "sums_ptr": "*fp32", "D": "i32", "stride_v": "i32",
            "stride_v_d": "i32", "stride_s": "i32"}
-    consts = dict(BLOCK_M=G.GPU_BLOCK_M, BLOCK_D=G.GPU_BLOCK_D)
+    consts = dict(BLOCK_M=G.GPU_SUM_BLOCK_M, BLOCK_D=G.GPU_SUM_BLOCK_D)
     compile_(G._segment_sum_atomic_kernel, {"idx_ptr": "*i64", **seg, "N": "i32", **{k: "constexpr" for k in consts}},
-             consts, G.GPU_ATOMIC_WARPS)
+             consts, G.GPU_SUM_WARPS)
     for has_base in (False, True):
         consts = dict(HAS_BASE=has_base, PIECE=G.GPU_PIECE, PIECES_PER_PROGRAM=G.GPU_PIECES_PER_PROGRAM,
                       BLOCK_R=G.GPU_BLOCK_R, BLOCK_D=G.GPU_BLOCK_D)

@@ -89,7 +89,10 @@ def nearest_code(z: Tensor, codebook: Tensor, *, metric: str = "l2", backend: st
     Returns:
         (indices, distances): int64 and float32, both of shape z.shape[:-1]. For "l2"
         distances are sum((z - e)^2) computed from the residual in fp32; for
-        "cosine" they are 1 - cos(z, e). Ties go to the lowest index.
+        "cosine" they are 1 - cos(z, e). The index is the nearest code up to the
+        search's precision bound (docs/precision.md, backends.centred_ranking):
+        identical codes resolve to the lowest index; codes whose distances differ by
+        less than the bound may be chosen either way.
     """
     flat, cb, name = _prepare(z, codebook, metric, backend)
     with torch.no_grad():

@@ -224,7 +224,9 @@ class VectorQuantizer(nn.Module):
         """Quantize z (float32/float16/bfloat16, D at ``channel_dim``, any number of rows).
 
         Returns VQOutput(quantized: z's shape and dtype; indices: int64, z's shape without
-        the channel dimension; loss: fp32 scalar, codebook_loss + commitment_cost *
+        the channel dimension, each row's nearest code up to the search's precision bound
+        (identical codes resolve to the lowest index, codes closer than the bound either
+        way; docs/precision.md); loss: fp32 scalar, codebook_loss + commitment_cost *
         commitment_loss, or commitment_cost * commitment_loss with ``ema``; perplexity:
         fp32 scalar of this batch). In training mode it also runs a pending k-means
         initialization, updates the EMA statistics and re-seeds dead codes (not when z

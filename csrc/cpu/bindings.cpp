@@ -64,6 +64,7 @@ void def_backward(py::module_& m, const char* name, const char* doc) {
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "vqkern CPU kernels (data pointers, shapes, row strides)";
+  m.attr("BACKWARD_PIECE_ROWS") = kBackwardPieceRows;
   m.def("supported", &supported, "True when this CPU has AVX2 and FMA (every kernel needs them).");
   m.def("isas", [] {
     py::list out;

@@ -54,14 +54,19 @@ void search_l2_bf16(const uint16_t* z, int64_t n, int64_t ldz, const uint16_t* c
                     int64_t k, int64_t ldc, int64_t d, int64_t* indices, float* distances,
                     uint16_t* quantized, int64_t ldq, int threads, Isa isa);
 
+// Rows per piece of a code's sum in backward_l2 (backward.cpp).
+constexpr int64_t kBackwardPieceRows = 16;
+
 // One pass over the rows of the straight-through + codebook-loss backward, fp32,
 // contiguous row-major: grad_z[i] = gq[i] + scale * (z[i] - cb[idx[i]]) and
 // diff_sums[c] += sum over rows i with idx[i] == c of (cb[c] - z[i]), the difference
 // formed once per element. Either output may be null (skipped); diff_sums (k, d) is
-// zero-filled by the caller. Codes are split into ranges of about equal row counts,
-// one per thread, and each thread adds its rows in row order, so the sums are bitwise
-// the sequential ones whatever `threads` is (`deterministic` is accepted for the
-// interface; every run is deterministic). Extra memory O(threads + k) int64.
+// zero-filled by the caller. Each code's rows are summed in pieces of
+// kBackwardPieceRows rows in row order, and the pieces of a longer code added pairwise.
+// Codes are split into ranges of about equal row counts, one per thread, so the sums
+// are bitwise the same whatever `threads` is (`deterministic` is accepted for the
+// interface; every run is deterministic). Extra memory O(threads + k) int64 and the
+// full pieces of the codes of more than one piece (at most n / kBackwardPieceRows rows).
 // Throws std::out_of_range, before writing anything, if an index is outside [0, k).
 void backward_l2(const float* gq, const float* z, const float* codebook, const int64_t* idx,
                  int64_t n, int64_t d, int64_t k, float scale, float* grad_z, float* diff_sums,

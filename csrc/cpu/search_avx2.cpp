@@ -21,13 +21,19 @@ struct Avx2F32 {
   static constexpr int kMr = 6;
   static constexpr int kNr = 16;
   static constexpr int64_t kRowBlock = 96;  // 16 micro-blocks, ~24 KB of z at D = 64
-  static int64_t scratch_elems(int64_t) { return 0; }
+  static constexpr bool kCentred = true;
+  static int64_t scratch_elems(int64_t d) { return kRowBlock * d; }
   static int64_t panel_elems(int64_t d) { return d * kNr; }
   static void pack_panels(const float* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                          float* packed, float* norms) {
-    driver::pack_panels_f32<kNr>(cb, ldc, k, d, p0, p1, packed, norms);
+                          const float* centre, float* packed, float* norms) {
+    driver::pack_panels_f32<kNr>(cb, ldc, k, d, p0, p1, centre, packed, norms);
   }
-  static void prepare(const float*, int64_t, int64_t, int64_t, float*) {}  // reads z in place
+  // The item's rows minus the centre, row-major in scratch (the micro-kernel reads them there).
+  __attribute__((target("avx2,fma"))) static void prepare(const float* z0, int64_t ldz, int64_t rows, int64_t d,
+                                                          const float* centre, float* zc) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = 0; t < d; ++t) zc[r * d + t] = z0[r * ldz + t] - centre[t];
+  }
   static void run_block(const float* z0, int64_t ldz, int64_t rows, int64_t d, const float* packed,
                         const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, float* scratch);
   static float residual(const float* z, const float* e, int64_t d) { return residual_f32(z, e, d); }
@@ -85,12 +91,12 @@ __attribute__((target("avx2,fma"))) void run_panels(const float* const* zrow, co
     micro_kernel<MR>(zrow, packed + p * d * 16, norms + p * 16, d, static_cast<int32_t>(p * 16), lanes);
 }
 
-void Avx2F32::run_block(const float* z0, int64_t ldz, int64_t rows, int64_t d, const float* packed,
-                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, float*) {
+void Avx2F32::run_block(const float*, int64_t, int64_t rows, int64_t d, const float* packed, const float* norms,
+                        int64_t p0, int64_t p1, Lanes<kNr>* lanes, float* zc) {
   for (int64_t m = 0; m < rows; m += kMr) {
     const float* zrow[kMr];
     const int mr = static_cast<int>(std::min<int64_t>(kMr, rows - m));
-    for (int r = 0; r < mr; ++r) zrow[r] = z0 + (m + r) * ldz;
+    for (int r = 0; r < mr; ++r) zrow[r] = zc + (m + r) * d;
     Lanes<kNr>* l = lanes + m;
     driver::with_rows<kMr>(mr, [&](auto rows_c) {
       run_panels<decltype(rows_c)::value>(zrow, packed, norms, d, p0, p1, l);

@@ -151,15 +151,16 @@ struct Avx512F32 : Avx512Policy<float> {
   static constexpr int64_t kRowBlock = 8 * kMr;  // 112 rows, ~28 KB of z at D = 64
   static int64_t scratch_elems(int64_t d) { return kRowBlock * d; }  // the item's rows, transposed
   static int64_t panel_elems(int64_t d) { return d * kNr; }
+  static constexpr bool kCentred = true;
   static void pack_panels(const float* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                          float* packed, float* norms) {
-    driver::pack_panels_f32<kNr>(cb, ldc, k, d, p0, p1, packed, norms);
+                          const float* centre, float* packed, float* norms) {
+    driver::pack_panels_f32<kNr>(cb, ldc, k, d, p0, p1, centre, packed, norms);
   }
 
-  // Transposed once per work item, not once per cache block of codes: at D = 256 a
-  // cache block is only 8 panels, and a copy per block cost ~10% of the FMAs' time.
-  static void prepare(const float* z0, int64_t ldz, int64_t rows, int64_t d, float* zp) {
-    transpose_rows(rows, d, d, zp, [&](int64_t r, int64_t t) { return z0[r * ldz + t]; });
+  // Transposed (and centred) once per work item, not once per cache block of codes: at
+  // D = 256 a cache block is only 8 panels, and a copy per block cost ~10% of the FMAs' time.
+  static void prepare(const float* z0, int64_t ldz, int64_t rows, int64_t d, const float* centre, float* zp) {
+    transpose_rows(rows, d, d, zp, [&](int64_t r, int64_t t) { return z0[r * ldz + t] - centre[t]; });
   }
 
   template <int MR>
@@ -265,13 +266,14 @@ struct Avx512Bf16 : Avx512Policy<uint16_t> {
   static constexpr int64_t kRowBlock = 8 * kMr;
   static int64_t scratch_elems(int64_t d) { return kRowBlock * 2 * ((d + 1) / 2); }  // pairs as uint32
   static int64_t panel_elems(int64_t d) { return (d + 1) / 2 * 2 * kNr; }
+  static constexpr bool kCentred = false;  // bf16 products of the inputs as they are
   static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                          uint16_t* packed, float* norms) {
+                          const float*, uint16_t* packed, float* norms) {
     pack_panels_bf16(cb, ldc, k, d, p0, p1, packed, norms);
   }
 
   // A row's prepared width: its pairs as 32-bit words, 2 uint16 elements each.
-  static void prepare(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, uint16_t* scratch) {
+  static void prepare(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, const float*, uint16_t* scratch) {
     const int64_t pairs = (d + 1) / 2;
     transpose_rows(rows, pairs, pairs, reinterpret_cast<uint32_t*>(scratch), [&](int64_t r, int64_t u) {
       const uint16_t* z = z0 + r * ldz;
@@ -393,14 +395,15 @@ struct AmxBf16 : Avx512Policy<uint16_t> {
   // The row block's z, padded to whole chunks, then the 4 KB C buffer.
   static int64_t scratch_elems(int64_t d) { return kRowBlock * amx_chunks(d) * 32 + 2048 + 32; }
   static int64_t panel_elems(int64_t d) { return amx_chunks(d) * 1024; }
+  static constexpr bool kCentred = false;  // bf16 products of the inputs as they are
   static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                          uint16_t* packed, float* norms) {
+                          const float*, uint16_t* packed, float* norms) {
     pack_panels_amx(cb, ldc, k, d, p0, p1, packed, norms);
   }
 
   // Rows past `rows` (to a multiple of 32) are zero and fold into lane slots that the
   // driver never reads (it sizes the lane state for kRowBlock rows).
-  static void prepare(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, uint16_t* scratch) {
+  static void prepare(const uint16_t* z0, int64_t ldz, int64_t rows, int64_t d, const float*, uint16_t* scratch) {
     const int64_t width = amx_chunks(d) * 32;
     const int64_t groups = (rows + kAmxRows - 1) / kAmxRows;
     for (int64_t r = 0; r < groups * kAmxRows; ++r) {

@@ -6,12 +6,15 @@
 //   static constexpr int64_t kRowBlock;  rows per work item
 //   static int64_t scratch_elems(int64_t d);  T elements of per-thread scratch
 //   static int64_t panel_elems(int64_t d);  T elements of one packed panel
+//   static constexpr bool kCentred;  ranks in the frame centred on the codebook (below)
 //   static void pack_panels(const T* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0,
-//                           int64_t p1, T* packed, float* norms);
-//   static void prepare(const T* z0, int64_t ldz, int64_t rows, int64_t d, T* scratch);
-//                         // once per work item: the item's rows into scratch, in the
-//                         // kernel's layout (a transpose, padding), reused by every
-//                         // cache block of codes below
+//                           int64_t p1, const float* centre, T* packed, float* norms);
+//                         // codes minus the centre (when kCentred) and their squared norms
+//   static void prepare(const T* z0, int64_t ldz, int64_t rows, int64_t d, const float* centre,
+//                       T* scratch);
+//                         // once per work item: the item's rows (minus the centre when
+//                         // kCentred) into scratch, in the kernel's layout (a transpose,
+//                         // padding), reused by every cache block of codes below
 //   static void run_block(const T* z0, int64_t ldz, int64_t rows, int64_t d, const T* packed,
 //                         const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes,
 //                         T* scratch);   // rows <= kRowBlock, folds panels [p0, p1)
@@ -26,6 +29,16 @@
 // takes the smallest score and, among equal scores, the smallest index. Identical
 // codes therefore tie exactly (same arithmetic in the same order) and go to the
 // lowest index, as argmin. Padding codes past K have a +inf norm and never win.
+//
+// Frame. The fp32 scores |e|^2 - 2 z.e round at the scale of |z|^2 + |e|^2, so data far
+// from the origin loses its ranking in the rounding: 50 standard deviations out (N = 4000,
+// K = 1024, D = 128) the fp32 expansion picked a farther code on 48 rows, up to 0.21%
+// farther. |z - e|^2 is unchanged by a common shift, so the fp32 kernels (kCentred)
+// rank |e - c|^2 - 2 (z - c).(e - c) with c the mean of the finite codes (code_centre):
+// the rounding then scales with the data's spread about c. The bf16 kernels keep the
+// origin: z - c and e - c rounded back to bf16 lose 2^-9 of the spread, while 128 exact
+// products of bf16 values (16 bits each) summed in fp32 chose the nearest code on every
+// row out to 500 standard deviations (benchmarks/half_frame.py, docs/precision.md).
 //
 // Threads. Rows are cut into blocks of kRowBlock rows handed out through an atomic
 // counter, so a core that the OS gives to another process slows down only the
@@ -55,6 +68,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "buffers.h"
 #include "parallel.h"
 #include "search_kernels.h"
 
@@ -63,51 +77,16 @@ namespace driver {
 
 constexpr int64_t kMinSplitPanelCodes = 256;  // a split of the codes is at least this many
 
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
-
-template <typename T>
-std::unique_ptr<T, AlignedFree> aligned_array(size_t count) {
-  const size_t bytes = (std::max<size_t>(count, 1) * sizeof(T) + 63) / 64 * 64;
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  if (!p) throw std::bad_alloc();
-  return std::unique_ptr<T, AlignedFree>(p);
-}
+using buffers::AlignedFree;
+using buffers::aligned_array;
+using buffers::KeptBuffer;
+using buffers::kept_array;
 
 template <class K>
 SearchTiles tiles() {
   return {K::kRowBlock, K::kNr, kMinSplitPanelCodes};
 }
 
-// A 64-byte aligned buffer that a calling thread keeps from one call to the next, for
-// the packed codebook: a fresh 16 MB buffer costs its page faults on every call (3284
-// minor faults, ~10 ms on the Xeon VM of benchmarks/NOTES.md, as long as searching 32
-// rows against those 16384 x 256 codes). At most kKeepBytes stay allocated per
-// calling thread and kernel; a larger request is served by a buffer of its own,
-// freed when the call ends.
-constexpr size_t kKeepBytes = size_t(64) << 20;
-
-struct KeptBuffer {
-  std::unique_ptr<unsigned char, AlignedFree> data;
-  size_t bytes = 0;
-};
-
-template <typename T>
-T* kept_array(KeptBuffer& kept, std::unique_ptr<unsigned char, AlignedFree>& own, size_t count) {
-  const size_t bytes = (std::max<size_t>(count, 1) * sizeof(T) + 63) / 64 * 64;
-  if (bytes > kKeepBytes) {
-    own = aligned_array<unsigned char>(bytes);
-    return reinterpret_cast<T*>(own.get());
-  }
-  if (bytes > kept.bytes) {
-    kept.data.reset();  // before allocating the larger one: never both at once
-    kept.bytes = 0;
-    kept.data = aligned_array<unsigned char>(bytes);
-    kept.bytes = bytes;
-  }
-  return reinterpret_cast<T*>(kept.data.get());
-}
 
 // fn(std::integral_constant<int, rows>) for a runtime rows in [1, MAX]: the
 // micro-kernels are compiled for each row count of a block's remainder.
@@ -158,8 +137,8 @@ VQ_DRIVER_TARGET void epilogue(const Problem<typename K::T>& pb, int64_t row, in
 // panels is stored there (row r at offset r) for a merge across panel ranges.
 template <class K>
 VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, int64_t r1, const typename K::T* packed,
-                 const float* norms, int64_t q0, int64_t q1, Lanes<K::kNr>* lanes, typename K::T* scratch,
-                 float* part_val, int32_t* part_idx) {
+                 const float* norms, const float* centre, int64_t q0, int64_t q1, Lanes<K::kNr>* lanes,
+                 typename K::T* scratch, float* part_val, int32_t* part_idx) {
   constexpr int NR = K::kNr;
   const int64_t rows = r1 - r0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -170,7 +149,7 @@ VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, 
   // next micro-block starts stay in L2 (about 256 KB of packed codes).
   const int64_t panel_bytes = K::panel_elems(pb.d) * static_cast<int64_t>(sizeof(typename K::T));
   const int64_t step = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, panel_bytes));
-  K::prepare(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, scratch);
+  K::prepare(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, centre, scratch);
   for (int64_t p0 = q0; p0 < q1; p0 += step)
     K::run_block(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, packed, norms, p0, std::min(q1, p0 + step), lanes,
                  scratch);
@@ -185,6 +164,41 @@ VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, 
       epilogue<K>(pb, r0 + r, idx);
     }
   }
+}
+
+// The centre of the ranking frame: the mean of the codes whose elements are all finite
+// (zeros when none is), in fp64, rounded to fp32. Blocks of kCentreCodes codes are summed
+// in code order, each by one thread, and the block sums added in block order: the same
+// centre, so the same indices, for any thread count. Extra memory: d fp64 per block.
+// Below kParallelCentre elements one thread sums them (~1 ms at 2^20): a parallel
+// region more costs a wake-up of the other threads, and on a loaded machine a time slice.
+constexpr int64_t kCentreCodes = 256;
+constexpr int64_t kParallelCentre = int64_t(1) << 20;
+
+template <typename T>
+VQ_DRIVER_TARGET void code_centre(const Problem<T>& pb, int threads, float* centre) {
+  const int64_t k = pb.k, d = pb.d, blocks = (k + kCentreCodes - 1) / kCentreCodes;
+  std::vector<double> part(static_cast<size_t>(blocks * d), 0.0);
+  std::vector<int64_t> finite(static_cast<size_t>(blocks), 0);
+  std::atomic<int64_t> next{0};
+  parallel(k * d < kParallelCentre ? 1 : static_cast<int>(std::min<int64_t>(threads, blocks)), [&] {
+    for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
+      double* sum = part.data() + b * d;
+      for (int64_t c = b * kCentreCodes; c < std::min(k, (b + 1) * kCentreCodes); ++c) {
+        const T* e = pb.codebook + c * pb.ldc;
+        bool ok = true;
+        for (int64_t t = 0; t < d; ++t) ok &= std::isfinite(to_f32(e[t]));
+        if (!ok) continue;
+        for (int64_t t = 0; t < d; ++t) sum[t] += to_f32(e[t]);
+        ++finite[b];
+      }
+    }
+  });
+  int64_t count = 0;
+  for (int64_t b = 1; b < blocks; ++b)
+    for (int64_t t = 0; t < d; ++t) part[t] += part[b * d + t];
+  for (int64_t b = 0; b < blocks; ++b) count += finite[b];
+  for (int64_t t = 0; t < d; ++t) centre[t] = count ? static_cast<float>(part[t] / count) : 0.0f;
 }
 
 template <class K>
@@ -206,10 +220,13 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, std::max(blocks, panels))));
   std::atomic<int64_t> next_panel{0}, next_block{0};
   const int64_t pack_chunk = std::max<int64_t>(1, 1024 / NR);  // panels per packing work item
+  std::vector<float> centre_store(K::kCentred ? static_cast<size_t>(d) : 0);
+  const float* const centre = K::kCentred ? centre_store.data() : nullptr;
+  if constexpr (K::kCentred) code_centre(pb, threads, centre_store.data());
   // Pack in parallel, then join: the search needs every panel.
   parallel(threads, [&] {
     for (int64_t p0; (p0 = next_panel.fetch_add(pack_chunk)) < panels;)
-      K::pack_panels(pb.codebook, pb.ldc, k, d, p0, std::min(panels, p0 + pack_chunk), packed, norms);
+      K::pack_panels(pb.codebook, pb.ldc, k, d, p0, std::min(panels, p0 + pack_chunk), centre, packed, norms);
   });
   const int64_t min_split = std::max<int64_t>(1, kMinSplitPanelCodes / NR);
   const int64_t splits = blocks >= threads ? 1
@@ -224,7 +241,7 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
     for (int64_t item; (item = next_block.fetch_add(1)) < items;) {
       const int64_t b = item / splits, sp = item % splits;
       const int64_t r0 = b * K::kRowBlock;
-      search_rows<K>(pb, r0, std::min(n, r0 + K::kRowBlock), packed, norms, sp * panels / splits,
+      search_rows<K>(pb, r0, std::min(n, r0 + K::kRowBlock), packed, norms, centre, sp * panels / splits,
                      (sp + 1) * panels / splits, lanes.data(), scratch.get(),
                      splits > 1 ? part_val.data() + sp * n : nullptr,
                      splits > 1 ? part_idx.data() + sp * n : nullptr);
@@ -268,11 +285,12 @@ VQ_DRIVER_TARGET inline void panel_norms(int64_t p, int64_t k, int64_t d, Value&
     norms[p * NR + j] = p * NR + j < k ? acc[j] : std::numeric_limits<float>::infinity();
 }
 
-// fp32 codes [NR p0, NR p1) into d-major panels (panel[t][j] = e_{NR p + j}[t]) with
-// their squared norms (panel_norms); padding codes get zeros and a +inf norm.
+// fp32 codes [NR p0, NR p1) minus the centre into d-major panels (panel[t][j] =
+// e_{NR p + j}[t] - centre[t]) with their squared norms (panel_norms); padding codes get
+// zeros and a +inf norm.
 template <int NR>
 VQ_DRIVER_TARGET void pack_panels_f32(const float* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
-                                      int64_t p1, float* packed, float* norms) {
+                                      int64_t p1, const float* centre, float* packed, float* norms) {
   for (int64_t p = p0; p < p1; ++p) {
     float* panel = packed + p * d * NR;
     // t outer, codes inner: each panel row is written whole, in order, while the NR
@@ -281,7 +299,7 @@ VQ_DRIVER_TARGET void pack_panels_f32(const float* codebook, int64_t ldc, int64_
     const float* rows[NR];
     for (int j = 0; j < NR; ++j) rows[j] = p * NR + j < k ? codebook + (p * NR + j) * ldc : nullptr;
     for (int64_t t = 0; t < d; ++t)
-      for (int j = 0; j < NR; ++j) panel[t * NR + j] = rows[j] ? rows[j][t] : 0.0f;
+      for (int j = 0; j < NR; ++j) panel[t * NR + j] = rows[j] ? rows[j][t] - centre[t] : 0.0f;
     panel_norms<NR>(p, k, d, [&](int j, int64_t t) { return panel[t * NR + j]; }, norms);
   }
 }

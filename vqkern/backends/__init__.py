@@ -6,8 +6,10 @@ outputs it is given:
 
 ``search(z, codebook, indices, distances, quantized)``
     z (N, D) contiguous float, codebook (K, D) contiguous float (dtypes may
-    differ), N >= 1, K >= 1. Writes indices (N,) int64 (nearest code, lowest
-    index on ties), distances (N,) float32 (``sum((z - e_k)^2)`` in fp32 from
+    differ), N >= 1, K >= 1. Writes indices (N,) int64 (the nearest code up to
+    the precision bound of ``centred_ranking``: identical codes resolve to the
+    lowest index, codes whose distances differ by less than the bound may be
+    chosen either way), distances (N,) float32 (``sum((z - e_k)^2)`` in fp32 from
     the residual) and quantized (N, D) in z's dtype (``codebook[indices]``).
 
 ``backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic)``
@@ -16,7 +18,8 @@ outputs it is given:
     ``grad_z = grad_quantized + scale * (z - codebook[indices])`` (written in z's
     dtype; ``grad_z`` None: skipped) and ``diff_sums[k] += sum_{i: idx_i = k}
     (e_k - z_i)`` (``diff_sums`` (K, D) float32, zero-filled by the caller; None:
-    skipped), the codebook gradient's statistic. ``scale`` is a float32 tensor of
+    skipped), the codebook gradient's statistic, summed per code in blocks (or in
+    fp64), never as one running fp32 sum over the rows. ``scale`` is a float32 tensor of
     shape (1,) on z's device (read on the device: no host sync). ``deterministic=True``
     must give bitwise-identical ``diff_sums`` for identical inputs.
 
@@ -24,15 +27,16 @@ outputs it is given:
     indices (N,) int64 in [0, K), values (N, D) float. counts (K,) float32 and
     sums (K, D) float32 are zero-filled by the caller; the launcher adds
     ``counts[k] += #{i: idx_i = k}`` and ``sums[k] += sum_{i: idx_i = k} values_i``
-    in fp32. ``deterministic=True`` must give bitwise-identical results for
-    identical inputs.
+    in fp32, summed per code in blocks (or in fp64). ``deterministic=True`` must give
+    bitwise-identical results for identical inputs.
 
 ``sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quantized)``
     (optional: the cuda backend has none) writes, like ``search``, a code per row drawn
     from softmax(logit / T) (``inv_temperature`` = 1 / T, a float), logit ``-|z - e|``
     or, with ``cosine``, ``z . e`` of unit rows, with noise derived from the int ``seed``.
 
-A backend module also exposes ``availability(device) -> (bool, reason)`` and may expose
+A backend module also exposes ``availability(device) -> (bool, reason)``,
+``centred_ranking(device, z_dtype, codebook_dtype) -> bool`` (see ``centred_ranking``), and may expose
 ``tiles(device, z_dtype, codebook_dtype) -> dict``: how its kernels cut the work for such
 inputs (``path``, the code path they take; ``rows`` and ``codes`` of a search tile;
 ``split_rows`` and ``split_codes``, the search splits the codes between programs when
@@ -208,3 +212,18 @@ def report(device: torch.device | str = "cpu", check: bool = False) -> dict[str,
                 for k, v in found.items())
         out[name] = BackendReport(ok, reason, found)
     return out
+
+
+def centred_ranking(name: str, device: torch.device | str, z_dtype: torch.dtype,
+                    codebook_dtype: torch.dtype) -> bool:
+    """Whether backend ``name``'s search of z (``z_dtype``) against a codebook
+    (``codebook_dtype``) on ``device`` ranks in the frame centred on the codebook.
+
+    True: the chosen code's exact distance exceeds the nearest by at most about
+    1e-5 * (|z - c|^2 + max_k |e_k - c|^2), c the mean of the codebook, wherever the
+    data sits. False (fp16/bf16 inputs multiplied as they are, on tensor cores or AMX):
+    1e-5 * (|z|^2 + max_k |e_k|^2), which grows with the data's distance from the
+    origin. docs/precision.md has the policy of every path. ``name`` is a concrete backend.
+    """
+    return bool(_load(name).centred_ranking(torch.device(device), z_dtype, codebook_dtype))
+

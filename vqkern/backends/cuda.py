@@ -17,6 +17,8 @@ from types import ModuleType
 
 import torch
 
+from ._frame import codebook_centre
+
 # Shared with csrc/common.cuh (enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _HALF = (torch.float16, torch.bfloat16)
@@ -69,6 +71,12 @@ def _probe(index: int) -> tuple[bool, str]:
         return True, _ext.probe(index)
     except RuntimeError as exc:
         return False, str(exc)
+
+
+def centred_ranking(device, z_dtype, codebook_dtype) -> bool:
+    """The fp32 FMA kernel ranks in the frame centred on the codebook; fp16/bf16 z and
+    codebook of one dtype go to the tensor-core kernel, which multiplies them as they are."""
+    return not (z_dtype == codebook_dtype and z_dtype in _HALF)
 
 
 def _require() -> ModuleType:
@@ -144,11 +152,16 @@ def search(z, codebook, indices, distances, quantized, *, splits: int | None = N
         raise ValueError(f"cuda backend: splits must be >= 1, got {splits}")
     if tensor_cores is None:
         tensor_cores = z.dtype == codebook.dtype and z.dtype in _HALF
+    # The fp32 kernel ranks in the frame centred on the codebook; the tensor-core one
+    # multiplies the 16-bit inputs as they are (csrc/search.cu).
+    mma = tensor_cores and z.dtype == codebook.dtype and z.dtype in _HALF
+    centre = None if mma else codebook_centre(codebook)
     norms = torch.empty(k, dtype=torch.float32, device=device)
     part_scores = torch.empty((splits, n), dtype=torch.float32, device=device)
     part_index = torch.empty((splits, n), dtype=torch.int32, device=device)
     ext.search(index, z.data_ptr(), _DTYPE_CODES[z.dtype], codebook.data_ptr(),
-               _DTYPE_CODES[codebook.dtype], n, k, d, norms.data_ptr(), part_scores.data_ptr(),
+               _DTYPE_CODES[codebook.dtype], n, k, d, 0 if centre is None else centre.data_ptr(),
+               norms.data_ptr(), part_scores.data_ptr(),
                part_index.data_ptr(), splits, bool(tensor_cores), indices.data_ptr(),
                distances.data_ptr(), quantized.data_ptr(), _stream(device))
 

@@ -11,6 +11,11 @@ def availability(device: torch.device) -> tuple[bool, str]:
     return True, "plain PyTorch runs on every device"
 
 
+def centred_ranking(device, z_dtype, codebook_dtype) -> bool:
+    """The fp64 residual ranks exactly, wherever the data sits."""
+    return True
+
+
 def search(z, codebook, indices, distances, quantized) -> None:
     idx = ref.nearest_code(z, codebook)
     chosen = codebook[idx]
@@ -32,12 +37,18 @@ def sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quant
     quantized.copy_(chosen)
 
 
+def _sums64(shape, indices, values):
+    return torch.zeros(shape, dtype=torch.float64, device=values.device).index_add_(0, indices, values.double())
+
+
 def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, deterministic) -> None:
     diff = codebook[indices].float() - z.float()
     if grad_z is not None:
         grad_z.copy_(grad_quantized.float() - scale * diff)
     if diff_sums is not None:
-        diff_sums.index_add_(0, indices, diff)
+        # Summed in fp64 and rounded once: a running fp32 sum of many rows of one code
+        # errs like the rows (the residuals of half-precision rows round alike).
+        diff_sums.add_(_sums64(diff_sums.shape, indices, diff))
 
 
 def segment_sum(indices, values, counts, sums, deterministic) -> None:
@@ -45,4 +56,4 @@ def segment_sum(indices, values, counts, sums, deterministic) -> None:
     counts.add_(one_hot.sum(dim=0))
     # Not one_hot.t() @ values: a row holding an infinity would put 0 * inf = NaN into
     # every code's sum.
-    sums.index_add_(0, indices, values.float())
+    sums.add_(_sums64(sums.shape, indices, values))

@@ -1,9 +1,11 @@
 """Chunked PyTorch backend: any device, bounded memory.
 
 The search ranks codes with the expansion ``|e|^2 - 2 z.e`` (|z|^2 is constant
-per row and does not change the argmin) one (rows x codes) tile at a time, then
-recomputes the chosen code's distance exactly from the residual, as the op
-contract requires. Peak extra memory is one tile plus O(N) vectors, whatever
+per row and does not change the argmin) one (rows x codes) tile at a time, in the
+frame centred on the codebook (z - c and e - c, c the mean of the finite codes, so
+that the fp32 rounding scales with the data's spread, not its distance from the
+origin; ``_frame.py``), then recomputes the chosen code's distance exactly from the
+residual, as the op contract requires. Peak extra memory is one tile plus O(N) vectors, whatever
 N x K is (benchmarks/NOTES.md has the measurements behind the tile sizes).
 
 On CPU the tile is small enough to stay in cache and lives in one preallocated
@@ -21,7 +23,9 @@ dynamically. The kernel's instruction set is chosen from the CPU (cpuid and the
 OS's saved register state): ``avx2`` (AVX2 + FMA), ``avx512`` (AVX512F/DQ/BW/VL),
 ``avx512bf16`` (also AVX512-BF16) or ``amx`` (also AMX-BF16 tiles). The last two
 search bf16 z and codebook as bf16: bf16 products are exact in fp32 and summed in
-fp32, so the precision policy holds. ``VQKERN_CPU_ISA=avx2|avx512|avx512bf16|amx``
+fp32, so the precision policy holds, with a bound relative to |z|^2 + |e|^2 (they
+rank in the origin's frame; the fp32 kernels, like the tiled path, rank in the frame
+centred on the codebook: ``centred_ranking``). ``VQKERN_CPU_ISA=avx2|avx512|avx512bf16|amx``
 forces one (an error names the variable if the CPU lacks it);
 ``VQKERN_CPU_KERNEL=0`` forces the tiled PyTorch path; ``cpu_kernel()`` says
 which path runs and why. ``cpu_backward`` is the extension's one-pass fp32
@@ -37,6 +41,7 @@ import os
 import torch
 
 from .._gumbel import gumbel_, logits
+from ._frame import codebook_centre
 
 # Non-CPU devices: one (rows x K) block of at most this many bytes per step.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -114,6 +119,16 @@ def cpu_kernel() -> tuple[bool, str]:
     return ext is not None, reason
 
 
+def centred_ranking(device: torch.device, z_dtype: torch.dtype, codebook_dtype: torch.dtype) -> bool:
+    """Whether a search of these dtypes on ``device`` ranks in the frame centred on the
+    codebook (vqkern.backends.centred_ranking). Every path does but the C++ kernel's bf16
+    paths (avx512bf16, amx) for bf16 z and codebook."""
+    if torch.device(device).type != "cpu" or not (z_dtype == codebook_dtype == torch.bfloat16):
+        return True
+    ext, isa, _ = _active_cpu_ext()
+    return ext is None or isa not in BF16_ISAS
+
+
 def availability(device: torch.device) -> tuple[bool, str]:
     if torch.device(device).type == "cpu":
         try:
@@ -188,7 +203,9 @@ def _never_win(scores: torch.Tensor) -> torch.Tensor:
     return scores.nan_to_num_(nan=_INF, posinf=_INF, neginf=_INF)
 
 
-def _search_cpu(z, cb, cb_norm, indices) -> None:
+def _search_cpu(z, cb, cb_norm, indices, centre) -> None:
+    """z (N, D) float, cb (K, D) fp32 and cb_norm (K,) in the frame centred on ``centre``
+    (cb = codebook - centre): each tile of rows of z is moved into the frame as it is searched."""
     n, k = z.shape[0], cb.shape[0]
     # Only a non-finite code norm can give a finite row a NaN score (a NaN row of z may
     # take any index): checked once per call, so finite codebooks skip the extra pass.
@@ -198,7 +215,7 @@ def _search_cpu(z, cb, cb_norm, indices) -> None:
     buffer = torch.empty(tile_rows * tile_codes, dtype=cb.dtype)
     for start in range(0, n, tile_rows):
         stop = min(n, start + tile_rows)
-        zc = z[start:stop]
+        zc = z[start:stop].float() - centre
         best_val = best_idx = None
         for k0 in range(0, k, tile_codes):
             k1 = min(k, k0 + tile_codes)
@@ -218,18 +235,20 @@ def _search_cpu(z, cb, cb_norm, indices) -> None:
 
 
 def _search_blocked(z, codebook, indices) -> None:
-    """Generic path (any device): fp32 scores of (rows x K) blocks, TF32 off.
+    """Generic path (any device): fp32 scores of (rows x K) blocks, TF32 off, in the frame
+    centred on the codebook (vqkern.backends._frame).
 
     Ranking in the inputs' half precision would put the scores' rounding (about
     3e-4 of |z|^2 + |e|^2 in bf16) above the policy's 1e-5 bound."""
-    zs, cb = z.float(), codebook.float()
+    centre = codebook_centre(codebook)
+    cb = codebook.float() - centre
     cb_norm = (cb * cb).sum(dim=1)
-    n, k = zs.shape[0], cb.shape[0]
+    n, k = z.shape[0], cb.shape[0]
     rows = max(1, min(n, _block_bytes() // (4 * k)))
-    with _ieee_fp32_matmul(zs.device):
+    with _ieee_fp32_matmul(z.device):
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            scores = torch.addmm(cb_norm, zs[start:stop], cb.t(), beta=1.0, alpha=-2.0)
+            scores = torch.addmm(cb_norm, z[start:stop].float() - centre, cb.t(), beta=1.0, alpha=-2.0)
             # Always (no host read of the norms on a GPU): one pass over the block.
             indices[start:stop] = _never_win(scores).argmin(dim=1)
 
@@ -268,8 +287,9 @@ def search(z, codebook, indices, distances, quantized) -> None:
         if _kernel_search(ext, isa, z, codebook, indices, distances, quantized):
             return
     elif z.device.type == "cpu":
-        cb = codebook.float()
-        _search_cpu(z.float(), cb, (cb * cb).sum(dim=1), indices)
+        centre = codebook_centre(codebook)
+        cb = codebook.float() - centre
+        _search_cpu(z, cb, (cb * cb).sum(dim=1), indices, centre)
     else:
         _search_blocked(z, codebook, indices)
     chosen = codebook.index_select(0, indices)
@@ -396,8 +416,7 @@ def backward(grad_quantized, z, codebook, indices, scale, grad_z, diff_sums, det
     else:
         diff = codebook.index_select(0, indices).float().sub_(z.float())
     if diff_sums is not None:
-        with _deterministic(diff_sums.device, deterministic):
-            diff_sums.index_add_(0, indices, diff)
+        add_per_code(diff_sums, indices, diff, deterministic)
     if grad_z is None:
         return
     # grad_quantized - scale * (e - z) in one pass; scale stays a (1,) tensor (no host read).
@@ -425,13 +444,33 @@ def _deterministic(device: torch.device, on: bool):
         torch.use_deterministic_algorithms(False, warn_only=warn_only)
 
 
+# Rows converted to fp64 per step of add_per_code: bounds its temporary to 8 MB.
+SUM_CHUNK_ELEMENTS = 1 << 20
+
+
+def add_per_code(sums, indices, values, deterministic) -> None:
+    """sums (K, D) fp32 += per-code sums of values (N, D), accumulated in fp64, rounded once.
+
+    A running fp32 sum of many rows of one code errs like the rows: residuals e - z of
+    half-precision rows share the code's low-order bits and round the same way at every
+    step (166 fp32 ulps of sum|e - z| at 10^5 fp16 rows, PyTorch autograd 1.5;
+    tests/test_precision.py). In fp64 the order of the additions is immaterial: the
+    result is the fp32 rounding of the sum up to n * 2^-53. index_add_ is sequential on
+    CPU; on CUDA its deterministic kernel is taken when the caller asks for one."""
+    acc = torch.zeros(sums.shape, dtype=torch.float64, device=sums.device)
+    step = max(1, SUM_CHUNK_ELEMENTS // max(1, values.shape[1]))
+    with _deterministic(sums.device, deterministic):
+        for start in range(0, values.shape[0], step):
+            acc.index_add_(0, indices[start:start + step], values[start:start + step].double())
+    sums.add_(acc)
+
+
 def segment_sum(indices, values, counts, sums, deterministic) -> None:
-    # index_add_ on CPU is sequential (deterministic); on CUDA the deterministic
-    # mode is honoured through torch's own deterministic kernels.
+    # Counts are exact in fp32 up to 2^24 rows per code; the sums go through fp64.
     ones = torch.ones(indices.shape[0], dtype=torch.float32, device=indices.device)
     with _deterministic(sums.device, deterministic):
         counts.index_add_(0, indices, ones)
-        sums.index_add_(0, indices, values.float())
+    add_per_code(sums, indices, values, deterministic)
 
 
 def tiles(device: torch.device, z_dtype: torch.dtype, codebook_dtype: torch.dtype) -> dict:

@@ -3,14 +3,16 @@
 Each case draws N (0 included), K (1 included), D (1 to 1024), the dtypes of z and of the
 codebook (fp32/fp16/bf16, mixed), the metric, the layout of z (2-D, 3-D, strided) and
 adversarial data: duplicate codes, near-ties (z at the midpoint of two codes), a common
-offset of +100 on every coordinate, z within 0.01 (or 1e-4, or 0) of possibly duplicated
+offset of +100 or of 50 standard deviations on every coordinate, z within 0.01 (or 1e-4, or 0) of possibly duplicated
 codes, scales 1e-3 and 1e3, NaN/+-inf entries in rows of z and of the codebook. Through
 ``vqkern.nearest_code``, ``vqkern.quantize`` (forward and autograd) and ``vqkern.segment_sum``
 :func:`run_case` checks, on every finite row of z:
 
 - rank: the chosen code's exact fp64 distance is within the precision policy of the fp64
-  minimum over the finite codes (README, "Precision policy"): l2 excess at most
-  ``RANK_RTOL * (|z|^2 + max|e|^2)``; cosine excess of ``1 - cos`` at most ``COS_RANK_ATOL``;
+  minimum over the finite codes (docs/precision.md): l2 excess at most
+  ``RANK_RTOL * (|z - c|^2 + max|e - c|^2)``, c the codebook's mean, for the searches that
+  rank in the frame centred on the codebook (``vqkern.backends.centred_ranking``), else
+  ``RANK_RTOL * (|z|^2 + max|e|^2)`` (``policy.rank_scale``); cosine excess of ``1 - cos`` at most ``COS_RANK_ATOL``;
   a finite row never picks a non-finite code;
 - ties: the chosen code is the first of its identical copies (duplicates tie exactly);
 - distance: against the fp64 residual ``sum((z - e)^2)`` (``1 - cos`` for cosine);
@@ -73,7 +75,8 @@ def draw_case(seed, small):
     cb_dtype = z_dtype if rng.random() < 0.5 else rng.choice(DTYPES)
     metric = "cosine" if rng.random() < 0.3 else "l2"
     scale = rng.choice([1.0] * 4 + [1e-3, 1e3])
-    offset = 100.0 if rng.random() < 0.25 else 0.0
+    u = rng.random()  # a common offset: +100, or 50 standard deviations, or none
+    offset = 100.0 if u < 0.25 else 50.0 * scale if u < 0.4 else 0.0
     dups = [(rng.randrange(k), rng.randrange(k)) for _ in range(rng.choice([0, 0, 1, 3, k // 2]))] if k > 1 else []
     p_near = rng.choice([0.0, 0.5, 1.0])
     near_noise = rng.choice([1e-2, 1e-2, 1e-4, 0.0])
@@ -93,6 +96,21 @@ def draw_case(seed, small):
                 scale=scale, offset=offset, dups=dups, p_near=p_near, near_noise=near_noise,
                 p_tie=p_tie, bad_z=bad_z, bad_cb=bad_cb, layout=layout, beta=beta,
                 deterministic=rng.random() < 0.5, small=small)
+
+
+def draw_rows_per_code_case(seed, small):
+    """Case ``seed`` of draw_case made a sum over many rows per code: fp16/bf16 z against an
+    fp32 codebook, K = 1 to 3 and 100 to 1,500 rows per code (500 when small), l2, finite
+    rows and codes. Residuals of half-precision rows share their code's low bits, so a
+    running fp32 sum of them errs like the rows (up to 24x plain PyTorch's error)."""
+    case = draw_case(seed, small)
+    rng = random.Random(-seed)
+    k = rng.randint(1, 3)
+    case.update(k=k, n=k * rng.randint(100, 500 if small else 1500), d=min(case["d"], 128 if small else 256),
+                z_dtype=rng.choice(DTYPES[1:]), cb_dtype=torch.float32, metric="l2", dups=[], bad_z=[], bad_cb=[])
+    if case["layout"] == "3d" and case["n"] % 2:
+        case["layout"] = "2d"
+    return case
 
 
 def describe(case):
@@ -293,6 +311,7 @@ def run_case(case, backend, device, findings=None):
     of (check, figure, message) for those that fail. ``findings`` (a Findings) given: it
     also collects the worst figures ("rank", "grad")."""
     import vqkern  # the public API (this module is imported by the backend registry's self-check)
+    from vqkern import backends
 
     findings = Findings() if findings is None else findings
     start = len(findings.fails)
@@ -318,7 +337,8 @@ def run_case(case, backend, device, findings=None):
             if n and not bool(((t >= 0) & (t < k)).all()):
                 fail("index-range", 0, f"{name} returned indices outside [0, {k})")
                 return findings.fails[start:]
-        chosen, en64 = check_search(z, codebook, idx, dist, metric, findings)
+        centred = backends.centred_ranking(backend, device, z.dtype, codebook.dtype)
+        chosen, en64 = check_search(z, codebook, idx, dist, metric, findings, centred)
         if not torch.equal(q_idx, idx):
             fail("quantize-indices", int((q_idx != idx).sum()), "quantize chose other indices than nearest_code")
             chosen, en64 = check_search(z, codebook, q_idx, dist, metric, Findings())

@@ -80,13 +80,14 @@ def check_gradient(name, got, exact, plain, size, findings, free_rows=None) -> N
         findings.fail(name, 0, "finite gradient where the fp64 oracle's is not (a non-finite input hidden)")
 
 
-def check_search(z, codebook, idx, dist, metric, findings):
+def check_search(z, codebook, idx, dist, metric, findings, centred=False):
     """rank, ties, distance and non-finite rows of one search of z (N, D) against codebook
     (K, D), as the caller gave them (``metric`` "cosine": the chosen code of each row's unit
     vector and ``dist`` = 1 - cos). idx (N,) int64 in [0, K), dist (N,) float32.
 
     Returns the fp64 distance (1 - cos for cosine) of each row's chosen code and the fp64
-    unit codes (cosine; else None)."""
+    unit codes (cosine; else None). ``centred``: the search ranks in the frame centred on
+    the codebook (``vqkern.backends.centred_ranking``), so its bound follows the spread."""
     n, k, d = z.shape[0], codebook.shape[0], z.shape[1]
     device = z.device
     finite_rows, nan_rows = torch.isfinite(z).all(1), torch.isnan(z).any(1)
@@ -115,14 +116,15 @@ def check_search(z, codebook, idx, dist, metric, findings):
                     findings.fail("rank", worst, f"chosen 1-cos exceeds the best by {worst:.3g} > {COS_RANK_ATOL:g} "
                                                  f"(row {int(rows.nonzero()[worst_row])})")
             else:
-                relative = excess / rank_scale(z64[rows], cb64[finite_codes])
+                relative = excess / rank_scale(z64[rows], cb64, centred)
                 worst_row = int(relative.argmax())
                 worst = relative[worst_row].item()
                 findings.worst("rank", worst)
                 if worst > RANK_RTOL:
                     row = int(rows.nonzero()[worst_row])
+                    frame = "|z-c|^2+max|e-c|^2" if centred else "|z|^2+max|e|^2"
                     findings.fail("rank", worst, f"row {row} chose code {int(idx[row])}, whose distance exceeds the "
-                                                 f"nearest's by {worst:.3g} of |z|^2+max|e|^2 > {RANK_RTOL:g}")
+                                                 f"nearest's by {worst:.3g} of {frame} > {RANK_RTOL:g}")
         # Identical codes score identically in any order of operations: the first copy wins.
         # (Non-finite codes get distinct stand-ins: NaN rows would not group.)
         stand_in = -1e300 * (1.0 + torch.arange(k, device=device, dtype=torch.float64))[:, None]

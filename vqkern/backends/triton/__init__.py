@@ -19,8 +19,14 @@ from .backward import backward, launch_backward
 from .search import launch_sample, launch_search, sample, search
 from .segment_sum import launch_segment_sum, segment_sum
 
-__all__ = ["availability", "tiles", "search", "launch_search", "sample", "launch_sample", "backward", "launch_backward", "segment_sum",
-           "launch_segment_sum"]
+__all__ = ["availability", "centred_ranking", "tiles", "search", "launch_search", "sample", "launch_sample", "backward",
+           "launch_backward", "segment_sum", "launch_segment_sum"]
+
+
+def centred_ranking(device, z_dtype, codebook_dtype) -> bool:
+    """fp32 dots rank in the frame centred on the codebook; fp16/bf16 z and codebook of one
+    dtype go to tl.dot as they are (search.py)."""
+    return not (z_dtype == codebook_dtype and z_dtype in (torch.float16, torch.bfloat16))
 
 
 def availability(device: torch.device) -> tuple[bool, str]:

@@ -25,6 +25,18 @@ are searched again with ieee dots (only the row blocks holding one), so the code
 stay those of the ieee search (``VQKERN_TRITON_RECHECK=0`` skips the re-check, to
 measure it). tf32x3 (three tf32 products) is about 2^-21 relative, so its re-check
 touches few rows; tf32's 2^-10 flags rows whose two best codes are close.
+
+Frame: fp32 dots rank ``|e - c|^2 - 2 (z - c).(e - c)``, z and the codes moved by
+the codebook's centre c (``vqkern.backends._frame``) as their tiles are loaded, so the
+rounding scales with the spread of the data about the codebook, not with its distance
+from the origin (50 standard deviations out, the plain fp32 expansion picked a
+farther code on 48 of 4000 rows). fp16/bf16 operands of one dtype stay in the origin's
+frame, their bound relative to |z|^2 + |e|^2: moved and rounded back to 16 bits they
+would lose 2^-9 (bf16) or 2^-12 (fp16) of the spread. Emulated on CPU
+(benchmarks/half_frame.py), bf16 lost nothing in the origin's frame out to 500 standard
+deviations and fp16 chose a farther code on 1% of rows at 50; an exact centring (hi/lo
+split, three products) lost nothing, at three times the tensor-core work, not yet timed
+on a GPU (docs/precision.md).
 """
 from __future__ import annotations
 
@@ -35,14 +47,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .._frame import codebook_centre
 from ._cast import cast_to
 from ._device import on_device
 
 
 @triton.jit
-def _code_norms_kernel(cb_ptr, norms_ptr, K, D, stride_k,
-                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    # |e|^2 once per call, in fp32: the search kernels read it per tile.
+def _code_norms_kernel(cb_ptr, centre_ptr, norms_ptr, K, D, stride_k,
+                       CENTRE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # |e - c|^2 (CENTRE) or |e|^2 once per call, in fp32: the search kernels read it per tile.
     pid = tl.program_id(0).to(tl.int64)
     codes = pid * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     code_mask = codes < K
@@ -51,6 +64,8 @@ def _code_norms_kernel(cb_ptr, norms_ptr, K, D, stride_k,
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = code_mask[:, None] & (cols[None, :] < D)
         e = tl.load(cb_ptr + codes[:, None] * stride_k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if CENTRE:
+            e = tl.where(mask, e - tl.load(centre_ptr + cols, mask=cols < D, other=0.0)[None, :], 0.0)
         acc += tl.sum(e * e, axis=1)
     tl.store(norms_ptr + codes, acc, mask=code_mask)
 
@@ -75,9 +90,10 @@ def _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_
 
 @triton.jit
 def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_val_ptr, part_idx_ptr,
-                   second_ptr, flag_ptr, zn2_ptr,
+                   second_ptr, flag_ptr, zn2_ptr, centre_ptr,
                    N, K, D, stride_zm, stride_k, stride_qm, num_splits, inv_temperature, seed,
-                   SPLIT: tl.constexpr, INTERPRET: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   SPLIT: tl.constexpr, INTERPRET: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT_FP32: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, CENTRE: tl.constexpr,
                    TRACK_SECOND: tl.constexpr, ROW_FILTER: tl.constexpr, SAMPLE: tl.constexpr, COSINE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    EPI_BLOCK_D: tl.constexpr):
@@ -110,6 +126,10 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                          mask=row_mask[:, None] & (cols[None, :] < D), other=0.0)
         if DOT_FP32:
             z_tile = z_tile.to(tl.float32)
+        if CENTRE:
+            # The frame centred on the codebook (launch_search); padding columns stay 0.
+            centre = tl.load(centre_ptr + cols, mask=cols < D, other=0.0)
+            z_tile = z_tile - centre[None, :]
     # Under the interpreter tl.dot is a BLAS sgemm whose rounding depends on a
     # column's position in the tile, so identical codes could score differently;
     # there the product is a broadcast summed over D in order, the same for every
@@ -123,6 +143,8 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                         mask=code_mask[None, :] & (cols[:, None] < D), other=0.0)
             if DOT_FP32:
                 e = e.to(tl.float32)
+            if CENTRE:
+                e = e - centre[:, None]
             if INTERPRET:
                 acc = tl.sum(z_tile.to(tl.float32)[:, :, None] * e.to(tl.float32)[None, :, :], axis=1)
             else:
@@ -141,6 +163,10 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
                 if DOT_FP32:
                     z = z.to(tl.float32)
                     e = e.to(tl.float32)
+                if CENTRE:
+                    centre = tl.load(centre_ptr + cols_d, mask=col_mask, other=0.0)
+                    z = z - centre[None, :]
+                    e = e - centre[:, None]
                 if INTERPRET:
                     acc += tl.sum(z.to(tl.float32)[:, :, None] * e.to(tl.float32)[None, :, :], axis=1)
                 else:
@@ -350,28 +376,40 @@ def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None
         recheck = _recheck_enabled()
     track_second = dot_fp32 and fp32_precision != "ieee" and recheck
     splits = _choose_splits(z, n, k) if num_splits is None else max(1, int(num_splits))
-    norms = torch.empty(k, dtype=torch.float32, device=z.device)
-    norm_block_d = min(_pow2_at_least_16(d), 128 if interpreting else 32)
-    norm_block_k = INTERPRET_NORM_BLOCK_K if interpreting else 64
     best = second = None
     if track_second:
         best = torch.empty(n, dtype=torch.float32, device=z.device)
         second = torch.empty(n, dtype=torch.float32, device=z.device)
     with on_device(z):
-        _code_norms_kernel[(triton.cdiv(k, norm_block_k),)](codebook, norms, k, d, codebook.stride(0),
-                                                            BLOCK_K=norm_block_k, BLOCK_D=norm_block_d)
+        centre, norms = _frame_and_norms(codebook, dot_fp32, interpreting)
         _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, fp32_precision,
-                     block_d, block_n, interpreting, best=best, second=second)
+                     block_d, block_n, interpreting, centre, best=best, second=second)
         if track_second:
-            scale = (z.float().square().sum(dim=1) * norms.max()).sqrt_()
+            # The bound's scale in the frame the scores were computed in.
+            scale = ((z.float() - centre).square().sum(dim=1) * norms.max()).sqrt_()
             flags = ((second - best) <= scale.mul_(_recheck_bound(fp32_precision, d))).to(torch.int8)
             _search_pass(z, codebook, norms, indices, distances, quantized, 1, dot_fp32, "ieee",
-                         None, block_n, interpreting, flags=flags)
+                         None, block_n, interpreting, centre, flags=flags)
+
+
+def _frame_and_norms(codebook, centred, interpreting):
+    """(centre (D,) fp32, squared code norms (K,) fp32 in that frame): the codebook's
+    centre when ``centred``, else zeros (the origin's frame)."""
+    k, d = codebook.shape
+    centre = (codebook_centre(codebook) if centred
+              else torch.zeros(d, dtype=torch.float32, device=codebook.device))
+    norms = torch.empty(k, dtype=torch.float32, device=codebook.device)
+    norm_block_d = min(_pow2_at_least_16(d), 128 if interpreting else 32)
+    norm_block_k = INTERPRET_NORM_BLOCK_K if interpreting else 64
+    _code_norms_kernel[(triton.cdiv(k, norm_block_k),)](codebook, centre, norms, k, d, codebook.stride(0),
+                                                        CENTRE=centred, BLOCK_K=norm_block_k, BLOCK_D=norm_block_d)
+    return centre, norms
 
 
 def _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, precision, block_d,
-                 block_n, interpreting, *, best=None, second=None, flags=None, sample=None):
-    """One search over every code: best and second (N,) fp32 given -> each row's two
+                 block_n, interpreting, centre, *, best=None, second=None, flags=None, sample=None):
+    """One search over every code, in the frame centred on ``centre`` (D,) fp32 when
+    the dots are fp32 (norms in that frame): best and second (N,) fp32 given -> each row's two
     best scores are written there; flags (N,) int8 given -> only the flagged rows are
     searched and written; sample (zn2 (N,) fp32, 1 / temperature, seed, cosine) given ->
     each row's code is drawn from softmax(logit / temperature) instead (Gumbel-max)."""
@@ -393,12 +431,12 @@ def _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_
         part_val, part_idx = (best if track_second else distances), indices
     zn2, inv_temperature, seed, cosine = sample if sample is not None else (distances, 1.0, 0, False)
     args = (z, codebook, norms, indices, distances, quantized, part_val, part_idx,
-            part_second if track_second else distances, flags if flags is not None else indices, zn2,
+            part_second if track_second else distances, flags if flags is not None else indices, zn2, centre,
             n, k, d, z.stride(0), codebook.stride(0), quantized.stride(0), splits, inv_temperature, seed)
     epi_block_d = min(_pow2_at_least_16(d), 128) if interpreting else EPI_BLOCK_D
     meta = dict(SPLIT=splits > 1, INTERPRET=interpreting, ONE_CHUNK=one_chunk, DOT_FP32=dot_fp32,
-                INPUT_PRECISION=precision, TRACK_SECOND=track_second, ROW_FILTER=flags is not None,
-                SAMPLE=sample is not None, COSINE=cosine,
+                INPUT_PRECISION=precision, CENTRE=dot_fp32 and not cosine, TRACK_SECOND=track_second,
+                ROW_FILTER=flags is not None, SAMPLE=sample is not None, COSINE=cosine,
                 BLOCK_D=block_d, EPI_BLOCK_D=epi_block_d)
     if interpreting or block_n is not None:
         block_m = INTERPRET_BLOCK_M if interpreting else 64
@@ -432,15 +470,13 @@ def launch_sample(z, codebook, indices, distances, quantized, inv_temperature, s
     interpreting = _interpreting()
     dot_fp32 = z.dtype != codebook.dtype or z.dtype == torch.float32
     splits = _choose_splits(z, n, k) if num_splits is None else max(1, int(num_splits))
-    norms = torch.empty(k, dtype=torch.float32, device=z.device)
-    norm_block_d = min(_pow2_at_least_16(d), 128 if interpreting else 32)
-    norm_block_k = INTERPRET_NORM_BLOCK_K if interpreting else 64
-    zn2 = z.float().square().sum(dim=1)
     with on_device(z):
-        _code_norms_kernel[(triton.cdiv(k, norm_block_k),)](codebook, norms, k, d, codebook.stride(0),
-                                                            BLOCK_K=norm_block_k, BLOCK_D=norm_block_d)
+        # l2 logits -|z - e| from |z - c|^2 + |e - c|^2 - 2 (z - c).(e - c); cosine logits
+        # are z.e of unit rows, in the origin's frame.
+        centre, norms = _frame_and_norms(codebook, dot_fp32 and not cosine, interpreting)
+        zn2 = (z.float() - centre).square().sum(dim=1)
         _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, "ieee", None, block_n,
-                     interpreting, sample=(zn2, float(inv_temperature), int(seed), bool(cosine)))
+                     interpreting, centre, sample=(zn2, float(inv_temperature), int(seed), bool(cosine)))
 
 
 def sample(z, codebook, inv_temperature, seed, cosine, indices, distances, quantized) -> None:
