@@ -68,15 +68,17 @@ def main(argv=None) -> int:
     bf16_paths = [isa for isa in ("avx512bf16", "amx") if not ext.isa_missing(isa)]
     common = measure.provenance(torch.device("cpu"), argv)
     common["timing"] = "time.thread_time per call, 1 thread, interleaved, median"
-    # The floor's matmul rate per dtype, as the sweep takes it (a large square torch.mm),
-    # on one thread and in CPU time.
-    floor = {}
+    # The floor's matmul rate per dtype, as the sweep takes it (the fastest way of a square
+    # product, measure.matmul_rate), on one thread and in CPU time.
+    floor, how = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
-        c = torch.empty(2048, 2048, dtype=dtype)
-        floor[name] = 2 * 2048**3 / min(_cpu_ms(lambda: torch.mm(a, b, out=c), args.reps)) / 1e6  # GFLOP/s
+        rate = measure.matmul_rate(torch.device("cpu"), dtype, sizes=(1024, 2048), reps=args.reps,
+                                   clock=time.thread_time)
+        floor[name], how[name] = rate["matmul_flops"] / 1e9, rate  # GFLOP/s
     common["square_mm_gflops_1thread"] = floor
-    print("square torch.mm 2048^3, 1 thread: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in floor.items()))
+    common["square_mm_1thread"] = how
+    print("square matmul, 1 thread: " + ", ".join(
+        f"{k} {v:.0f} GFLOP/s ({how[k]['matmul_method']}, {how[k]['matmul_shape'][0]}^3)" for k, v in floor.items()))
     records = []
     for n, k, d in args.shapes:
         g = torch.Generator().manual_seed(n * 31 + k * 7 + d)
@@ -126,8 +128,9 @@ def main(argv=None) -> int:
              f"- date {common['date']}, commit `{common['git_commit']}`, torch {common['torch']}, "
              f"load average at start {common['load_average']}, search path in use: {common['cpu_isa']}",
              f"- command: `{common['command'].replace('benchmarks.run', 'benchmarks.cpu_rates')}`",
-             f"- {common['timing']}; square torch.mm 2048^3 on 1 thread (the floor's rate): "
-             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in floor.items()),
+             f"- {common['timing']}; the fastest square matmul on 1 thread (the floor's rate): "
+             + ", ".join(f"{k} {v:.0f} GFLOP/s ({how[k]['matmul_method']}, {how[k]['matmul_shape'][0]}^3)"
+                         for k, v in floor.items()),
              "- `% same-shape mm` = torch.mm of (N, D) @ (D, K) in the same dtype / this time (the bare GEMM peer); "
              "`% floor` = GFLOP/s / the square mm rate, or for the backward kernel "
              "(3ND + 2KD floats + 8N bytes) / copy bandwidth / this time", "",

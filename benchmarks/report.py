@@ -21,6 +21,13 @@ def _groups(records):
     return out
 
 
+def floor_method(rates: dict) -> str:
+    """How the floor's matmul rate was reached: the fastest way and its square size."""
+    # Runs before the fastest-way floor timed torch.mm(a, b, out=c) alone.
+    method = rates.get("matmul_method", "torch.mm(a, b, out=c)")
+    return f"{method}, {rates['matmul_shape'][0]}^3"
+
+
 def markdown(meta: dict, records: list[dict]) -> str:
     lines = [
         f"# vqkern benchmark: {meta['device']}",
@@ -31,15 +38,17 @@ def markdown(meta: dict, records: list[dict]) -> str:
         f"- peak memory: {meta['mem_method']}",
     ]
     for dt, rates in meta["floor_rates"].items():
-        lines.append(f"- floor rates ({dt}, measured in this run): matmul {rates['matmul_flops'] / 1e9:.1f} GFLOP/s "
-                     f"(torch.mm {rates['matmul_shape'][0]}^3), copy {rates['bandwidth_bytes'] / 1e9:.1f} GB/s")
+        lines.append(f"- floor rates ({dt}, {rates.get('source', 'measured in this run')}): "
+                     f"matmul {rates['matmul_flops'] / 1e9:.1f} GFLOP/s ({floor_method(rates)}), "
+                     f"copy {rates['bandwidth_bytes'] / 1e9:.1f} GB/s")
     lines += ["", "Columns: median ms (min-max over the timed calls); `x vqkern` = this provider's median / "
               "vqkern's default backend's median (> 1: vqkern is faster); peak extra MiB allocated by one call; "
               "`% floor` = floor / median, floor = max(2NKD / matmul rate, bytes / bandwidth).", ""]
     default = VQKERN_DEFAULT.get(meta.get("device_type", "cpu"), "vqkern-torch")
     for (pass_, dtype, n, k, d), group in _groups(records).items():
         ref = next((r for r in group if r["provider"] == default and r["status"] == "ok"), None)
-        lines += [f"## {pass_}, N={n} K={k} D={d}, {dtype} (floor {_fmt_ms(group[0]['floor_ms'])} ms)", "",
+        floor = group[0].get("floor_ms")
+        lines += [f"## {pass_}, N={n} K={k} D={d}, {dtype} (floor {'-' if floor is None else _fmt_ms(floor)} ms)", "",
                   "| provider | median ms | min-max ms | x vqkern | peak MiB | % floor |",
                   "|---|---:|---:|---:|---:|---:|"]
         for r in group:
