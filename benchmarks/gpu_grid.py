@@ -4,7 +4,7 @@
     python -m benchmarks.run --device cuda --item fwd-65536x16384x256-bf16
 
 Each item is one ``benchmarks.run`` process (one shape, one dtype): the order is the
-order of the targets of the GPU issue (benchmarks/NOTES.md), so a lease cut short
+order of the GPU targets (benchmarks/NOTES.md), so a lease cut short
 has measured the most important ones. ``est`` is the seconds one process takes:
 ``start`` (Python, torch, the floor rates) and each pass (every provider built,
 its codes checked, warmed up, its memory measured and 3 rounds timed; a new

@@ -129,55 +129,68 @@ def _matmul_methods(device: torch.device, dtype: torch.dtype) -> dict:
     return methods
 
 
-# Square sizes the matmul floor tries, smallest first. A (method, size) whose call would
-# take longer than MAX_CALL_S at the rate of the size before is not timed (recorded so).
+# Square sizes the matmul floor tries, smallest first. Every way is first timed at PROBE_SIZE;
+# a way 10x slower there than the fastest is not timed further (bf16 on a CPU without bf16
+# instructions: one 4096^3 call would take minutes). The others are timed at the smallest
+# size always, and at each larger one unless a call would take longer than MAX_CALL_S at the
+# rate of the size before (a loaded host: the larger sizes are skipped, never the floor).
 FLOOR_SIZES = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192, 16384)}
 PROBE_SIZE = 256
 MAX_CALL_S = {"cpu": 2.0, "cuda": 1.0}
 
 
+def _time_matmul(fn, n, device, dtype, reps, clock) -> float:
+    """Seconds of one n^3 product: do_bench's median on CUDA, the fastest of ``reps`` calls after
+    a warm-up on CPU."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    if device.type == "cuda":
+        return statistics.median(time_cuda(lambda: fn(a, b, out))) * 1e-3
+    fn(a, b, out)
+    seconds = []
+    for _ in range(reps):
+        start = clock()
+        fn(a, b, out)
+        seconds.append(clock() - start)
+    return max(min(seconds), 1e-9)
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype, sizes=None, reps: int = 5,
                 clock=time.perf_counter) -> dict:
     """The fastest matmul rate (FLOP/s) the machine reaches in ``dtype``: every way of
-    ``_matmul_methods`` at every size of ``sizes`` (square), random inputs. CPU: the
-    fastest of ``reps`` calls after a warm-up, timed with ``clock`` (``time.thread_time``
-    for one thread's CPU time); CUDA: do_bench's median. Returns matmul_flops,
-    matmul_method, matmul_shape and every try (matmul_tries)."""
+    ``_matmul_methods`` at the square sizes ``sizes``, random inputs. CPU: the fastest of
+    ``reps`` calls after a warm-up, timed with ``clock`` (``time.thread_time`` for one
+    thread's CPU time); CUDA: do_bench's median. Returns matmul_flops, matmul_method,
+    matmul_shape and every try (matmul_tries, with the probe's and the reason a size was
+    not timed)."""
     sizes = sorted(sizes or FLOOR_SIZES[device.type])
-    max_call = MAX_CALL_S[device.type]
-    tries, best = [], None
-    for name, fn in _matmul_methods(device, dtype).items():
-        rate, prev = None, None
-        # A small probe first, so a method that is orders of magnitude slow (bf16 on a CPU
-        # without bf16 instructions) is not timed at a size where one call takes minutes.
-        for n in [PROBE_SIZE] + [s for s in sizes if s > PROBE_SIZE]:
+    methods = _matmul_methods(device, dtype)
+    probe_n = min(PROBE_SIZE, sizes[0])
+    probe = {name: 2.0 * probe_n**3 / _time_matmul(fn, probe_n, device, dtype, reps, clock)
+             for name, fn in methods.items()}
+    fastest_probe = max(probe.values())
+    tries = []
+    for name, fn in methods.items():
+        rate, prev = probe[name], probe_n
+        if probe_n not in sizes:
+            tries.append({"method": name, "shape": [probe_n] * 3, "flops_per_s": None,
+                          "probe_flops_per_s": rate, "note": "the probe (too small to count as the floor)"})
+        for n in sizes:
             flops = 2.0 * n**3
-            if rate is not None and flops / rate > max_call:
-                tries.append({"method": name, "shape": [n, n, n], "flops_per_s": None,
-                              "note": f"not timed: {flops / rate:.1f} s a call at the rate reached at {prev}^3"})
-                continue
-            a = torch.randn(n, n, device=device).to(dtype)
-            b = torch.randn(n, n, device=device).to(dtype)
-            out = torch.empty(n, n, device=device, dtype=dtype)
-            if device.type == "cuda":
-                seconds = statistics.median(time_cuda(lambda: fn(a, b, out))) * 1e-3
+            if rate * 10 < fastest_probe:
+                note = f"not timed: {fastest_probe / rate:.0f}x slower than the fastest way at {probe_n}^3"
+            elif n != sizes[0] and flops / rate > MAX_CALL_S[device.type]:
+                note = f"not timed: {flops / rate:.1f} s a call at the rate reached at {prev}^3"
             else:
-                fn(a, b, out)
-                seconds = []
-                for _ in range(reps):
-                    start = clock()
-                    fn(a, b, out)
-                    seconds.append(clock() - start)
-                seconds = max(min(seconds), 1e-9)
-            rate, prev = flops / seconds, n
-            del a, b, out
-            if n == PROBE_SIZE and n not in sizes:
-                continue  # only a probe: too small to count as the machine's rate
-            tries.append({"method": name, "shape": [n, n, n], "flops_per_s": rate})
-            if best is None or rate > best["flops_per_s"]:
-                best = tries[-1]
-    if best is None:
-        raise RuntimeError(f"no matmul size of {sizes} could be timed in {dtype} on {device}: {tries}")
+                note = None
+            if note:
+                tries.append({"method": name, "shape": [n] * 3, "flops_per_s": None, "note": note})
+                continue
+            if n != probe_n:
+                rate, prev = flops / _time_matmul(fn, n, device, dtype, reps, clock), n
+            tries.append({"method": name, "shape": [n] * 3, "flops_per_s": rate})
+    best = max((t for t in tries if t["flops_per_s"] is not None), key=lambda t: t["flops_per_s"])
     return {"matmul_flops": best["flops_per_s"], "matmul_method": best["method"], "matmul_shape": best["shape"],
             "matmul_tries": tries}
 

@@ -6,7 +6,7 @@
   and on CPU for 16-bit dtypes the widened fp32 product), each try recorded.
 - The runner rewrites its JSON after every case (a process killed at its time limit
   keeps what it measured) and starts a case only when its estimate fits ``--budget``.
-- The GPU grid covers the GPU issue's shapes, in order of importance.
+- The GPU grid covers the GPU targets' shapes, in order of importance.
 All on CPU with tiny shapes, a few seconds each.
 """
 from __future__ import annotations
@@ -75,21 +75,31 @@ def test_one_code_data_collapses_every_row():
 
 def test_floor_takes_the_fastest_way_and_records_every_try(monkeypatch):
     rate = measure.matmul_rate(torch.device("cpu"), torch.float32, sizes=(256, 384), reps=2)
-    methods = {t["method"] for t in rate["matmul_tries"]}
-    assert methods == {"a @ b", "torch.mm(a, b, out=c)"}
-    assert rate["matmul_flops"] == max(t["flops_per_s"] for t in rate["matmul_tries"])
-    assert (rate["matmul_method"], rate["matmul_shape"]) in [(t["method"], t["shape"]) for t in rate["matmul_tries"]
+    timed = [t for t in rate["matmul_tries"] if t["flops_per_s"] is not None]
+    assert {t["method"] for t in timed} == {"a @ b", "torch.mm(a, b, out=c)"}
+    assert {t["shape"][0] for t in timed} == {256, 384}
+    assert rate["matmul_flops"] == max(t["flops_per_s"] for t in timed)
+    assert (rate["matmul_method"], rate["matmul_shape"]) in [(t["method"], t["shape"]) for t in timed
                                                             if t["flops_per_s"] == rate["matmul_flops"]]
-    # A way that is orders of magnitude slower at the probe is not timed at the larger sizes.
-    def slow(a, b, out):
-        time.sleep(0.2)
+    # The rules, with made-up rates (a real host's load would make them flaky): a way 100x
+    # slower at the probe is not timed further (bf16 on a CPU without bf16 instructions);
+    # a loaded host times the smallest size and skips the sizes whose call would be too long.
+    def fast(a, b, out):
         return a @ b
-    monkeypatch.setattr(measure, "_matmul_methods", lambda device, dtype: {"fast": lambda a, b, out: a @ b,
-                                                                           "slow": slow})
-    rate = measure.matmul_rate(torch.device("cpu"), torch.float32, sizes=(256, 2048), reps=1)
+
+    def slow(a, b, out):
+        return a @ b
+    rates = {fast: lambda n: 1e8 * n / 256, slow: lambda n: 1e6}  # FLOP/s
+    monkeypatch.setattr(measure, "_matmul_methods", lambda device, dtype: {"fast": fast, "slow": slow})
+    monkeypatch.setattr(measure, "_time_matmul", lambda fn, n, *args: 2.0 * n**3 / rates[fn](n))
+    rate = measure.matmul_rate(torch.device("cpu"), torch.float32, sizes=(512, 1024, 2048), reps=1)
     tries = {(t["method"], t["shape"][0]): t for t in rate["matmul_tries"]}
-    assert rate["matmul_method"] == "fast"
-    assert tries[("slow", 2048)]["flops_per_s"] is None and "not timed" in tries[("slow", 2048)]["note"]
+    assert (rate["matmul_method"], rate["matmul_shape"]) == ("fast", [512] * 3)
+    assert rate["matmul_flops"] == pytest.approx(2e8) and tries[("slow", 256)]["note"].startswith("the probe")
+    assert "10.7 s a call at the rate reached at 512^3" in tries[("fast", 1024)]["note"]
+    assert tries[("fast", 2048)]["flops_per_s"] is None
+    for n in (512, 1024, 2048):
+        assert tries[("slow", n)]["flops_per_s"] is None and "100x slower than the fastest" in tries[("slow", n)]["note"]
 
 
 def test_bf16_cpu_floor_includes_the_widened_product():
@@ -154,3 +164,44 @@ def test_gpu_grid_covers_the_gpu_targets_in_order():
     assert gpu_grid.find("2") is grid[1] and gpu_grid.find(grid[3].name) is grid[3]
     with pytest.raises(KeyError):
         gpu_grid.find("0")
+
+
+def _sweep(date, bf16_rate, copy, median_ms):
+    rates = {"matmul_flops": bf16_rate, "matmul_shape": [4096] * 3, "bandwidth_bytes": copy, "copy_bytes": 1}
+    meta = {**measure.provenance(torch.device("cpu"), []), "cpu_model": "Some CPU", "date": date,
+            "mem_method": "rss", "floor_rates": {"bf16": rates}, "shapes": [[64, 32, 8]], "passes": ["forward"],
+            "providers": ["vqkern-torch"], "dtypes": ["bf16"]}
+    flops, nbytes = 2.0 * 64 * 32 * 8 * 1000, 1e6
+    floor = measure.floor_ms(flops, nbytes, rates)
+    rec = {"n": 64, "k": 32, "d": 8, "dtype": "bfloat16", "pass": "forward", "provider": "vqkern-torch",
+           "status": "ok", "reason": "", "median_ms": median_ms, "min_ms": median_ms, "max_ms": median_ms,
+           "flops": flops, "bytes": nbytes, "floor_ms": floor, "floor_fraction": floor / median_ms, **rates}
+    return {"meta": meta, "records": [rec]}
+
+
+def test_recompute_puts_the_fastest_recorded_floor_under_every_table(tmp_path):
+    from benchmarks import floors
+
+    slow, fast = _sweep("a", 1e9, 2e9, median_ms=1.0), _sweep("b", 4e9, 1e9, median_ms=2.0)
+    paths = []
+    for name, data in (("slow", slow), ("fast", fast)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    for _ in range(2):  # a second run changes nothing: the maxima come from the in-run rates
+        assert floors.recompute([str(p) for p in paths], [], ["recompute"]) == 0
+        done = {p.stem: json.loads(p.read_text()) for p in paths}
+        for name, data in done.items():
+            rec, meta = data["records"][0], data["meta"]
+            assert meta["floor_rates"]["bf16"]["matmul_flops"] == 4e9 and rec["bandwidth_bytes"] == 2e9
+            assert "fast.json" in meta["floor_rates"]["bf16"]["source"] and meta["floor_correction"]["why"]
+            assert rec["floor_ms"] == pytest.approx(measure.floor_ms(rec["flops"], rec["bytes"], rec))
+            assert rec["floor_fraction"] == pytest.approx(rec["floor_ms"] / rec["median_ms"])
+        kept = done["slow"]["records"][0]
+        assert kept["floor_fraction_in_run"] == pytest.approx(slow["records"][0]["floor_fraction"])
+        assert kept["floor_fraction"] == pytest.approx(kept["floor_fraction_in_run"] / 4)  # a floor 4x faster
+        assert "the fastest recorded on this machine" in (tmp_path / "slow.md").read_text()
+    other = _sweep("c", 1e9, 1e9, 1.0)
+    other["meta"]["cpu_model"] = "Another CPU"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="one machine"):
+        floors.recompute([str(paths[0]), str(tmp_path / "other.json")], [], ["recompute"])
