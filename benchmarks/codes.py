@@ -36,11 +36,17 @@ def reference(z: torch.Tensor, codebook: torch.Tensor) -> dict:
     norms = (e32 * e32).sum(1)
     idx = torch.empty(n, dtype=torch.int64, device=z.device)
     rows = max(1, CHUNK_BYTES.get(z.device.type, 2**28) // (4 * k))
-    for s in range(0, n, rows):
-        # |e|^2 - 2 z.e: |z|^2 is constant per row; fp32 throughout (no TF32: torch's default).
-        scores = torch.addmm(norms, z32[s:s + rows], e32.t(), alpha=-2.0)
-        idx[s:s + rows] = scores.argmin(1)
-        del scores
+    # fp32 products, whatever a provider set before (TF32 would round the reference to 2^-11).
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for s in range(0, n, rows):
+            # |e|^2 - 2 z.e: |z|^2 is constant per row.
+            scores = torch.addmm(norms, z32[s:s + rows], e32.t(), alpha=-2.0)
+            idx[s:s + rows] = scores.argmin(1)
+            del scores
+    finally:
+        torch.set_float32_matmul_precision(precision)
     z64, e64 = z.double(), codebook.double()
     return {"indices": idx, "best": _exact(z64, e64, idx),
             "scale": (z64 * z64).sum(1) + (e64 * e64).sum(1).max(), "z64": z64, "e64": e64}

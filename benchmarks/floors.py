@@ -93,15 +93,20 @@ def floors_markdown(data: dict) -> str:
              f"- date {m['date']}, commit `{m['git_commit']}`, torch {m['torch']}, load average "
              f"{m['load_average']} at start, {m['load_average_end']} at the end; {m['rounds']} rounds, interleaved",
              f"- command: `{m['command']}`", f"- CPU flags: {m['cpu_flags']}",
-             "- each cell: the fastest call of any round (GFLOP/s); the floor is the fastest cell of its row group", "",
+             "- each cell: the fastest call of any round (GFLOP/s); the floor of a row group is its bold cell", "",
              "| dtype, threads | way | size | GFLOP/s |", "|---|---|---:|---:|"]
     for key, f in data["floors"].items():
         if key == "copy":
             continue
         for t in f["matmul_tries"]:
             top = t["flops_per_s"] == f["matmul_flops"]
-            rate = "not timed" if t["flops_per_s"] is None else f"{t['flops_per_s'] / 1e9:.1f}"
-            lines.append(f"| {key} | {t['method']} | {t['shape'][0]}^3 | {'**' + rate + '**' if top else rate} |")
+            if t["flops_per_s"] is not None:
+                rate = f"**{t['flops_per_s'] / 1e9:.1f}**" if top else f"{t['flops_per_s'] / 1e9:.1f}"
+            elif t.get("probe_flops_per_s") is not None:
+                rate = f"{t['probe_flops_per_s'] / 1e9:.1f} (the probe: too small to count)"
+            else:
+                rate = t.get("note", "not timed")
+            lines.append(f"| {key} | {t['method']} | {t['shape'][0]}^3 | {rate} |")
     lines += ["", f"Copy (read + write, {data['floors']['copy']['threads']} threads, fastest of "
               f"{m['rounds']} x 5): {data['floors']['copy']['bandwidth_bytes'] / 1e9:.1f} GB/s", ""]
     return "\n".join(lines)

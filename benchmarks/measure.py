@@ -130,10 +130,12 @@ def _matmul_methods(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 # Square sizes the matmul floor tries, smallest first. Every way is first timed at PROBE_SIZE;
-# a way 10x slower there than the fastest is not timed further (bf16 on a CPU without bf16
-# instructions: one 4096^3 call would take minutes). The others are timed at the smallest
-# size always, and at each larger one unless a call would take longer than MAX_CALL_S at the
-# rate of the size before (a loaded host: the larger sizes are skipped, never the floor).
+# a way 10x slower there than the fastest, whose call at the smallest size would take longer
+# than MAX_CALL_S, is not timed further (bf16 on a CPU without bf16 instructions: 500x slower,
+# one 4096^3 call would take minutes; on a loaded host a small probe alone can read 10x low).
+# The others are timed at the smallest size always, and at each larger one unless a call
+# would take longer than MAX_CALL_S at the rate of the size before (a loaded host: the larger
+# sizes are skipped, never the floor).
 FLOOR_SIZES = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192, 16384)}
 PROBE_SIZE = 256
 MAX_CALL_S = {"cpu": 2.0, "cuda": 1.0}
@@ -178,8 +180,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, sizes=None, reps: int 
                           "probe_flops_per_s": rate, "note": "the probe (too small to count as the floor)"})
         for n in sizes:
             flops = 2.0 * n**3
-            if rate * 10 < fastest_probe:
-                note = f"not timed: {fastest_probe / rate:.0f}x slower than the fastest way at {probe_n}^3"
+            if rate * 10 < fastest_probe and flops / rate > MAX_CALL_S[device.type]:
+                note = (f"not timed: {fastest_probe / rate:.0f}x slower than the fastest way at {probe_n}^3 "
+                        f"({flops / rate:.0f} s a call)")
             elif n != sizes[0] and flops / rate > MAX_CALL_S[device.type]:
                 note = f"not timed: {flops / rate:.1f} s a call at the rate reached at {prev}^3"
             else:

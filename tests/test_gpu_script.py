@@ -71,7 +71,8 @@ def test_first_call_runs_in_order_and_leaves_the_rest_for_the_second(first_call)
     assert lines[0].startswith("# vqkern GPU session (DRY RUN on CPU): steps build check tests bench:1 sanitize "
                                "bench:2;")
     order = ["SKIP build: dry run", "PASS check" if HAS_CHECK else "MISSING check", "PASS tests-cuda",
-             "PASS tests-triton", "PASS tests-api", "PASS bench:1", "PASS sanitize", "SKIP bench:2: needs about 100000s"]
+             "PASS tests-triton", "PASS tests-configs", "PASS tests-api", "PASS bench:1", "PASS sanitize",
+             "SKIP bench:2: needs about 100000s"]
     at = [next((i for i, line in enumerate(lines) if line.startswith(want)), None) for want in order]
     assert None not in at and at == sorted(at), f"steps missing or out of order: {dict(zip(order, at))}\n{summary}"
     assert "sanitize.py: 50 of 50 cases ok, 0 failed" in summary
@@ -91,8 +92,8 @@ def test_first_call_runs_in_order_and_leaves_the_rest_for_the_second(first_call)
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
         logs = "build/gpu-session/logs/"
-        for log in ("tests-cuda.log", "tests-triton.log", "tests-api.log", "sanitize.log", "bench-1.log",
-                    "machine.txt"):
+        for log in ("tests-cuda.log", "tests-triton.log", "tests-configs.log", "tests-api.log", "sanitize.log",
+                    "bench-1.log", "machine.txt"):
             assert logs + log in names, sorted(names)
         jsons = [n for n in names if n.startswith("benchmarks/results/cpu/") and
                  n.endswith("-gpu-fwd-65536x16384x256-bf16.json")]
@@ -207,3 +208,22 @@ def test_ptxas_table_flags_spills(tmp_path, capsys):
     assert out[-1].strip() == "2 kernels x archs, 1 with spills"
     log.write_text("-- Configuring done\n")
     assert tools.ptxas(str(log)) == 1
+
+
+def test_bench_summary_fails_on_wrong_vqkern_codes(tmp_path, capsys):
+    rates = {"matmul_flops": 7e14, "matmul_method": "a @ b", "matmul_shape": [8192] * 3, "bandwidth_bytes": 4e12}
+    meta = {"device": "NVIDIA H200", "git_commit": "abc", "shapes": [[4, 5, 6]], "floor_rates": {"bf16": rates},
+            "complete": True}
+
+    def rec(provider, status, **kw):
+        return {"pass": "forward", "dtype": "bfloat16", "n": 4, "k": 5, "d": 6, "provider": provider,
+                "status": status, "reason": kw.pop("reason", ""), **kw}
+    ok = rec("vqkern-triton", "ok", median_ms=1.0, floor_fraction=0.5)
+    peer_wrong = rec("expansion", "wrong", reason="WRONG CODES: 2 of 4 rows")
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"meta": meta, "records": [ok, peer_wrong]}))
+    assert tools.bench_summary([str(path)]) == 0
+    assert "WRONG expansion forward bfloat16 4x5x6: WRONG CODES: 2 of 4 rows" in capsys.readouterr().out
+    path.write_text(json.dumps({"meta": meta, "records": [ok, rec("vqkern-cuda", "wrong", reason="WRONG CODES")]}))
+    assert tools.bench_summary([str(path)]) == 1
+    assert "WRONG vqkern-cuda forward" in capsys.readouterr().out

@@ -10,9 +10,9 @@
 #   build      setup.py build_ext --inplace with the machine's own nvcc: vqkern._C only
 #              (VQKERN_SKIP_CPU_BUILD=1), VQKERN_PTXAS_VERBOSE=1: the ptxas register/spill table
 #   check      python -m vqkern.check on the device, its JSON into $OUT/check.json
-#   tests      the suite's GPU cases, VQKERN_GPU_QUICK=1 (tests/gpu_quick.py): four pytest
-#              processes at once (CUDA backend, Triton kernels and every search config, fuzz,
-#              public API + opcheck)
+#   tests      the suite's GPU cases, VQKERN_GPU_QUICK=1 (tests/gpu_quick.py): five pytest
+#              processes at once (CUDA backend, Triton kernels, every search config of the
+#              Triton search launched on its own, fuzz, public API + opcheck)
 #   sanitize   compute-sanitizer memcheck over benchmarks/gpu/sanitize.py (every kernel once,
 #              one search config pinned: no autotuning sweep under the sanitizer)
 #   bench:N    item N (number or name) of the GPU grid (python -m benchmarks.gpu_grid): one
@@ -365,12 +365,15 @@ do_tests() {
   # the CPU (16 cores), and each process keeps its own CUDA context, so a kernel fault in
   # one group cannot fail the cases of another.
   t0=$SECONDS
-  for name in cuda triton fuzz api; do
+  for name in cuda triton configs fuzz api; do
     case $name in
       cuda) args=(tests/test_cuda_backend.py -m "slow or not slow")
             [ "$DRY" = 1 ] && args+=(-k "split_choice or availability_on_cpu") ;;
-      triton) args=(tests/test_triton_kernels.py tests/test_triton_configs.py)
-              [ "$DRY" = 1 ] && args+=(-k "split_k_chosen or availability_reason or pin_refuses") ;;
+      triton) args=(tests/test_triton_kernels.py)
+              [ "$DRY" = 1 ] && args+=(-k "split_k_chosen or availability_reason") ;;
+      # Every search config in every mode: about 60 compiles, a process of their own.
+      configs) args=(tests/test_triton_configs.py)
+               [ "$DRY" = 1 ] && args+=(-k "pin_refuses or exact_codes and fp32-ieee") ;;
       fuzz) [ -f tests/test_fuzz.py ] || { note "  tests-fuzz: no tests/test_fuzz.py in this tree"; continue; }
             args=(tests/test_fuzz.py)
             [ "$DRY" = 1 ] && args+=(--collect-only) ;;  # its cases collect; running them is the CPU suite's job
@@ -476,6 +479,10 @@ do_bench_item() {  # do_bench_item N: one benchmarks.run process for grid item N
   if [ $# -gt 0 ]; then
     "$PY" benchmarks/gpu/tools.py fix-commit "$@" >>"$LOG/fix-commit.log" 2>&1
     "$PY" benchmarks/gpu/tools.py bench-summary "$@" 2>&1 | cut -c1-220 | tee -a "$SUMMARY"
+    if [ "${PIPESTATUS[0]}" != 0 ]; then
+      note "FAIL $name: a vqkern provider returned wrong codes, failed or ran out of memory (above)"
+      FAILED=1
+    fi
   fi
   pack
 }

@@ -240,7 +240,8 @@ def bench_summary(files: list[str]) -> int:
                    (r["status"] == "oom" and r["provider"].startswith("vqkern"))]
     for line in failed:
         print(f"  {line}")
-    return 0
+    # A vqkern provider that returned wrong codes, failed or ran out of memory fails the step.
+    return 1 if any(line.split()[1].startswith("vqkern") and not line.startswith("NOT-RUN") for line in failed) else 0
 
 
 def train_record(run_dir: str, name: str, command: list[str]) -> int:
