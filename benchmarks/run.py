@@ -306,11 +306,14 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        import faiss
-        faiss.omp_set_num_threads(torch.get_num_threads())
-    except ImportError:
-        pass
+    if "faiss" in args.providers:
+        # Only then: faiss brings an OpenMP runtime of its own, a second one in the process
+        # beside PyTorch's (which vqkern._cpu's kernels share, csrc/cpu/parallel.h).
+        try:
+            import faiss
+            faiss.omp_set_num_threads(torch.get_num_threads())
+        except ImportError:
+            pass
     # A shared host must not be pushed into swap by one naive provider: 4 GiB keeps the
     # plain broadcast in at (4096, 1024, 64) and out at every larger shape.
     args.mem_limit = (args.mem_limit_gb * 2**30) if args.mem_limit_gb else min(4 * 2**30, 0.5 * _available_ram())
