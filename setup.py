@@ -142,6 +142,7 @@ class CMakeBuild(build_ext):
         if cmake is None:
             raise RuntimeError(f"building {ext.name} needs cmake on PATH, or set {skip}=1")
         with_cuda = any(e.name == "vqkern._C" for e in self.extensions)
+        with_cpu = any(e.name == "vqkern._cpu" for e in self.extensions)
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         ninja = shutil.which("ninja")
@@ -155,6 +156,8 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DVQKERN_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            # Without _cpu (VQKERN_SKIP_CPU_BUILD=1, or not x86-64) CMake defines no _cpu target.
+            f"-DVQKERN_WITH_CPU={'ON' if with_cpu else 'OFF'}",
             "-DCMAKE_BUILD_TYPE=Release",
             # Passed on every configure so a changed environment wins over the CMake cache.
             f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('VQKERN_CUDA_ARCHS') or '80;90a'}",

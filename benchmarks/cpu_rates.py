@@ -51,6 +51,34 @@ def _search(ext, z, cb, isa):
     return lambda keep=(z, cb, idx, dist, q): fn(*args)
 
 
+def markdown(common: dict, records: list[dict]) -> str:
+    """The Markdown table of a cpu_rates run (its JSON's meta and records)."""
+    floor = common["square_mm_gflops_1thread"]
+    # Runs before the fastest-way floor timed torch.mm(a, b, out=c) at 2048^3 alone.
+    how = {k: common.get("square_mm_1thread", {}).get(k, {"matmul_method": "torch.mm(a, b, out=c)",
+                                                           "matmul_shape": [2048] * 3}) for k in floor}
+    lines = [f"# vqkern._cpu per-core rates: {common['cpu_model']}", "",
+             f"- date {common['date']}, commit `{common['git_commit']}`, torch {common['torch']}, "
+             f"load average at start {common['load_average']}, search path in use: {common['cpu_isa']}",
+             f"- command: `{common['command'].replace('benchmarks.run', 'benchmarks.cpu_rates')}`",
+             f"- {common['timing']}; the fastest square matmul on 1 thread (the floor's rate"
+             + (f", {common['floor_source']}" if common.get("floor_source") else "") + "): "
+             + ", ".join(f"{k} {v:.0f} GFLOP/s ({how[k]['matmul_method']}"
+                         + (f", {how[k]['matmul_shape'][0]}^3)" if how[k]["matmul_shape"] else ")")
+                         for k, v in floor.items()),
+             "- `% same-shape mm` = torch.mm of (N, D) @ (D, K) in the same dtype / this time (the bare GEMM peer); "
+             "`% floor` = GFLOP/s / the square mm rate, or for the backward kernel "
+             "(3ND + 2KD floats + 8N bytes) / copy bandwidth / this time", "",
+             "| N x K x D | case | median ms | GFLOP/s | % same-shape mm | % floor |", "|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        rate = f"{r['gflops']:.0f}" if "gflops" in r else "-"
+        same = f"{100 * r['fraction_of_mm']:.0f}%" if "fraction_of_mm" in r else "-"
+        frac = r.get("fraction_of_floor", r.get("fraction_of_copy"))
+        lines.append(f"| {r['n']} x {r['k']} x {r['d']} | {r['case']} | {r['median_ms']:.2f} | {rate} | {same} | "
+                     f"{100 * frac:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_rates", description=__doc__.split("\n")[0])
     p.add_argument("--shapes", type=parse_shapes, default=CPU_SHAPES)
@@ -68,15 +96,17 @@ def main(argv=None) -> int:
     bf16_paths = [isa for isa in ("avx512bf16", "amx") if not ext.isa_missing(isa)]
     common = measure.provenance(torch.device("cpu"), argv)
     common["timing"] = "time.thread_time per call, 1 thread, interleaved, median"
-    # The floor's matmul rate per dtype, as the sweep takes it (a large square torch.mm),
-    # on one thread and in CPU time.
-    floor = {}
+    # The floor's matmul rate per dtype, as the sweep takes it (the fastest way of a square
+    # product, measure.matmul_rate), on one thread and in CPU time.
+    floor, how = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
-        c = torch.empty(2048, 2048, dtype=dtype)
-        floor[name] = 2 * 2048**3 / min(_cpu_ms(lambda: torch.mm(a, b, out=c), args.reps)) / 1e6  # GFLOP/s
+        rate = measure.matmul_rate(torch.device("cpu"), dtype, sizes=(1024, 2048), reps=args.reps,
+                                   clock=time.thread_time)
+        floor[name], how[name] = rate["matmul_flops"] / 1e9, rate  # GFLOP/s
     common["square_mm_gflops_1thread"] = floor
-    print("square torch.mm 2048^3, 1 thread: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in floor.items()))
+    common["square_mm_1thread"] = how
+    print("square matmul, 1 thread: " + ", ".join(
+        f"{k} {v:.0f} GFLOP/s ({how[k]['matmul_method']}, {how[k]['matmul_shape'][0]}^3)" for k, v in floor.items()))
     records = []
     for n, k, d in args.shapes:
         g = torch.Generator().manual_seed(n * 31 + k * 7 + d)
@@ -122,23 +152,7 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{stamp}-{args.name}"
     Path(f"{stem}.json").write_text(json.dumps({"meta": common, "records": records}, indent=1))
-    lines = [f"# vqkern._cpu per-core rates: {common['cpu_model']}", "",
-             f"- date {common['date']}, commit `{common['git_commit']}`, torch {common['torch']}, "
-             f"load average at start {common['load_average']}, search path in use: {common['cpu_isa']}",
-             f"- command: `{common['command'].replace('benchmarks.run', 'benchmarks.cpu_rates')}`",
-             f"- {common['timing']}; square torch.mm 2048^3 on 1 thread (the floor's rate): "
-             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in floor.items()),
-             "- `% same-shape mm` = torch.mm of (N, D) @ (D, K) in the same dtype / this time (the bare GEMM peer); "
-             "`% floor` = GFLOP/s / the square mm rate, or for the backward kernel "
-             "(3ND + 2KD floats + 8N bytes) / copy bandwidth / this time", "",
-             "| N x K x D | case | median ms | GFLOP/s | % same-shape mm | % floor |", "|---|---|---:|---:|---:|---:|"]
-    for r in records:
-        rate = f"{r['gflops']:.0f}" if "gflops" in r else "-"
-        same = f"{100 * r['fraction_of_mm']:.0f}%" if "fraction_of_mm" in r else "-"
-        frac = r.get("fraction_of_floor", r.get("fraction_of_copy"))
-        lines.append(f"| {r['n']} x {r['k']} x {r['d']} | {r['case']} | {r['median_ms']:.2f} | {rate} | {same} | "
-                     f"{100 * frac:.0f}% |")
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text(markdown(common, records))
     print(f"results: {stem}.json, {stem}.md")
     return 0
 

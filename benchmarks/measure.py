@@ -115,38 +115,106 @@ def _median_time(fn, device: torch.device, reps: int) -> float:
     return statistics.median(time_once_cpu(fn) for _ in range(reps))
 
 
-def measure_floor_rates(device: torch.device, dtype: torch.dtype) -> dict:
-    """Matmul rate (FLOP/s, large square ``torch.mm`` in ``dtype``) and copy bandwidth
-    (bytes/s, read + write of a large device-to-device copy), measured now."""
+def _matmul_methods(device: torch.device, dtype: torch.dtype) -> dict:
+    """The ways of multiplying two matrices the floor tries; the fastest sets the rate.
+
+    ``torch.mm(a, b, out=c)`` reached about 1,000 GFLOP/s in bf16 on a Xeon with AMX
+    where ``a @ b`` reached about 1,800 (4096^3, 2 threads, side by side), so a floor
+    taken from one way alone can sit far under what the machine does: the committed
+    "197% of the floor" was such an artefact."""
+    methods = {"a @ b": lambda a, b, out: a @ b,
+               "torch.mm(a, b, out=c)": lambda a, b, out: torch.mm(a, b, out=out)}
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # A CPU without bf16 instructions multiplies bf16 at 0.3-0.4 GFLOP/s in torch
+        # (AMD EPYC, AVX2 only, 2026-12-03) against ~100 in fp32: there the fastest
+        # bf16 product is the fp32 one on widened copies (the widening included).
+        methods["a.float() @ b.float()"] = lambda a, b, out: a.float() @ b.float()
+    return methods
+
+
+# Square sizes the matmul floor tries, smallest first. Every way is first timed at PROBE_SIZE;
+# a way 10x slower there than the fastest, whose call at the smallest size would take longer
+# than MAX_CALL_S, is not timed further (bf16 on a CPU without bf16 instructions: 500x slower,
+# one 4096^3 call would take minutes; on a loaded host a small probe alone can read 10x low).
+# The others are timed at the smallest size always, and at each larger one unless a call
+# would take longer than MAX_CALL_S at the rate of the size before (a loaded host: the larger
+# sizes are skipped, never the floor).
+FLOOR_SIZES = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192, 16384)}
+PROBE_SIZE = 256
+MAX_CALL_S = {"cpu": 2.0, "cuda": 1.0}
+
+
+def _time_matmul(fn, n, device, dtype, reps, clock) -> float:
+    """Seconds of one n^3 product: do_bench's median on CUDA, the fastest of ``reps`` calls after
+    a warm-up on CPU."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     if device.type == "cuda":
-        size = 8192
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
-        out = torch.empty(size, size, device=device, dtype=dtype)
-        mm_ms = _median_time(lambda: torch.mm(a, b, out=out), device, reps=5)
-        mm_flops = 2 * size**3 / (mm_ms * 1e-3)
-    else:
-        # The best of two sizes, fastest of 5 calls each: the rate the machine's BLAS can
-        # reach. A median at 2048^3 alone read 145 GFLOP/s where 4096^3 reached 175.
-        mm_flops, size = 0.0, 0
-        for n in (2048, 4096):
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            out = torch.empty(n, n, dtype=dtype)
-            torch.mm(a, b, out=out)
-            best = 1e-3 * min(time_once_cpu(lambda: torch.mm(a, b, out=out)) for _ in range(5))
-            if 2 * n**3 / best > mm_flops:
-                mm_flops, size = 2 * n**3 / best, n
-        del a, b, out
+        return statistics.median(time_cuda(lambda: fn(a, b, out))) * 1e-3
+    fn(a, b, out)
+    seconds = []
+    for _ in range(reps):
+        start = clock()
+        fn(a, b, out)
+        seconds.append(clock() - start)
+    return max(min(seconds), 1e-9)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, sizes=None, reps: int = 5,
+                clock=time.perf_counter) -> dict:
+    """The fastest matmul rate (FLOP/s) the machine reaches in ``dtype``: every way of
+    ``_matmul_methods`` at the square sizes ``sizes``, random inputs. CPU: the fastest of
+    ``reps`` calls after a warm-up, timed with ``clock`` (``time.thread_time`` for one
+    thread's CPU time); CUDA: do_bench's median. Returns matmul_flops, matmul_method,
+    matmul_shape and every try (matmul_tries, with the probe's and the reason a size was
+    not timed)."""
+    sizes = sorted(sizes or FLOOR_SIZES[device.type])
+    methods = _matmul_methods(device, dtype)
+    probe_n = min(PROBE_SIZE, sizes[0])
+    probe = {name: 2.0 * probe_n**3 / _time_matmul(fn, probe_n, device, dtype, reps, clock)
+             for name, fn in methods.items()}
+    fastest_probe = max(probe.values())
+    tries = []
+    for name, fn in methods.items():
+        rate, prev = probe[name], probe_n
+        if probe_n not in sizes:
+            tries.append({"method": name, "shape": [probe_n] * 3, "flops_per_s": None,
+                          "probe_flops_per_s": rate, "note": "the probe (too small to count as the floor)"})
+        for n in sizes:
+            flops = 2.0 * n**3
+            if rate * 10 < fastest_probe and flops / rate > MAX_CALL_S[device.type]:
+                note = (f"not timed: {fastest_probe / rate:.0f}x slower than the fastest way at {probe_n}^3 "
+                        f"({flops / rate:.0f} s a call)")
+            elif n != sizes[0] and flops / rate > MAX_CALL_S[device.type]:
+                note = f"not timed: {flops / rate:.1f} s a call at the rate reached at {prev}^3"
+            else:
+                note = None
+            if note:
+                tries.append({"method": name, "shape": [n] * 3, "flops_per_s": None, "note": note})
+                continue
+            if n != probe_n:
+                rate, prev = flops / _time_matmul(fn, n, device, dtype, reps, clock), n
+            tries.append({"method": name, "shape": [n] * 3, "flops_per_s": rate})
+    best = max((t for t in tries if t["flops_per_s"] is not None), key=lambda t: t["flops_per_s"])
+    return {"matmul_flops": best["flops_per_s"], "matmul_method": best["method"], "matmul_shape": best["shape"],
+            "matmul_tries": tries}
+
+
+def measure_floor_rates(device: torch.device, dtype: torch.dtype, sizes=None) -> dict:
+    """Matmul rate (FLOP/s, the fastest of ``matmul_rate``'s tries in ``dtype``) and copy
+    bandwidth (bytes/s, read + write of a large device-to-device copy), measured now."""
+    rates = matmul_rate(device, dtype, sizes)
     numel = (2**28 if device.type == "cuda" else 2**26)  # 1 GiB / 256 MiB of fp32
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    copy_ms = _median_time(lambda: dst.copy_(src), device, reps=5)
-    return {
-        "matmul_flops": mm_flops,
-        "matmul_shape": [size, size, size],
-        "bandwidth_bytes": 2 * numel * 4 / (copy_ms * 1e-3),
-        "copy_bytes": numel * 4,
-    }
+    if device.type == "cuda":
+        copy_ms = _median_time(lambda: dst.copy_(src), device, reps=5)
+    else:
+        # The fastest of the calls, as for the matmul: the rate the machine reaches.
+        dst.copy_(src)
+        copy_ms = min(time_once_cpu(lambda: dst.copy_(src)) for _ in range(5))
+    return {**rates, "bandwidth_bytes": 2 * numel * 4 / (copy_ms * 1e-3), "copy_bytes": numel * 4}
 
 
 def floor_ms(flops: float, nbytes: float, rates: dict) -> float:

@@ -5,6 +5,13 @@ giving (ok, reason), ``extra_bytes(case)`` (a lower bound of the memory it
 must allocate, used to record OOM on CPU before the host runs out), and
 ``build(case, data, pass_)`` returning ``fn(i)`` that runs one call on input set i.
 
+Every search returns its codes, so that the runner can check them before it times
+anything (a fast wrong kernel is not a result): ``fn(i)`` of the forward and train
+passes returns a tuple whose first item is the (N,) int64 indices; a backward pass's
+``fn`` carries the indices of the forward it was built on as ``fn.indices``.
+Providers that search nothing (the bare GEMM, the backward kernel alone) say so
+with ``searches=False``.
+
 Passes:
 - forward: nearest-code search + gather of the codes, no autograd.
 - backward: the backward of a quantize (straight-through + loss) whose forward
@@ -32,6 +39,10 @@ class Case:
     d: int
     dtype: torch.dtype
     device: torch.device
+    # "randn": z and the codes standard normal; "one-code": every code but code 0 moved
+    # 10 standard deviations away, so every row picks code 0 (a collapsed codebook: the
+    # backward's longest segment, the atomics' worst contention).
+    data: str = "randn"
 
     @property
     def itemsize(self) -> int:
@@ -46,6 +57,7 @@ class Provider:
     availability: Callable = lambda device, dtype: (True, "")
     extra_bytes: Callable = lambda case: 0
     note: str = ""
+    searches: bool = True
 
 
 # ---- plain PyTorch searches (what users write) -------------------------------------------
@@ -68,7 +80,7 @@ def _plain_quantize(idx_fn, z, e, beta=BETA):
     idx = idx_fn(z.detach(), e.detach())
     q = e[idx]
     loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
-    return z + (q - z).detach(), loss
+    return z + (q - z).detach(), loss, idx
 
 
 def _inputs(data, case, i, grad: bool):
@@ -100,23 +112,24 @@ def _plain_builder(idx_fn, compiled=False):
             return run
         if pass_ == "backward":
             z, e = _inputs(data, case, 0, grad=True)
-            q, loss = _plain_quantize(idx_fn, z, e)
-            return _backward_runner([q, loss], [data["grad"], torch.ones_like(loss)], [z, e])
+            q, loss, idx = _plain_quantize(idx_fn, z, e)
+            return _backward_runner([q, loss], [data["grad"], torch.ones_like(loss)], [z, e], idx)
 
         def train(i):
             z, e = _inputs(data, case, i, grad=True)
-            q, loss = _plain_quantize(idx_fn, z, e)
+            q, loss, idx = _plain_quantize(idx_fn, z, e)
             torch.autograd.backward([q, loss], [data["grad"], torch.ones_like(loss)])
-            return z
+            return idx, z
         return train
     return build
 
 
-def _backward_runner(outputs, grads, leaves):
+def _backward_runner(outputs, grads, leaves, indices):
     def run(i):
         for leaf in leaves:
             leaf.grad = None
         torch.autograd.backward(outputs, grads, retain_graph=True)
+    run.indices = indices  # the codes of the forward whose backward is timed
     return run
 
 
@@ -137,10 +150,37 @@ def _with_env(fn, name, value):
     return run
 
 
-def _vqkern_builder(backend, env=None):
+def _deterministic(fn):
+    """fn run under torch.use_deterministic_algorithms(True): vqkern's sorted segment sum."""
+    def run(i):
+        was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        # warn_only: torch's own ops without a deterministic variant must not stop the timing.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return fn(i)
+        finally:
+            torch.use_deterministic_algorithms(was, warn_only=warn)
+    return run
+
+
+def _vqkern_builder(backend, env=None, deterministic=False):
     def build(case, data, pass_):
-        fn = _vqkern_build(backend, case, data, pass_)
-        return _with_env(fn, *env) if env else fn
+        def make(_):
+            return _vqkern_build(backend, case, data, pass_)
+        # The forward a backward pass is built on runs under the same settings as its calls.
+        if env:
+            make = _with_env(make, *env)
+        if deterministic:
+            make = _deterministic(make)
+        fn = make(0)
+        indices = getattr(fn, "indices", None)
+        if env:
+            fn = _with_env(fn, *env)
+        if deterministic:
+            fn = _deterministic(fn)
+        if indices is not None:
+            fn.indices = indices
+        return fn
     return build
 
 
@@ -157,7 +197,8 @@ def _vqkern_build(backend, case, data, pass_):
     if pass_ == "backward":
         z, e = _inputs(data, case, 0, grad=True)
         out = vqkern.quantize(z, e, beta=BETA, backend=backend)
-        return _backward_runner([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)], [z, e])
+        return _backward_runner([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)], [z, e],
+                                out.indices)
     # The layer in the case's dtype (a model trained in bf16 holds a bf16 codebook): the
     # search and the backward then take that dtype's kernels. With an fp32 codebook and
     # bf16 z (autocast's mix) both would be widened to fp32.
@@ -169,7 +210,7 @@ def _vqkern_build(backend, case, data, pass_):
         z, _ = _inputs(data, case, i, grad=True)
         out = layer(z)
         torch.autograd.backward([out.quantized, out.loss], [data["grad"], torch.ones_like(out.loss)])
-        return z
+        return out.indices, z
     return train
 
 
@@ -196,18 +237,19 @@ def _vqpt_builder(training: bool, **kwargs):
             def run(i):
                 with torch.no_grad():
                     z, _ = _inputs(data, case, i, grad=False)
-                    return layer(z[None])
+                    q, idx, _ = layer(z[None])
+                    return idx[0], q
             return run
         if pass_ == "backward":
             z, _ = _inputs(data, case, 0, grad=True)
-            q, _, loss = layer(z[None])
-            return _backward_runner([q, loss], [data["grad"][None], torch.ones_like(loss)], [z])
+            q, idx, loss = layer(z[None])
+            return _backward_runner([q, loss], [data["grad"][None], torch.ones_like(loss)], [z], idx[0])
 
         def train(i):
             z, _ = _inputs(data, case, i, grad=True)
-            q, _, loss = layer(z[None])
+            q, idx, loss = layer(z[None])
             torch.autograd.backward([q, loss], [data["grad"][None], torch.ones_like(loss)])
-            return z
+            return idx[0], z
         return train
     return build
 
@@ -340,10 +382,26 @@ def _cpu_backward_build(case, data, pass_):
     return run
 
 
+def _fp32_only(check):
+    def available(device, dtype):
+        if dtype != torch.float32:
+            return False, "a mode of the fp32 search (other dtypes search as vqkern-triton does)"
+        return check(device, dtype)
+    return available
+
+
 PROVIDERS: dict[str, Provider] = {}
 for _b in ("triton", "cuda", "torch"):
     PROVIDERS[f"vqkern-{_b}"] = Provider(f"vqkern-{_b}", ("forward", "backward", "train"),
                                          _vqkern_builder(_b), _vqkern_available(_b))
+    PROVIDERS[f"vqkern-{_b}-det"] = Provider(
+        f"vqkern-{_b}-det", ("backward", "train"), _vqkern_builder(_b, deterministic=True), _vqkern_available(_b),
+        note="under torch.use_deterministic_algorithms(True): the sorted segment sum, bitwise reproducible")
+PROVIDERS["vqkern-triton-tf32x3"] = Provider(
+    "vqkern-triton-tf32x3", ("forward",),
+    _vqkern_builder("triton", ("VQKERN_TRITON_FP32_PRECISION", "tf32x3")), _fp32_only(_vqkern_available("triton")),
+    note="fp32 searched on tensor cores (three tf32 products), rows within the error bound re-searched exactly "
+         "(VQKERN_TRITON_FP32_PRECISION=tf32x3): the ieee search's codes")
 PROVIDERS["vqkern-torch-tiled"] = Provider(
     "vqkern-torch-tiled", ("forward",), _vqkern_builder("torch", ("VQKERN_CPU_KERNEL", "0")), _cpu_only,
     note="the torch backend's tiled PyTorch CPU path (VQKERN_CPU_KERNEL=0), what runs without vqkern._cpu")
@@ -357,7 +415,7 @@ PROVIDERS["vqkern-torch-avx512"] = Provider(
 PROVIDERS["vqkern-cpu-backward"] = Provider(
     "vqkern-cpu-backward", ("backward",), _cpu_backward_build, _cpu_backward_available,
     note="vqkern._cpu.backward_l2 (bf16: backward_l2_bf16) alone (grad_z + per-code residual sums, one pass; "
-         "sums fp32, zeroed per call)")
+         "sums fp32, zeroed per call)", searches=False)
 for _p in (
     Provider("reference", ("forward", "backward", "train"), _plain_builder(_broadcast_idx),
              extra_bytes=_nkd, note="plain broadcast ((z[:,None]-E[None])**2).sum(-1).argmin()"),
@@ -381,6 +439,6 @@ for _p in (
     Provider("flash-kmeans", ("forward",), _flash_kmeans_build, _flash_kmeans_available,
              note="flash_kmeans euclid_assign_triton + gather"),
     Provider("gemm", ("forward",), _gemm_build, extra_bytes=lambda c: c.n * c.k * c.itemsize,
-             note="bare z @ E.T writing N x K: the number to beat"),
+             note="bare z @ E.T writing N x K: the number to beat", searches=False),
 ):
     PROVIDERS[_p.name] = _p

@@ -17,8 +17,16 @@ def _fmt_ms(v: float) -> str:
 def _groups(records):
     out = defaultdict(list)
     for r in records:
-        out[(r["pass"], r["dtype"], r["n"], r["k"], r["d"])].append(r)
+        # Runs before the data kinds existed hold no "data": standard normal.
+        out[(r["pass"], r["dtype"], r["n"], r["k"], r["d"], r.get("data", "randn"))].append(r)
     return out
+
+
+def floor_method(rates: dict) -> str:
+    """How the floor's matmul rate was reached: the fastest way and its square size."""
+    # Runs before the fastest-way floor timed torch.mm(a, b, out=c) alone.
+    method = rates.get("matmul_method", "torch.mm(a, b, out=c)")
+    return f"{method}, {rates['matmul_shape'][0]}^3"
 
 
 def markdown(meta: dict, records: list[dict]) -> str:
@@ -31,15 +39,19 @@ def markdown(meta: dict, records: list[dict]) -> str:
         f"- peak memory: {meta['mem_method']}",
     ]
     for dt, rates in meta["floor_rates"].items():
-        lines.append(f"- floor rates ({dt}, measured in this run): matmul {rates['matmul_flops'] / 1e9:.1f} GFLOP/s "
-                     f"(torch.mm {rates['matmul_shape'][0]}^3), copy {rates['bandwidth_bytes'] / 1e9:.1f} GB/s")
+        lines.append(f"- floor rates ({dt}, {rates.get('source', 'measured in this run')}): "
+                     f"matmul {rates['matmul_flops'] / 1e9:.1f} GFLOP/s ({floor_method(rates)}), "
+                     f"copy {rates['bandwidth_bytes'] / 1e9:.1f} GB/s")
     lines += ["", "Columns: median ms (min-max over the timed calls); `x vqkern` = this provider's median / "
               "vqkern's default backend's median (> 1: vqkern is faster); peak extra MiB allocated by one call; "
               "`% floor` = floor / median, floor = max(2NKD / matmul rate, bytes / bandwidth).", ""]
     default = VQKERN_DEFAULT.get(meta.get("device_type", "cpu"), "vqkern-torch")
-    for (pass_, dtype, n, k, d), group in _groups(records).items():
+    for (pass_, dtype, n, k, d, data), group in _groups(records).items():
         ref = next((r for r in group if r["provider"] == default and r["status"] == "ok"), None)
-        lines += [f"## {pass_}, N={n} K={k} D={d}, {dtype} (floor {_fmt_ms(group[0]['floor_ms'])} ms)", "",
+        floor = group[0].get("floor_ms")
+        kind = "" if data == "randn" else f", {data} data"
+        lines += [f"## {pass_}, N={n} K={k} D={d}, {dtype}{kind} (floor {'-' if floor is None else _fmt_ms(floor)} ms)",
+                  "",
                   "| provider | median ms | min-max ms | x vqkern | peak MiB | % floor |",
                   "|---|---:|---:|---:|---:|---:|"]
         for r in group:
@@ -60,7 +72,7 @@ def markdown(meta: dict, records: list[dict]) -> str:
 def target_summary(records, default: str) -> list[str]:
     """The CPU target of issue 4: vqkern forward <= 1.2x faiss, >= 3x faster than vqpt eval."""
     rows = []
-    for (pass_, dtype, n, k, d), group in _groups(records).items():
+    for (pass_, dtype, n, k, d, _), group in _groups(records).items():
         if pass_ != "forward":
             continue
         by = {r["provider"]: r for r in group if r["status"] == "ok"}
@@ -89,7 +101,8 @@ def plots(records: list[dict], stem: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r["status"] == "ok"]
+    # Plotted against K: the standard normal data only (a collapsed codebook is another curve).
+    ok = [r for r in records if r["status"] == "ok" and r.get("data", "randn") == "randn"]
     series = defaultdict(lambda: defaultdict(list))  # (pass, dtype, n, d) -> provider -> [(k, rec)]
     for r in ok:
         series[(r["pass"], r["dtype"], r["n"], r["d"])][r["provider"]].append((r["k"], r))
@@ -150,7 +163,7 @@ def summary(meta: dict, records: list[dict]) -> str:
         lines += [f"**{pass_}** ({default}: median ms and % of the floor; peers: their median / vqkern's)", "",
                   "| N x K x D | dtype | " + default + " | " + " | ".join(peers) + " |",
                   "|---|---|---:|" + "---:|" * len(peers)]
-        for (_, dtype, n, k, d), group in groups.items():
+        for (_, dtype, n, k, d, data), group in groups.items():
             by = {r["provider"]: r for r in group}
             v = by.get(default)
             if v is None or v["status"] != "ok":
@@ -167,7 +180,8 @@ def summary(meta: dict, records: list[dict]) -> str:
                     cells.append(f"{r['median_ms'] / v['median_ms']:.2f}x")
                 else:
                     cells.append(_fmt_ms(r["median_ms"]) + " ms")
-            lines.append(f"| {n} x {k} x {d} | {dtype} | " + " | ".join(cells) + " |")
+            kind = "" if data == "randn" else f" ({data})"
+            lines.append(f"| {n} x {k} x {d}{kind} | {dtype} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

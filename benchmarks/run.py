@@ -3,13 +3,23 @@
     python -m benchmarks.run --device cpu --quick
     python -m benchmarks.run --device cpu                       # the full CPU sweep
     python -m benchmarks.run --device cuda --providers vqkern-triton,faiss --passes forward
+    python -m benchmarks.run --device cuda --item 1 --budget 150  # one item of the GPU grid
 
-Per (shape, dtype, pass) every provider is set up, warmed up, measured once
-for peak extra memory, then timed in interleaved rounds (provider A, B, C, A,
-B, C, ...) so that drift of the machine hits all of them alike. On CPU a
-sample is the mean of a burst of back-to-back calls lasting about 25 ms
-(``calls_per_sample`` in each record), one call for anything slower. Inputs rotate
-among several sets. See benchmarks/measure.py for the timing and memory methods.
+Per (shape, dtype, pass) every provider is set up and its codes are checked against
+the fp32 expansion (benchmarks/codes.py: a provider with wrong codes is recorded as
+``wrong``, with the mismatch, and never timed); then each is warmed up, measured once
+for peak extra memory, and timed in interleaved rounds (provider A, B, C, A, B, C,
+...) so that drift of the machine hits all of them alike. On CPU a sample is the mean
+of a burst of back-to-back calls lasting about 25 ms (``calls_per_sample`` in each
+record), one call for anything slower. Inputs rotate among several sets. See
+benchmarks/measure.py for the timing, memory and floor methods.
+
+The JSON and Markdown files are rewritten after every (shape, dtype, pass), so a
+process killed at its time limit keeps what it measured (``meta.complete`` is false
+until the end). With ``--budget`` a case starts only when its estimate (the GPU grid's,
+benchmarks/gpu_grid.py, scaled by how long the cases before it took, or else the
+longest case of that pass so far) times MARGIN fits in what is left; the cases that do
+not are recorded as ``not-run`` with the reason.
 """
 from __future__ import annotations
 
@@ -18,15 +28,18 @@ import datetime
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
-import torch
+STARTED = time.monotonic()  # --budget counts from here: importing torch takes seconds too
 
-from . import measure, report
-from .providers import PROVIDERS, Case
+import torch  # noqa: E402
 
-GPU_SHAPES = [(65536, 16384, 256), (65536, 262144, 64), (1048576, 65536, 8), (256, 1048576, 256),
-              (16384, 1024, 64), (65536, 4096, 64), (65536, 65536, 64)]
+from . import codes, measure, report  # noqa: E402
+from .gpu_grid import GPU_GRID, find  # noqa: E402
+from .providers import PROVIDERS, Case  # noqa: E402
+
+GPU_SHAPES = list(dict.fromkeys(item.shape for item in GPU_GRID))
 CPU_SHAPES = [(4096, 1024, 64), (16384, 8192, 64), (16384, 16384, 256), (16384, 2048, 64)]
 QUICK_SHAPES = {"cpu": [(4096, 1024, 64), (4096, 2048, 64)], "cuda": [(16384, 1024, 64), (16384, 4096, 64)]}
 PASSES = ("forward", "backward", "train")
@@ -34,6 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROTATE_BYTES = 64 * 2**20  # rotate up to 3 input sets while they total less than this
 CPU_SAMPLE_MS = 25.0  # a CPU sample is a burst of back-to-back calls lasting about this long
 CPU_MAX_BURST = 20
+MARGIN = 1.25  # a case starts only when its estimate times this fits in what is left of --budget
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -62,7 +76,34 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results root folder")
     p.add_argument("--name", default=None, help="the <what> of <date>-<what>.json (default: quick/full/custom)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--item", default=None,
+                   help="an item of the GPU grid (its number or name, python -m benchmarks.gpu_grid): its shape, "
+                        "dtype, passes, providers, data and time estimates; --passes/--providers/--shapes "
+                        "replace the item's")
+    p.add_argument("--data", default=None, choices=("randn", "one-code"),
+                   help="randn (default) or one-code: every row's nearest code is code 0")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds this process may take: a case starts only when its estimate fits")
+    p.add_argument("--floor-sizes", default=None,
+                   help="square sizes the matmul floor tries, e.g. 1024,2048,4096 (default: the device's)")
     args = p.parse_args(argv)
+    args.estimates = {}
+    if args.item is not None:
+        try:
+            item = find(args.item)
+        except KeyError as exc:
+            p.error(f"--item: {exc.args[0]}")
+        if args.dtypes is not None:
+            p.error("--item sets the dtype: leave out --dtypes")
+        # --shapes replaces the item's shape (the GPU script's dry run on CPU takes a tiny one).
+        args.shapes, args.dtypes = args.shapes or [item.shape], item.dtype
+        args.passes = args.passes or ",".join(item.passes)
+        args.providers = args.providers or ",".join(item.providers)
+        args.data = args.data or item.data
+        args.name = args.name or f"gpu-{item.name}"
+        args.estimates = dict(item.est)
+    args.data = args.data or "randn"
+    args.floor_sizes = [int(x) for x in args.floor_sizes.split(",")] if args.floor_sizes else None
     custom = any(v is not None for v in (args.passes, args.shapes, args.dtypes, args.providers))
     if args.passes is None:
         args.passes = "forward,train" if args.quick else ",".join(PASSES)
@@ -100,11 +141,51 @@ def make_data(case: Case, seed: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(seed)
     sets = max(1, min(3, ROTATE_BYTES // max(1, case.n * case.d * case.itemsize)))
     zs = [torch.randn(case.n, case.d, generator=g).to(case.device, case.dtype) for _ in range(sets)]
+    codebook = torch.randn(case.k, case.d, generator=g)
+    if case.data == "one-code":
+        # |z - e_0|^2 ~ 2 D against ~100 D for every other code (z.e_k would have to exceed
+        # 49 D, 14 standard deviations at D = 8): every row picks code 0.
+        codebook[1:] += 10.0
     return {
         "zs": zs,
-        "codebook": torch.randn(case.k, case.d, generator=g).to(case.device, case.dtype),
+        "codebook": codebook.to(case.device, case.dtype),
         "grad": torch.randn(case.n, case.d, generator=g).to(case.device, case.dtype),
     }
+
+
+class Budget:
+    """What is left of --budget, and whether a case's estimate (x MARGIN) fits in it.
+
+    A case's estimate is the grid item's for its pass, scaled by how the cases before it
+    compared with their estimates; without one, the longest case of that pass so far
+    (the first case of a pass without an estimate always starts)."""
+
+    def __init__(self, seconds, estimates: dict, started: float | None = None):
+        self.deadline = None if seconds is None else (time.monotonic() if started is None else started) + seconds
+        self.est = {k: v for k, v in estimates.items() if k != "start"}
+        self.ratios: list[float] = []
+        self.longest: dict[str, float] = {}
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def need(self, pass_: str) -> float:
+        if pass_ in self.est:
+            scale = sum(self.ratios) / len(self.ratios) if self.ratios else 1.0
+            return self.est[pass_] * scale * MARGIN
+        return self.longest.get(pass_, 0.0) * MARGIN
+
+    def refusal(self, pass_: str) -> str | None:
+        """None when the case may start, else the reason it does not."""
+        need, left = self.need(pass_), self.left()
+        if need <= left:
+            return None
+        return f"not started: needs about {need:.0f} s (estimate x {MARGIN}), {max(left, 0):.0f} s left of --budget"
+
+    def done(self, pass_: str, seconds: float) -> None:
+        self.longest[pass_] = max(seconds, self.longest.get(pass_, 0.0))
+        if pass_ in self.est:
+            self.ratios.append(seconds / self.est[pass_])
 
 
 def case_cost(case: Case, pass_: str) -> tuple[float, float]:
@@ -125,13 +206,24 @@ def _is_oom(exc: BaseException) -> bool:
         or "not enough memory" in text
 
 
-def run_case(case, pass_, providers, args, rates, common, bar) -> list[dict]:
+def run_case(case, pass_, providers, args, rates, common, bar, refs=None) -> list[dict]:
+    """Records of every provider at one (shape, dtype, pass). ``refs`` caches the fp32
+    expansion's codes per data set across passes."""
     device = case.device
     data = make_data(case, seed=hash((case.n, case.k, case.d)) % 2**31)
+    refs = {} if refs is None else refs
+    ref_key = (case.n, case.k, case.d, str(case.dtype), case.data)
+
+    def reference():
+        if ref_key not in refs:
+            refs[ref_key] = codes.reference(data["zs"][0], data["codebook"])
+        return refs[ref_key]
+
     flops, nbytes = case_cost(case, pass_)
     floor = measure.floor_ms(flops, nbytes, rates)
     base = {**common, "n": case.n, "k": case.k, "d": case.d, "dtype": str(case.dtype).replace("torch.", ""),
-            "pass": pass_, "floor_ms": floor, "flops": flops, "bytes": nbytes, **rates}
+            "pass": pass_, "data": case.data, "floor_ms": floor, "flops": flops, "bytes": nbytes,
+            **{key: value for key, value in rates.items() if key != "matmul_tries"}}
     records, live = [], {}
     for prov in providers:
         rec = {**base, "provider": prov.name, "note": prov.note, "status": "ok", "reason": ""}
@@ -151,11 +243,22 @@ def run_case(case, pass_, providers, args, rates, common, bar) -> list[dict]:
         bar.set_postfix_str(f"{pass_} {case.n}x{case.k}x{case.d} {prov.name} warm-up")
         try:
             fn = prov.build(case, data, pass_)
-            if prov.name.endswith("compile"):
-                fn(0)  # compilation would dominate the memory of the first call
-            # The warm-up call doubles as the memory measurement: a whole extra call per
-            # provider would add a seventh of the sweep's time for the same number.
-            rec["peak_mem_bytes"] = measure.peak_extra_bytes(lambda: fn(1), device)
+            # compilation would dominate the memory of the first call
+            first = fn(0) if prov.name.endswith("compile") else None
+            # The warm-up call doubles as the memory measurement (a whole extra call per
+            # provider would add a seventh of the sweep's time for the same number) and, on
+            # input set 0, gives the codes to check.
+            held = []
+            rec["peak_mem_bytes"] = measure.peak_extra_bytes(lambda: held.append(fn(0 if first is None else 1)),
+                                                             device)
+            if prov.searches:
+                out = held[0] if first is None else first
+                verdict = codes.check(reference(), fn.indices if pass_ == "backward" else out[0])
+                rec["check"] = verdict
+                if not verdict["ok"]:
+                    rec.update(status="wrong", reason=verdict["summary"])
+                    continue
+            del held, first
             if device.type == "cpu":
                 # Short calls are timed in bursts of back-to-back calls (per-call mean), so that
                 # what the previous provider left behind (cache contents, thread pools winding
@@ -203,11 +306,14 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        import faiss
-        faiss.omp_set_num_threads(torch.get_num_threads())
-    except ImportError:
-        pass
+    if "faiss" in args.providers:
+        # Only then: faiss brings an OpenMP runtime of its own, a second one in the process
+        # beside PyTorch's (which vqkern._cpu's kernels share, csrc/cpu/parallel.h).
+        try:
+            import faiss
+            faiss.omp_set_num_threads(torch.get_num_threads())
+        except ImportError:
+            pass
     # A shared host must not be pushed into swap by one naive provider: 4 GiB keeps the
     # plain broadcast in at (4096, 1024, 64) and out at every larger shape.
     args.mem_limit = (args.mem_limit_gb * 2**30) if args.mem_limit_gb else min(4 * 2**30, 0.5 * _available_ram())
@@ -223,35 +329,65 @@ def main(argv=None) -> int:
             ok, reason = prov.availability(device, DTYPES[dt])
             if not ok:
                 print(f"skip {prov.name} ({dt}): {reason}")
-    records, rates_by_dtype = [], {}
-    total = len(args.shapes) * len(args.dtypes) * len(args.passes) * len(providers)
-    with tqdm(total=total, desc="bench", unit="case", file=sys.stdout) as bar:
-        for dt in args.dtypes:
-            # The matmul rate in the inputs' dtype (bf16: torch.mm in bf16, AMX where the CPU has it).
-            rates_by_dtype[dt] = rates = measure.measure_floor_rates(device, DTYPES[dt])
-            bar.write(f"floor ({dt}): matmul {rates['matmul_flops'] / 1e9:.1f} GFLOP/s, "
-                      f"copy {rates['bandwidth_bytes'] / 1e9:.1f} GB/s")
-            for n, k, d in args.shapes:
-                for pass_ in args.passes:
-                    case = Case(n, k, d, DTYPES[dt], device)
-                    records += run_case(case, pass_, providers, args, rates, common, bar)
+    records, rates_by_dtype, refs = [], {}, {}
+    # Run as a script, the budget counts from the import of this module; called in-process, from now.
+    budget = Budget(args.budget, args.estimates, STARTED if __name__ == "__main__" else None)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     folder = Path(args.out) / measure.device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{stamp}-{args.name}"
     meta = {**common, "floor_rates": rates_by_dtype, "shapes": args.shapes, "passes": args.passes,
-            "providers": args.providers, "dtypes": args.dtypes}
-    with open(f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
-    table = report.markdown(meta, records)
-    Path(f"{stem}.md").write_text(table)
-    Path(f"{stem}-summary.md").write_text(report.summary(meta, records))
+            "providers": args.providers, "dtypes": args.dtypes, "data": args.data, "budget_s": args.budget,
+            "item": args.item, "complete": False}
+    total = len(args.shapes) * len(args.dtypes) * len(args.passes) * len(providers)
+    with tqdm(total=total, desc="bench", unit="case", file=sys.stdout) as bar:
+        for dt in args.dtypes:
+            # The fastest matmul the machine reaches in the inputs' dtype (measure.matmul_rate).
+            rates_by_dtype[dt] = rates = measure.measure_floor_rates(device, DTYPES[dt], args.floor_sizes)
+            bar.write(f"floor ({dt}): matmul {rates['matmul_flops'] / 1e9:.1f} GFLOP/s "
+                      f"({report.floor_method(rates)}), copy {rates['bandwidth_bytes'] / 1e9:.1f} GB/s")
+            for n, k, d in args.shapes:
+                for pass_ in args.passes:
+                    case = Case(n, k, d, DTYPES[dt], device, args.data)
+                    refused = budget.refusal(pass_)
+                    if refused:
+                        records += not_run(case, pass_, providers, common, refused)
+                        bar.update(len(providers))
+                        bar.write(f"  {pass_} {n}x{k}x{d} {dt}: {refused}")
+                    else:
+                        t0 = time.monotonic()
+                        records += run_case(case, pass_, providers, args, rates, common, bar, refs)
+                        budget.done(pass_, time.monotonic() - t0)
+                    write_results(stem, meta, records)
+    meta["complete"] = True
+    table = write_results(stem, meta, records)
+    (stem.parent / f"{stem.name}-summary.md").write_text(report.summary(meta, records))
     print(table)
     if not args.no_plots:
         for path in report.plots(records, str(stem)):
             print(f"plot: {path}")
     print(f"results: {stem}.json, {stem}.md, {stem}-summary.md")
     return 0
+
+
+def not_run(case, pass_, providers, common, reason) -> list[dict]:
+    """The records of a case that did not start (no floor: the rates are the run's)."""
+    return [{**common, "n": case.n, "k": case.k, "d": case.d, "dtype": str(case.dtype).replace("torch.", ""),
+             "pass": pass_, "data": case.data, "provider": prov.name, "note": prov.note,
+             "status": "not-run" if pass_ in prov.passes else "n/a",
+             "reason": reason if pass_ in prov.passes else f"{prov.name} has no {pass_} pass",
+             "floor_ms": None} for prov in providers]
+
+
+def write_results(stem: Path, meta: dict, records: list[dict]) -> str:
+    """<stem>.json and .md with what is measured so far (each replaced whole, never half
+    written: a process killed between two cases leaves the last complete pair)."""
+    table = report.markdown(meta, records)
+    for suffix, text in ((".json", json.dumps({"meta": meta, "records": records}, indent=1)), (".md", table)):
+        tmp = stem.parent / f".{stem.name}{suffix}.part"
+        tmp.write_text(text)
+        os.replace(tmp, stem.parent / f"{stem.name}{suffix}")
+    return table
 
 
 if __name__ == "__main__":

@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("sanitize.py: no CUDA device visible to torch", file=sys.stderr)
         return 2
+    pin = os.environ.get("VQKERN_TRITON_SEARCH_CONFIG")
+    print("search kernel: " + (f"one config, VQKERN_TRITON_SEARCH_CONFIG={pin}" if pin else
+                               "autotuned (every config launched and timed on each new shape)"), flush=True)
     failed = ran = unavailable = 0
     for backend in [b for b in args.backends.split(",") if b]:
         ok, why = backends.availability(backend, args.device)

@@ -85,10 +85,12 @@ def check_site(site: str | None) -> int:
     return 1 if problems else 0
 
 
-def machine(site: str | None) -> int:
+def machine(site: str | None, capability_file: str | None = None) -> int:
     """One line of versions and device, each backend's availability on it, then check_site:
     everything the session's set-up asks of Python, in one process (an import of torch costs
-    seconds on a busy host)."""
+    seconds on a busy host). ``capability_file`` gets the GPU's compute capability ("9.0") or
+    "none", alone in the file: session.sh decides from it whether it has a GPU (the log
+    also holds whatever torch and the imports printed)."""
     import platform
 
     import torch
@@ -100,12 +102,16 @@ def machine(site: str | None) -> int:
     except Exception as exc:  # reported, the rest still runs
         triton_version = f"unavailable ({type(exc).__name__}: {exc})"
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    capability = "none"
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
-        where = (f"{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, "
-                 f"capability {p.major}.{p.minor}")
+        capability = f"{p.major}.{p.minor}"
+        where = (f"GPU {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, "
+                 f"capability {capability}")
     else:
-        where = "no CUDA device"
+        where = "CPU only, no CUDA device"
+    if capability_file:
+        Path(capability_file).write_text(capability + "\n")
     print(f"{where}; Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
           f"triton {triton_version}")
     from vqkern import backends
@@ -201,37 +207,41 @@ def _load(files):
 
 
 def bench_summary(files: list[str]) -> int:
-    """One line per (pass, dtype, shape): vqkern's backends, the fastest peer, failures."""
+    """One line per (pass, dtype, shape): vqkern's backends, the fastest peer; then every
+    provider whose codes were wrong, every error, OOM and case not run."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import floor_method
+
     metas, records = _load(files)
     for m in metas:
-        rates = ", ".join(f"{dt} mm {r['matmul_flops'] / 1e12:.1f} TFLOP/s copy {r['bandwidth_bytes'] / 1e12:.2f} TB/s"
-                          for dt, r in m["floor_rates"].items())
-        print(f"  {m['device']} | {m['git_commit'][:12]} | shapes {m['shapes']} | {rates}")
+        rates = ", ".join(f"{dt} mm {r['matmul_flops'] / 1e12:.1f} TFLOP/s ({floor_method(r)}) copy "
+                          f"{r['bandwidth_bytes'] / 1e12:.2f} TB/s" for dt, r in m["floor_rates"].items())
+        done = "" if m.get("complete", True) else " | INCOMPLETE (cut off)"
+        print(f"  {m['device']} | {m['git_commit'][:12]} | shapes {m['shapes']} | {rates}{done}")
     groups: dict = {}
     for r in records:
-        groups.setdefault((r["pass"], r["dtype"], r["n"], r["k"], r["d"]), []).append(r)
+        groups.setdefault((r["pass"], r["dtype"], r["n"], r["k"], r["d"], r.get("data", "randn")), []).append(r)
     failed = []
-    for (pass_, dtype, n, k, d), group in groups.items():
+    for (pass_, dtype, n, k, d, data), group in groups.items():
         ok = {r["provider"]: r for r in group if r["status"] == "ok"}
-        cells = []
-        for name in ("vqkern-cuda", "vqkern-triton"):
-            r = ok.get(name)
-            cells.append(f"{name[7:]} {r['median_ms']:8.3f} ms {100 * r['floor_fraction']:3.0f}%" if r
-                         else f"{name[7:]} {'-':>8}   ")
-        ours = min((ok[p]["median_ms"] for p in ("vqkern-cuda", "vqkern-triton") if p in ok), default=None)
+        ours = [p for p in ok if p.startswith("vqkern")]
+        cells = [f"{p[7:]} {ok[p]['median_ms']:.3f} ms {100 * ok[p]['floor_fraction']:.0f}%" for p in ours]
+        best_ours = min((ok[p]["median_ms"] for p in ours), default=None)
         peers = [r for p, r in ok.items() if not p.startswith("vqkern")]
         if peers:
             best = min(peers, key=lambda r: r["median_ms"])
-            ratio = f" = {best['median_ms'] / ours:.2f}x ours" if ours else ""
+            ratio = f" = {best['median_ms'] / best_ours:.2f}x ours" if best_ours else ""
             cells.append(f"best peer {best['provider']} {best['median_ms']:.3f} ms{ratio}")
-        shape = f"{n}x{k}x{d}"
-        print(f"  {pass_:<8} {dtype:<8} {shape:<17} " + " | ".join(cells))
-        failed += [f"{r['provider']} {pass_} {dtype} {n}x{k}x{d}: {r['status']}: {r['reason'][:100]}"
-                   for r in group if r["status"] in ("error", "oom") and
-                   (r["provider"].startswith("vqkern") or r["status"] == "error")]
-    for line in failed:  # peers' OOMs are expected at large shapes; vqkern's are not
-        print(f"  FAILED {line}")
-    return 0
+        shape = f"{n}x{k}x{d}" + ("" if data == "randn" else f" {data}")
+        print(f"  {pass_:<8} {dtype:<8} {shape:<17} " + (" | ".join(cells) or "nothing timed"))
+        # Peers' OOMs are expected at large shapes; vqkern's are not.
+        failed += [f"{r['status'].upper()} {r['provider']} {pass_} {dtype} {shape}: {r['reason'][:160]}"
+                   for r in group if r["status"] in ("error", "wrong", "not-run") or
+                   (r["status"] == "oom" and r["provider"].startswith("vqkern"))]
+    for line in failed:
+        print(f"  {line}")
+    # A vqkern provider that returned wrong codes, failed or ran out of memory fails the step.
+    return 1 if any(line.split()[1].startswith("vqkern") and not line.startswith("NOT-RUN") for line in failed) else 0
 
 
 def train_record(run_dir: str, name: str, command: list[str]) -> int:
@@ -323,7 +333,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/gpu/tools.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check-site").add_argument("site", nargs="?")
-    sub.add_parser("machine").add_argument("site", nargs="?")
+    mp = sub.add_parser("machine")
+    mp.add_argument("site", nargs="?")
+    mp.add_argument("--capability-file", default=None)
     sub.add_parser("commit")
     sub.add_parser("fix-commit").add_argument("files", nargs="+")
     sub.add_parser("ptxas").add_argument("log")
@@ -342,7 +354,7 @@ def main(argv=None) -> int:
     if a.cmd == "check-site":
         return check_site(a.site)
     if a.cmd == "machine":
-        return machine(a.site)
+        return machine(a.site, a.capability_file)
     if a.cmd == "commit":
         print(commit())
         return 0

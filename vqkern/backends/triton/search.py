@@ -263,14 +263,29 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# GPU tile shapes, built on the first GPU launch (nothing at import). tl.dot needs
-# M, N, K >= 16; 128 x 128 fp32 accumulators are 64 registers per thread at 8 warps.
+# GPU tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) that autotuning picks from.
+# tl.dot needs M, N, K >= 16; 128 x 128 fp32 accumulators are 64 registers per thread at 8 warps.
+SEARCH_CONFIGS = ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 4, 4), (64, 256, 8, 3))
+# VQKERN_TRITON_SEARCH_CONFIG=i launches SEARCH_CONFIGS[i] alone, without autotuning: a
+# test runs every config (autotuning would run only its winner) and compute-sanitizer
+# checks one kernel, not a timing sweep over six.
+PIN_ENV = "VQKERN_TRITON_SEARCH_CONFIG"
+
+
 def _search_configs():
-    configs = []
-    for bm, bn, warps, stages in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                                  (64, 64, 4, 4), (128, 128, 4, 4), (64, 256, 8, 3)]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return configs
+    """The autotuning configs, built on the first GPU launch (nothing at import)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in SEARCH_CONFIGS]
+
+
+def _pinned_config():
+    value = os.environ.get(PIN_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) >= len(SEARCH_CONFIGS):
+        raise ValueError(f"{PIN_ENV} must be an index of SEARCH_CONFIGS (0 to {len(SEARCH_CONFIGS) - 1}), "
+                         f"got {value!r}")
+    return SEARCH_CONFIGS[int(value)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -438,7 +453,12 @@ def _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_
                 INPUT_PRECISION=precision, CENTRE=dot_fp32 and not cosine, TRACK_SECOND=track_second,
                 ROW_FILTER=flags is not None, SAMPLE=sample is not None, COSINE=cosine,
                 BLOCK_D=block_d, EPI_BLOCK_D=epi_block_d)
-    if interpreting or block_n is not None:
+    pinned = _pinned_config()
+    if pinned is not None:
+        bm, bn, warps, stages = pinned
+        _search_kernel[(triton.cdiv(n, bm), splits)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                      num_stages=stages)
+    elif interpreting or block_n is not None:
         block_m = INTERPRET_BLOCK_M if interpreting else 64
         grid = (triton.cdiv(n, block_m), splits)
         if block_n is None:
