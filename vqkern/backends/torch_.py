@@ -432,3 +432,7 @@ def segment_sum(indices, values, counts, sums, deterministic) -> None:
     with _deterministic(sums.device, deterministic):
         counts.index_add_(0, indices, ones)
         sums.index_add_(0, indices, values.float())
+
+
+# LFQ's entropy terms (vqkern.lfq_entropy): tiled PyTorch, or vqkern._cpu on CPU.
+from .lfq_torch import lfq_entropy, lfq_entropy_backward  # noqa: E402,F401

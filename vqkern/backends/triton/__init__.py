@@ -12,11 +12,13 @@ import os
 import torch
 
 from .backward import backward, launch_backward
+from .lfq_entropy import launch_lfq_entropy as lfq_entropy
+from .lfq_entropy import launch_lfq_entropy_backward as lfq_entropy_backward
 from .search import launch_sample, launch_search, sample, search
 from .segment_sum import launch_segment_sum, segment_sum
 
 __all__ = ["availability", "search", "launch_search", "sample", "launch_sample", "backward", "launch_backward", "segment_sum",
-           "launch_segment_sum"]
+           "launch_segment_sum", "lfq_entropy", "lfq_entropy_backward"]
 
 
 def availability(device: torch.device) -> tuple[bool, str]:
