@@ -3,6 +3,7 @@ dtype), gradients, buffers and state_dict, residual and grouped stacks, quantize
 import pytest
 import torch
 
+from test_compat_lfq import make_pair as make_lfq_pair
 from vqkern.compat import FSQ, GroupedResidualFSQ, ResidualFSQ
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
@@ -24,12 +25,8 @@ OPTIONS = {
 
 
 def make_pair(cls_ref, cls_ours, **kw):
-    torch.manual_seed(1)
-    ref = cls_ref(**kw)
-    torch.manual_seed(1)
-    ours = cls_ours(**kw)
-    assert list(ref.state_dict()) == list(ours.state_dict())
-    ours.load_state_dict(ref.state_dict())
+    """As the LFQ tests' make_pair, and the (non-persistent) buffers must match too."""
+    ref, ours = make_lfq_pair(cls_ref, cls_ours, **kw)
     ref_buffers, our_buffers = dict(ref.named_buffers()), dict(ours.named_buffers())
     assert list(ref_buffers) == list(our_buffers)
     for key, value in ref_buffers.items():

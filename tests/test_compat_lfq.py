@@ -201,3 +201,30 @@ def test_bad_forward_input_is_refused_before_anything_runs():
         q(torch.randn(2, 5, 8), mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="floating"):
         q(torch.ones(2, 5, 8, dtype=torch.long))
+
+
+def test_public_api_has_docstrings_with_shapes_and_dtypes():
+    """The rule of tests/test_docs.py, over this family's modules."""
+    import importlib
+    import inspect
+
+    from test_docs import DTYPE, SHAPE
+
+    for name in ("vqkern.lfq_entropy", "vqkern.compat.lfq", "vqkern.compat.residual_lfq", "vqkern.compat.fsq",
+                 "vqkern.compat.residual_fsq", "vqkern.compat._residual", "vqkern.backends.lfq_torch"):
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            members = [(attr, obj)]
+            if inspect.isclass(obj):
+                members += [(f"{attr}.{m}", v) for m, v in vars(obj).items()
+                            if (not m.startswith("_") or m == "forward") and (inspect.isfunction(v) or isinstance(v, property))]
+            for label, member in members:
+                if not (inspect.isfunction(member) or inspect.isclass(member) or isinstance(member, property)):
+                    continue
+                doc = inspect.getdoc(member.fget if isinstance(member, property) else member)
+                assert doc, f"{name}.{label} has no docstring"
+                if inspect.isfunction(member) and ("Tensor" in str(inspect.signature(member))
+                                                   or member.__name__ == "forward"):
+                    assert SHAPE.search(doc) and DTYPE.search(doc), f"{name}.{label}: no shape or dtype in its docstring"

@@ -152,7 +152,7 @@ def lfq_entropy(x: Tensor, *, inv_temperature: float = 100.0, code_scale: float 
 
 
 def code_bits(d: int, device=None) -> Tensor:
-    """(2^d, d) int64 bits of every code, the first feature the most significant bit."""
+    """int64 tensor of shape (K, d), K = 2^d: the bits of every code, the first feature the most significant."""
     return (torch.arange(1 << d, device=device)[:, None] >> torch.arange(d - 1, -1, -1, device=device)) & 1
 
 

@@ -27,7 +27,7 @@ def split_bits(d: int) -> tuple[int, int]:
 
 
 def half_tables(a: Tensor, start: int, bits: int) -> tuple[Tensor, Tensor]:
-    """Probability and log-probability tables (..., 2^bits) of the bits [start, start + bits)
+    """float32 probability and log-probability tables (..., 2^bits) of the bits [start, start + bits)
     of per-bit logits a (..., d): entry t is the product over those bits (the first the
     most significant) of sigmoid(a_j) where t's bit is 1, sigmoid(-a_j) where it is 0.
     Built by doubling: products of numbers in [0, 1] and sums of log-sigmoids, all of
@@ -55,7 +55,7 @@ def _tables(x: Tensor, scale: float):
 
 
 def lfq_entropy_tiled(x: Tensor, scale: float, eps: float, entropy: Tensor, prob_sum: Tensor) -> None:
-    """x (N, C, d) fp32; writes entropy (N, C) and adds the distributions' sum to prob_sum (C, 2^d)."""
+    """x (N, C, d) float32; writes entropy (N, C) fp32 and adds the distributions' sum to prob_sum (C, 2^d) fp32."""
     n, c, d = x.shape
     dh, dl = split_bits(d)
     log_eps = math.log(eps)
@@ -80,7 +80,7 @@ def _bit_matrix(bits: int, device) -> Tensor:
 
 def lfq_entropy_backward_tiled(x: Tensor, scale: float, eps: float, grad_entropy: Tensor | None,
                                grad_prob_sum: Tensor | None, grad_x: Tensor) -> None:
-    """Writes grad_x (N, C, d) fp32 for the gradients of entropy (N, C) and prob_sum (C, 2^d).
+    """x (N, C, d) float32; writes grad_x (N, C, d) fp32 for the gradients of entropy (N, C) and prob_sum (C, 2^d).
 
     With W_(h,l) = d loss / d p_(h,l) (the prob_sum gradient G minus the entropy gradient
     g times ``max(log p, log eps) + [p >= eps]``), d loss / d a_j = sigmoid(-a_j) T1_j -
@@ -119,7 +119,8 @@ def lfq_entropy_backward_tiled(x: Tensor, scale: float, eps: float, grad_entropy
 
 
 def lfq_entropy(x: Tensor, scale: float, eps: float, entropy: Tensor, prob_sum: Tensor) -> None:
-    """Backend launcher: on CPU the fused kernel of vqkern._cpu when it is active, else tiled PyTorch."""
+    """Backend launcher, x (N, C, d) float32 -> entropy (N, C), prob_sum (C, 2^d) fp32: on CPU the
+    fused kernel of vqkern._cpu when it is active, else tiled PyTorch."""
     ext = _torch_backend()._active_cpu_ext()[0] if x.device.type == "cpu" else None
     if ext is not None and hasattr(ext, "lfq_entropy"):
         n, c, d = x.shape
@@ -131,7 +132,7 @@ def lfq_entropy(x: Tensor, scale: float, eps: float, entropy: Tensor, prob_sum: 
 
 def lfq_entropy_backward(x: Tensor, scale: float, eps: float, grad_entropy: Tensor | None,
                          grad_prob_sum: Tensor | None, grad_x: Tensor) -> None:
-    """Backend launcher of the backward, as :func:`lfq_entropy`."""
+    """Backend launcher of the backward, x (N, C, d) float32 -> grad_x (N, C, d) fp32, as :func:`lfq_entropy`."""
     ext = _torch_backend()._active_cpu_ext()[0] if x.device.type == "cpu" else None
     if ext is not None and hasattr(ext, "lfq_entropy_backward"):
         n, c, d = x.shape

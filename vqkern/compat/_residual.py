@@ -12,6 +12,7 @@ from .residual_vq import DropoutSeed, _round_up_multiple
 
 
 def check_dropout_args(cutoff_index, multiple_of) -> None:
+    """Raise a ValueError naming quantize_dropout_cutoff_index or quantize_dropout_multiple_of when wrong."""
     if not isinstance(cutoff_index, int) or cutoff_index < 0:
         raise ValueError(f"quantize_dropout_cutoff_index must be an int >= 0, got {cutoff_index!r}")
     if not isinstance(multiple_of, int) or multiple_of < 1:
@@ -73,14 +74,15 @@ class GroupedResidual(nn.Module):
 
     @property
     def split_dim(self) -> int:
+        """The feature axis the groups split: 1 with accept_image_fmap, else -1."""
         return 1 if self.accept_image_fmap else -1
 
     def get_codes_from_indices(self, indices) -> Tensor:
-        """indices (groups, B, ..., Q) -> codes (groups, Q, B, ..., codebook_dim)."""
+        """indices int of shape (groups, B, ..., Q) -> float codes (groups, Q, B, ..., codebook_dim)."""
         return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
 
     def get_output_from_indices(self, indices) -> Tensor:
-        """indices (groups, B, ..., Q) -> the quantized output, the groups concatenated."""
+        """indices int of shape (groups, B, ..., Q) -> the quantized float output, the groups concatenated."""
         return torch.cat([rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)],
                          dim=self.split_dim)
 

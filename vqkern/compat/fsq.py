@@ -16,12 +16,12 @@ from .lfq import from_rows, to_rows
 
 
 def round_ste(z: Tensor) -> Tensor:
-    """round(z) forward, identity backward."""
+    """round(z) forward, identity backward; z of any shape, float."""
     return z + (z.round() - z).detach()
 
 
 def floor_ste(z: Tensor) -> Tensor:
-    """floor(z) forward, identity backward."""
+    """floor(z) forward, identity backward; z of any shape, float."""
     return z + (z.floor() - z).detach()
 
 
@@ -90,8 +90,8 @@ class FSQ(nn.Module):
     # ---- the quantizer -----------------------------------------------------------------
 
     def bound(self, z: Tensor, eps: float = 1e-3, hard_clamp: bool = False) -> Tensor:
-        """The paper's bound: levels[j] values per feature, rounded (straight-through) and
-        divided by the half width, so the codes lie in [-1, 1]."""
+        """z (..., codebook_dim) float -> codes of the same shape: the paper's bound, levels[j]
+        values per feature, rounded (straight-through) and divided by the half width, in [-1, 1]."""
         half_l = (self._levels - 1) * (1 + eps) / 2
         offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
         if hard_clamp:
@@ -101,7 +101,8 @@ class FSQ(nn.Module):
         return round_ste(bounded) / (self._levels // 2)
 
     def symmetry_preserving_bound(self, z: Tensor, hard_clamp: bool = False) -> Tensor:
-        """Symmetric levels (https://arxiv.org/abs/2411.19842, 3.2):
+        """z (..., codebook_dim) float -> codes of the same shape, symmetric levels
+        (https://arxiv.org/abs/2411.19842, 3.2):
         2 / (L - 1) * floor((L - 1) * (tanh(z) + 1) / 2 + 0.5) - 1."""
         levels_minus_1 = self._levels - 1
         squashed = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
@@ -109,12 +110,13 @@ class FSQ(nn.Module):
         return (2.0 / levels_minus_1) * bracket - 1.0
 
     def quantize(self, z: Tensor) -> Tensor:
-        """z (..., codebook_dim) -> codes in [-1, 1], same shape, straight-through gradient."""
+        """z (..., codebook_dim) float -> float codes in [-1, 1], same shape, straight-through gradient."""
         bound = self.symmetry_preserving_bound if self.preserve_symmetry else self.bound
         return bound(z, hard_clamp=self.bound_hard_clamp)
 
     def maybe_apply_noise(self, bounded_z: Tensor) -> Tensor:
-        """In training with noise_dropout: a uniform offset in [-0.5, 0.5) on that fraction of entries."""
+        """codes (..., codebook_dim) float, in training with noise_dropout: a uniform offset in
+        [-0.5, 0.5) on that fraction of entries, same shape."""
         if not self.training or self.noise_dropout == 0.0:
             return bounded_z
         offset_mask = torch.full_like(bounded_z, self.noise_dropout).bernoulli_().bool()
@@ -137,17 +139,18 @@ class FSQ(nn.Module):
         return self._scale_and_shift_inverse(self.indices_to_level_indices(indices))
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
-        """indices (...) -> the level of each feature (..., codebook_dim)."""
+        """indices int32/int64 (...) -> the level of each feature, int64 (..., codebook_dim)."""
         return (indices.unsqueeze(-1) // self._basis) % self._levels
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
-        """codes (..., codebook_dim) -> int32 indices (...)."""
+        """codes (..., codebook_dim) float -> int32 indices (...)."""
         if zhat.shape[-1] != self.codebook_dim:
             raise ValueError(f"codes must have {self.codebook_dim} features, got {zhat.shape[-1]}")
         return (self._scale_and_shift(zhat) * self._basis).sum(dim=-1).round().to(torch.int32)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
-        """indices -> the output forward gives for them (projected, channel first for images)."""
+        """indices int32 (B, N) (or (B, ...), (..., num_codebooks)) -> the float output forward
+        gives for them, shape (B, N, dim) (projected; channel first for images)."""
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         codes = self._indices_to_codes(indices)
         if self.orthogonal_rotation:
@@ -160,7 +163,7 @@ class FSQ(nn.Module):
         return codes
 
     def forward(self, z: Tensor):
-        """See the class docstring."""
+        """z (B, N, dim) or (B, dim, ...) float -> (out like z, indices int32 or None)."""
         if not isinstance(z, Tensor) or not z.is_floating_point() or z.dim() < 3:
             raise ValueError(f"z must be a float tensor of shape (B, N, dim) or (B, dim, ...), got "
                              f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")

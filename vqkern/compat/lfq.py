@@ -28,13 +28,14 @@ ENTROPY_EPS = 1e-5  # vector-quantize-pytorch's clamp inside its entropy's log
 
 
 def entropy_of(prob: Tensor) -> Tensor:
-    """vector-quantize-pytorch's entropy over the last dimension: -sum p log(max(p, 1e-5))."""
+    """vector-quantize-pytorch's entropy over the last dimension: prob (..., K) float ->
+    (...) float, -sum p log(max(p, 1e-5))."""
     return (-prob * prob.clamp(min=ENTROPY_EPS).log()).sum(dim=-1)
 
 
 def distributed_mean(t: Tensor) -> Tensor:
-    """The mean over ranks, differentiable (torch.distributed.nn), as vector-quantize-pytorch's
-    ``maybe_distributed_mean``; t itself outside a process group."""
+    """The mean over ranks of t (any shape, float), differentiable (torch.distributed.nn), as
+    vector-quantize-pytorch's ``maybe_distributed_mean``; t itself outside a process group."""
     if not distributed.is_distributed():
         return t
     from torch.distributed import nn as dist_nn
@@ -42,13 +43,13 @@ def distributed_mean(t: Tensor) -> Tensor:
 
 
 def to_rows(x: Tensor) -> tuple[Tensor, tuple]:
-    """(B, dim, *spatial) -> ((B, prod(spatial), dim), spatial)."""
+    """x (B, dim, *spatial) float -> (rows of shape (B, prod(spatial), dim), spatial)."""
     x = x.movedim(1, -1)
     return x.reshape(x.shape[0], -1, x.shape[-1]), tuple(x.shape[1:-1])
 
 
 def from_rows(t: Tensor, spatial: tuple) -> Tensor:
-    """(B, prod(spatial), F) -> (B, F, *spatial)."""
+    """t (B, prod(spatial), F) of any dtype -> (B, F, *spatial)."""
     return t.reshape(t.shape[0], *spatial, t.shape[-1]).movedim(-1, 1)
 
 
@@ -62,6 +63,7 @@ class CosineSimLinear(nn.Module):
         self.weight = nn.Parameter(torch.randn(dim_in, dim_out))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (..., dim_in) float -> (..., dim_out) float."""
         return (F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0)) * self.scale
 
 
@@ -169,6 +171,7 @@ class LFQ(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The float dtype of the codes (the module's, after .half() or .to())."""
         return self.zero.dtype
 
     @property
@@ -180,15 +183,16 @@ class LFQ(nn.Module):
         return self.bits_to_codes(bits.to(self.dtype))
 
     def bits_to_codes(self, bits: Tensor) -> Tensor:
-        """bits in {0, 1} -> codes in {-codebook_scale, +codebook_scale}."""
+        """bits (..., d) float in {0, 1} -> codes (..., d) in {-codebook_scale, +codebook_scale}."""
         return bits * self.codebook_scale * 2 - self.codebook_scale
 
     def maybe_l2norm(self, t: Tensor) -> Tensor:
+        """t (..., d) float, l2-normalized and scaled by codebook_scale when spherical."""
         return F.normalize(t, dim=-1) * self.codebook_scale if self.spherical else t
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
-        """indices int (..., [num_codebooks]) -> the codes forward outputs for them: (..., dim)
-        (projected out) or (..., num_codebooks * codebook_dim), channel first for images."""
+        """indices int64/int32 (..., [num_codebooks]) -> the float codes forward outputs for them:
+        (..., dim) (projected out) or (..., num_codebooks * codebook_dim), channel first for images."""
         is_img_or_video = indices.ndim >= 3 + int(self.keep_num_codebooks_dim)
         should_transpose = is_img_or_video if self.channel_first is None else self.channel_first
         if not self.keep_num_codebooks_dim:
@@ -242,7 +246,8 @@ class LFQ(nn.Module):
 
     def forward(self, x: Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False,
                 mask: Tensor | None = None):
-        """See the class docstring."""
+        """x (B, N, dim) or (B, dim, ...) float -> ``Return(quantized like x, indices int64,
+        aux loss fp32 scalar)`` (and the ``LossBreakdown``); see the class docstring."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
         if x.dim() < 3:

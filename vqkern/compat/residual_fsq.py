@@ -75,7 +75,7 @@ class ResidualFSQ(nn.Module):
         return torch.stack([layer.implicit_codebook for layer in self.layers])
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (B, ..., Q') with Q' <= Q (-1: dropped) -> scaled codes (Q, B, ..., len(levels))."""
+        """indices int (B, ..., Q') with Q' <= Q (-1: dropped) -> scaled float codes (Q, B, ..., len(levels))."""
         safe, dropped = split_dropped(indices, self.num_quantizers, self.quantize_dropout)
         safe = safe.long()
         codes = torch.stack([self.codebooks[i][safe[..., i]] for i in range(self.num_quantizers)])
@@ -83,11 +83,11 @@ class ResidualFSQ(nn.Module):
         return codes * self.scales.reshape(self.num_quantizers, *([1] * (codes.dim() - 2)), -1)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (B, ..., Q') -> the quantized output (B, ..., dim)."""
+        """indices int (B, ..., Q') -> the quantized float output (B, ..., dim)."""
         return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
 
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
-        """See the class docstring."""
+        """x (B, N, dim) float -> (quantized (B, N, dim), indices int32/int64 (B, N, Q))."""
         if self.is_channel_first:
             x, spatial = to_rows(x)
         x = self.project_in(x)
@@ -131,5 +131,5 @@ class GroupedResidualFSQ(GroupedResidual):
         self.codebook_size = self.rvqs[0].codebook_size
 
     def forward(self, x: Tensor, return_all_codes: bool = False):
-        """See the class docstring."""
+        """x (B, N, dim) float -> (quantized (B, N, dim), indices (groups, B, N, Q))."""
         return self._run_groups(x, return_all_codes=return_all_codes)

@@ -62,7 +62,7 @@ class ResidualLFQ(nn.Module):
         return torch.stack([layer.codebook for layer in self.layers])
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices int (B, ..., Q') with Q' <= Q (-1: dropped) -> codes (Q, B, ..., log2 K),
+        """indices int64 (B, ..., Q') with Q' <= Q (-1: dropped) -> float codes (Q, B, ..., log2 K),
         each layer's code at its scale (0 for -1 and missing trailing layers)."""
         safe, dropped = split_dropped(indices, self.num_quantizers, self.quantize_dropout)
         codes = []
@@ -72,12 +72,12 @@ class ResidualLFQ(nn.Module):
         return torch.stack(codes)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (B, ..., Q') -> the quantized output (B, ..., dim)."""
+        """indices int64 (B, ..., Q') -> the quantized float output (B, ..., dim)."""
         return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False,
                 rand_quantize_dropout_fixed_seed: int | None = None):
-        """See the class docstring."""
+        """x (B, N, dim) float -> (quantized (B, N, dim), indices int64 (B, N, Q), losses fp32 (Q,))."""
         x = self.project_in(x)
         quantized_out = 0.0
         residual = x
@@ -114,5 +114,5 @@ class GroupedResidualLFQ(GroupedResidual):
     residual_cls = ResidualLFQ
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False):
-        """See the class docstring."""
+        """x (B, N, dim) float -> (quantized (B, N, dim), indices int64 (groups, B, N, Q), losses (groups, Q))."""
         return self._run_groups(x, mask=mask, return_all_codes=return_all_codes)
