@@ -228,3 +228,43 @@ def test_public_api_has_docstrings_with_shapes_and_dtypes():
                 if inspect.isfunction(member) and ("Tensor" in str(inspect.signature(member))
                                                    or member.__name__ == "forward"):
                     assert SHAPE.search(doc) and DTYPE.search(doc), f"{name}.{label}: no shape or dtype in its docstring"
+
+
+def _distributed_worker(rank, port, path):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from test_distributed import WORLD
+    from vqkern.lfq_entropy import lfq_entropy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        ref, ours = make_pair(vqp.LFQ, LFQ, codebook_size=2 ** 6, dim=6)
+        x = make_input(6, "seq", seed=rank) * (0.05 if rank else 1.0)  # different rows on each rank
+        local = lfq_entropy(x.reshape(-1, 1, 6)).prob_sum / 30  # this rank's average distribution
+        out = {"ref": run(ref, x, 1)[3], "ours": run(ours, x, 1)[3], "local_avg": local}
+        torch.save(out, os.path.join(path, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_batch_entropy_is_the_entropy_of_the_mean_over_ranks(tmp_path):
+    """2 gloo ranks: the batch entropy is that of the mean over ranks of their average
+    distributions, the same on every rank. vector-quantize-pytorch 1.32 means this, but
+    its all-reduce's result is discarded: it takes each rank's own average divided by 2."""
+    from test_distributed import run_ranks
+
+    from vqkern.compat.lfq import entropy_of
+
+    results = run_ranks(_distributed_worker, str(tmp_path))
+    mean = (results[0]["local_avg"] + results[1]["local_avg"]) / 2
+    for r in results:
+        torch.testing.assert_close(r["ours"].batch_entropy, entropy_of(mean).mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["ours"].per_sample_entropy, r["ref"].per_sample_entropy, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["ref"].batch_entropy, entropy_of(r["local_avg"] / 2).mean(), rtol=1e-5,
+                                   atol=1e-6)
+    assert not torch.equal(results[0]["ours"].per_sample_entropy, results[1]["ours"].per_sample_entropy)

@@ -41,14 +41,20 @@ Split split_bits(int d) {
   return {dh, d - dh, int64_t(1) << dh, int64_t(1) << (d - dh)};
 }
 
-inline float sigmoid(float a) {
-  if (a >= 0.f) return 1.f / (1.f + std::exp(-a));
-  const float e = std::exp(a);
-  return e / (1.f + e);
-}
-
-// log(sigmoid(a)) = min(a, 0) - log1p(exp(-|a|)), finite for every finite a.
-inline float log_sigmoid(float a) { return std::min(a, 0.f) - std::log1p(std::exp(-std::fabs(a))); }
+// sigmoid(-a), sigmoid(a) and their logs from one exp and one log1p: with e = exp(-|a|),
+// sigmoid(|a|) = 1 / (1 + e), sigmoid(-|a|) = e / (1 + e) (never 1 - sigmoid(|a|), which
+// cancels), log sigmoid(+-a) = min(+-a, 0) - log1p(e), finite for every finite a.
+struct BitFactors {
+  float p0, p1, l0, l1;
+  explicit BitFactors(float a) {
+    const float e = std::exp(-std::fabs(a)), big = 1.f / (1.f + e), small = e * big, soft = std::log1p(e);
+    const bool pos = a >= 0.f;
+    p1 = pos ? big : small;
+    p0 = pos ? small : big;
+    l1 = std::min(a, 0.f) - soft;
+    l0 = std::min(-a, 0.f) - soft;
+  }
+};
 
 // prob[t] and logp[t] (t < 2^bits) over the logits a[0..bits), the first bit the most
 // significant: doubling in place from the top, so each source is read before it is
@@ -58,14 +64,13 @@ void half_table(const float* a, int bits, float* prob, float* logp) {
   logp[0] = 0.f;
   int64_t size = 1;
   for (int j = 0; j < bits; ++j) {
-    const float p0 = sigmoid(-a[j]), p1 = sigmoid(a[j]);
-    const float l0 = log_sigmoid(-a[j]), l1 = log_sigmoid(a[j]);
+    const BitFactors f(a[j]);
     for (int64_t t = size - 1; t >= 0; --t) {
       const float p = prob[t], l = logp[t];
-      prob[2 * t] = p * p0;
-      prob[2 * t + 1] = p * p1;
-      logp[2 * t] = l + l0;
-      logp[2 * t + 1] = l + l1;
+      prob[2 * t] = p * f.p0;
+      prob[2 * t + 1] = p * f.p1;
+      logp[2 * t] = l + f.l0;
+      logp[2 * t + 1] = l + f.l1;
     }
     size *= 2;
   }
@@ -268,9 +273,10 @@ void lfq_entropy_backward(const float* x, int64_t n, int64_t c, int d, float sca
         const double zl = double(r.pl[l]) * rl[l];
         for (int j = 0; j < s.dl; ++j) ((l >> (s.dl - 1 - j)) & 1 ? t1 : t0)[s.dh + j] += zl;
       }
-      for (int j = 0; j < d; ++j)
-        grad_x[i * d + j] =
-            static_cast<float>(scale * (sigmoid(-r.a[j]) * t1[j] - sigmoid(r.a[j]) * t0[j]));
+      for (int j = 0; j < d; ++j) {
+        const BitFactors f(r.a[j]);
+        grad_x[i * d + j] = static_cast<float>(scale * (f.p0 * t1[j] - f.p1 * t0[j]));
+      }
     }
   });
 }

@@ -34,8 +34,10 @@ def entropy_of(prob: Tensor) -> Tensor:
 
 
 def distributed_mean(t: Tensor) -> Tensor:
-    """The mean over ranks of t (any shape, float), differentiable (torch.distributed.nn), as
-    vector-quantize-pytorch's ``maybe_distributed_mean``; t itself outside a process group."""
+    """The mean over ranks of t (any shape, float), differentiable (torch.distributed.nn); t
+    itself outside a process group. vector-quantize-pytorch 1.32's ``maybe_distributed_mean``
+    means this but discards the all-reduce's result (``torch.distributed.nn.all_reduce``
+    returns a new tensor), so it returns t / world_size, a distribution that sums to 1 / W."""
     if not distributed.is_distributed():
         return t
     from torch.distributed import nn as dist_nn
