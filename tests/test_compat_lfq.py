@@ -268,3 +268,20 @@ def test_batch_entropy_is_the_entropy_of_the_mean_over_ranks(tmp_path):
         torch.testing.assert_close(r["ref"].batch_entropy, entropy_of(r["local_avg"] / 2).mean(), rtol=1e-5,
                                    atol=1e-6)
     assert not torch.equal(results[0]["ours"].per_sample_entropy, results[1]["ours"].per_sample_entropy)
+
+
+def test_lfq_compiles_fullgraph_in_training_and_eval():
+    torch.manual_seed(0)
+    lfq = LFQ(codebook_size=2 ** 6, dim=8, commitment_loss_weight=0.1)
+    x = make_input(8, "seq", seed=1)
+
+    def step(x):
+        quantized, indices, loss = lfq(x)
+        return quantized.square().mean() + loss, indices
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for mode in ("train", "eval"):
+        getattr(lfq, mode)()
+        (l1, i1), (l2, i2) = step(x), compiled(x)
+        assert torch.equal(i1, i2)
+        torch.testing.assert_close(l2, l1)
