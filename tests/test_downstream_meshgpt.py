@@ -6,7 +6,8 @@ meshgpt-pytorch imports torchvision (through classifier-free-guidance-pytorch an
 open_clip); torchvision's only PyPI builds link libtorch_cuda, so it cannot be imported
 beside the CPU build of torch that requirements-cpu.txt pins, and the test suite's
 environment does not install it. This test runs wherever meshgpt-pytorch imports (an
-environment with a CUDA build of torch), on CPU tensors.
+environment with a CUDA build of torch), on CPU tensors; it passed with meshgpt-pytorch
+1.8.1, torch 2.14.1+cu130 and torchvision 0.29.1 (losses equal to 6 digits at every step).
 """
 import copy
 
