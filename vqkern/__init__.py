@@ -9,14 +9,21 @@ from .modules import VectorQuantizer, VQOutput
 # vqkern.kmeans is the function; its module stays importable as vqkern.kmeans (sys.modules).
 from .kmeans import KMeansOutput, kmeans
 from .compat import GroupedResidualVQ, ResidualVQ, VectorQuantize
+from .compat import FSQ, LFQ, GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
 from .integrations import patch, unpatch
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "FSQ",
+    "GroupedResidualFSQ",
+    "GroupedResidualLFQ",
     "GroupedResidualVQ",
     "KMeansOutput",
+    "LFQ",
     "QuantizeOutput",
+    "ResidualFSQ",
+    "ResidualLFQ",
     "ResidualVQ",
     "VectorQuantize",
     "VQOutput",

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "lfq_entropy.h"
 #include "search.h"
 
 namespace py = pybind11;
@@ -105,4 +106,28 @@ PYBIND11_MODULE(_cpu, m) {
       m, "backward_l2_bf16",
       "As backward_l2 for bf16 gq, z, codebook and grad_z (fp32 arithmetic, grad_z rounded once); "
       "diff_sums fp32.");
+  m.def("lfq_entropy",
+        [](std::uintptr_t x, int64_t n, int64_t c, int d, float scale, float eps, std::uintptr_t entropy,
+           std::uintptr_t prob_sum, int threads) {
+          py::gil_scoped_release release;
+          lfq_entropy_forward(reinterpret_cast<const float*>(x), n, c, d, scale, eps,
+                              reinterpret_cast<float*>(entropy), reinterpret_cast<float*>(prob_sum), threads);
+        },
+        py::arg("x"), py::arg("n"), py::arg("c"), py::arg("d"), py::arg("scale"), py::arg("eps"),
+        py::arg("entropy"), py::arg("prob_sum"), py::arg("threads"),
+        "LFQ entropy terms of fp32 x (n, c, d), per-bit logit scale * x: entropy (n, c) written, "
+        "prob_sum (c, 2^d, zero-filled) += the sum of the rows' code distributions.");
+  m.def("lfq_entropy_backward",
+        [](std::uintptr_t x, int64_t n, int64_t c, int d, float scale, float eps, std::uintptr_t grad_entropy,
+           std::uintptr_t grad_prob_sum, std::uintptr_t grad_x, int threads) {
+          py::gil_scoped_release release;
+          lfq_entropy_backward(reinterpret_cast<const float*>(x), n, c, d, scale, eps,
+                               reinterpret_cast<const float*>(grad_entropy),
+                               reinterpret_cast<const float*>(grad_prob_sum), reinterpret_cast<float*>(grad_x),
+                               threads);
+        },
+        py::arg("x"), py::arg("n"), py::arg("c"), py::arg("d"), py::arg("scale"), py::arg("eps"),
+        py::arg("grad_entropy"), py::arg("grad_prob_sum"), py::arg("grad_x"), py::arg("threads"),
+        "grad_x (n, c, d) fp32 of lfq_entropy from the gradients of entropy (n, c) and prob_sum (c, 2^d) "
+        "(pointer 0: zero).");
 }

@@ -35,6 +35,14 @@ outputs it is given:
     from softmax(logit / T) (``inv_temperature`` = 1 / T, a float), logit ``-|z - e|``
     or, with ``cosine``, ``z . e`` of unit rows, with noise derived from the int ``seed``.
 
+``lfq_entropy(x, scale, eps, entropy, prob_sum)`` and ``lfq_entropy_backward(x, scale, eps,
+grad_entropy, grad_prob_sum, grad_x)``
+    LFQ's entropy terms (``vqkern.lfq_entropy``): x (N, C, d) fp32 contiguous, per-bit
+    logit ``scale * x``; writes entropy (N, C) fp32 and adds the rows' code distributions
+    into prob_sum (C, 2^d) fp32 (zero-filled by the caller); the backward writes grad_x
+    (N, C, d) fp32 from grad_entropy (N, C) and grad_prob_sum (C, 2^d) (either None: zero).
+    The cuda backend runs the Triton kernels for these.
+
 A backend module also exposes ``availability(device) -> (bool, reason)``,
 ``centred_ranking(device, z_dtype, codebook_dtype) -> bool`` (see ``centred_ranking``), and may expose
 ``tiles(device, z_dtype, codebook_dtype) -> dict``: how its kernels cut the work for such

@@ -246,3 +246,16 @@ def segment_sum(indices, values, counts, sums, deterministic) -> None:
                                n, d, counts.data_ptr(), sums.data_ptr(), _stream(device))
         return
     _sorted_segment_sum(ext, indices, values, counts, sums)
+
+
+# LFQ's entropy terms (vqkern.lfq_entropy) have no CUDA C++ kernel: the cuda backend
+# runs the Triton kernels, imported at the first call (importing triton at load time
+# would make this backend depend on it for every op).
+def lfq_entropy(x, scale, eps, entropy, prob_sum) -> None:
+    from .triton import lfq_entropy as run
+    run(x, scale, eps, entropy, prob_sum)
+
+
+def lfq_entropy_backward(x, scale, eps, grad_entropy, grad_prob_sum, grad_x) -> None:
+    from .triton import lfq_entropy_backward as run
+    run(x, scale, eps, grad_entropy, grad_prob_sum, grad_x)

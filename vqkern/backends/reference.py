@@ -57,3 +57,28 @@ def segment_sum(indices, values, counts, sums, deterministic) -> None:
     # Not one_hot.t() @ values: a row holding an infinity would put 0 * inf = NaN into
     # every code's sum.
     sums.add_(_sums64(sums.shape, indices, values))
+
+
+def lfq_entropy(x, scale, eps, entropy, prob_sum) -> None:
+    """LFQ's entropy terms from the dense (N, C, 2^d) distributions, in fp64."""
+    from ..lfq_entropy import lfq_entropy_dense
+    ent, sums = lfq_entropy_dense(x.double(), scale, eps)
+    entropy.copy_(ent)
+    prob_sum.copy_(sums)
+
+
+def lfq_entropy_backward(x, scale, eps, grad_entropy, grad_prob_sum, grad_x) -> None:
+    """The softmax backward through the dense fp64 (N, C, 2^d) distributions."""
+    from ..lfq_entropy import code_bits
+    x64 = x.double()
+    signs = code_bits(x.shape[-1], x.device).double() * 2 - 1
+    prob = torch.einsum("ncd,kd->nck", x64 * (scale / 2), signs).softmax(dim=-1)
+    grad_p = torch.zeros_like(prob)
+    if grad_entropy is not None:
+        # d/dp of -p log(max(p, eps)): -(log(max(p, eps)) + [p >= eps]).
+        dent = prob.clamp(min=eps).log() + (prob >= eps).double()
+        grad_p -= grad_entropy.double().unsqueeze(-1) * dent
+    if grad_prob_sum is not None:
+        grad_p += grad_prob_sum.double().unsqueeze(0)
+    grad_logit = prob * (grad_p - (prob * grad_p).sum(-1, keepdim=True))
+    grad_x.copy_(torch.einsum("nck,kd->ncd", grad_logit, signs) * (scale / 2))

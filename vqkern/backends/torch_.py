@@ -489,3 +489,7 @@ def tiles(device: torch.device, z_dtype: torch.dtype, codebook_dtype: torch.dtyp
     # The kernel splits the codes when there are fewer row blocks than threads.
     return dict(path=f"vqkern._cpu {isa}{' bf16' if bf16 else ''}", rows=row_block, codes=panel,
                 split_rows=row_block * (threads - 1), split_codes=min_split, backward_rows=row_block)
+
+
+# LFQ's entropy terms (vqkern.lfq_entropy): tiled PyTorch, or vqkern._cpu on CPU.
+from .lfq_torch import lfq_entropy, lfq_entropy_backward  # noqa: E402,F401

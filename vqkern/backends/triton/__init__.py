@@ -16,11 +16,14 @@ from . import backward as _backward
 from . import search as _search
 from . import segment_sum as _segment_sum
 from .backward import backward, launch_backward
+from .lfq_entropy import launch_lfq_entropy as lfq_entropy
+from .lfq_entropy import launch_lfq_entropy_backward as lfq_entropy_backward
 from .search import launch_sample, launch_search, sample, search
 from .segment_sum import launch_segment_sum, segment_sum
 
 __all__ = ["availability", "centred_ranking", "tiles", "search", "launch_search", "sample", "launch_sample", "backward",
-           "launch_backward", "segment_sum", "launch_segment_sum"]
+           "launch_backward", "segment_sum", "launch_segment_sum",
+           "lfq_entropy", "lfq_entropy_backward"]
 
 
 def centred_ranking(device, z_dtype, codebook_dtype) -> bool:
