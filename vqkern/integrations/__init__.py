@@ -13,11 +13,14 @@ and register themselves with :func:`register`.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
+import inspect
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -26,7 +29,7 @@ from .. import backends
 
 # One file per library; each registers its adapters when imported. None of them imports
 # the library it serves.
-_ADAPTER_MODULES = ()
+_ADAPTER_MODULES = ("diffusers", "taming", "transformers_image", "vector_quantize")
 
 _STATE = "_vqkern_patch"
 
@@ -39,16 +42,22 @@ class Adapter:
         the patched instance under that name.
     check: ``check(layer) -> str | None``: why this instance cannot be served exactly
         (an option and its reason), or None when it can. A layer it rejects stays as it is.
+    setup: ``setup(layer, backend) -> object``: per-layer data the methods need (read back
+        with :func:`patch_data`), made before anything is bound; an exception it raises
+        leaves the whole model as it was.
     """
     methods: Mapping[str, Callable]
     check: Callable[[nn.Module], str | None] | None = None
+    setup: Callable[[nn.Module, str], Any] | None = None
 
 
 @dataclass
 class PatchState:
-    """What ``patch`` bound on a layer: the backend its methods call and the method names."""
+    """What ``patch`` bound on a layer: the backend its methods call, the method names and
+    the adapter's per-layer data (its ``setup`` result)."""
     backend: str
     names: tuple[str, ...] = field(default_factory=tuple)
+    data: Any = None
 
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -56,10 +65,11 @@ _loaded = False
 
 
 def register(*qualnames: str, methods: Mapping[str, Callable],
-             check: Callable[[nn.Module], str | None] | None = None) -> Adapter:
+             check: Callable[[nn.Module], str | None] | None = None,
+             setup: Callable[[nn.Module, str], Any] | None = None) -> Adapter:
     """Register an adapter for the classes named ``module.QualName`` (as ``type(x).__module__``
     and ``__qualname__`` spell them)."""
-    adapter = Adapter(dict(methods), check)
+    adapter = Adapter(dict(methods), check, setup)
     for name in qualnames:
         if name in _REGISTRY:
             raise ValueError(f"an adapter for {name} is registered already")
@@ -95,6 +105,36 @@ def backend_of(layer: nn.Module) -> str:
     return layer.__dict__[_STATE].backend
 
 
+def patch_data(layer: nn.Module) -> Any:
+    """The per-layer data its adapter's ``setup`` made when the layer was patched."""
+    return layer.__dict__[_STATE].data
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest(obj) -> str | None:
+    """SHA-256 of the source text of a class, function or module (None when Python cannot
+    read it). Adapters compare it with the source they were written against, so that a
+    library release that changes a layer's code leaves that layer unpatched rather than
+    served with the old semantics."""
+    try:
+        text = inspect.getsource(obj)
+    except (OSError, TypeError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def source_mismatch(obj, digests: frozenset[str], written_for: str) -> str | None:
+    """None when ``obj``'s source is one the adapter reproduces, else the reason it is not."""
+    digest = source_digest(obj)
+    if digest in digests:
+        return None
+    name = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
+    if digest is None:
+        return f"the source of {name} cannot be read, so vqkern cannot tell whether it is the code it reproduces"
+    return (f"the source of {name} is not the code vqkern's adapter reproduces ({written_for}); "
+            f"its SHA-256 is {digest[:16]}...")
+
+
 def _device_of(layer: nn.Module) -> torch.device | None:
     for t in layer.parameters(recurse=True):
         return t.device
@@ -128,23 +168,25 @@ def patch(model: nn.Module, *, backend: str = "auto") -> dict[str, str]:
         adapter = registry.get(qualified_name(type(layer)))
         if adapter is None or state(layer) is not None:
             continue
+        where = f"{path or type(layer).__name__} ({qualified_name(type(layer))})"
         reason = adapter.check(layer) if adapter.check is not None else None
         if reason is not None:
-            warnings.warn(f"vqkern.patch: left {path or type(layer).__name__} "
-                          f"({qualified_name(type(layer))}) unpatched: {reason}", stacklevel=2)
+            warnings.warn(f"vqkern.patch: left {where} unpatched: {reason}", stacklevel=2)
             continue
         device = _device_of(layer)
         if backend != "auto" and device is not None:
             ok, why = backends.availability(backend, device)
             if not ok:
-                raise RuntimeError(f"vqkern.patch: backend={backend!r} cannot serve "
-                                   f"{path or type(layer).__name__} on {device}: {why}")
-        plan.append((path, layer, adapter))
+                raise RuntimeError(f"vqkern.patch: backend={backend!r} cannot serve {where} on {device}: {why}")
+        data = adapter.setup(layer, backend) if adapter.setup is not None else None
+        plan.append((path, layer, adapter, data))
+    # Nothing is bound until every layer has been checked and set up, so an error above
+    # leaves the model as it was.
     patched = {}
-    for path, layer, adapter in plan:
+    for path, layer, adapter, data in plan:
         for name, fn in adapter.methods.items():
             layer.__dict__[name] = types.MethodType(fn, layer)
-        layer.__dict__[_STATE] = PatchState(backend, tuple(adapter.methods))
+        layer.__dict__[_STATE] = PatchState(backend, tuple(adapter.methods), data)
         patched[path] = type(layer).__name__
     return patched
 
