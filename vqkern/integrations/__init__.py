@@ -45,19 +45,28 @@ class Adapter:
     setup: ``setup(layer, backend) -> object``: per-layer data the methods need (read back
         with :func:`patch_data`), made before anything is bound; an exception it raises
         leaves the whole model as it was.
+    caveat: ``caveat(layer) -> str | None``: how a layer it serves differs observably from
+        the original though it follows the same semantics (random draws of vqkern's own, say);
+        ``patch`` patches the layer and warns with it.
+    on_load: ``on_load(layer, incompatible_keys)``: run after a state dict is loaded into the
+        patched layer (or a model holding it), to refresh host-side copies of its buffers;
+        registered as a load-state-dict post-hook while the layer is patched.
     """
     methods: Mapping[str, Callable]
     check: Callable[[nn.Module], str | None] | None = None
     setup: Callable[[nn.Module, str], Any] | None = None
+    caveat: Callable[[nn.Module], str | None] | None = None
+    on_load: Callable[[nn.Module, Any], None] | None = None
 
 
 @dataclass
 class PatchState:
-    """What ``patch`` bound on a layer: the backend its methods call, the method names and
-    the adapter's per-layer data (its ``setup`` result)."""
+    """What ``patch`` bound on a layer: the backend its methods call, the method names, the
+    adapter's per-layer data (its ``setup`` result) and the hooks it registered."""
     backend: str
     names: tuple[str, ...] = field(default_factory=tuple)
     data: Any = None
+    hooks: tuple = ()
 
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -66,10 +75,12 @@ _loaded = False
 
 def register(*qualnames: str, methods: Mapping[str, Callable],
              check: Callable[[nn.Module], str | None] | None = None,
-             setup: Callable[[nn.Module, str], Any] | None = None) -> Adapter:
+             setup: Callable[[nn.Module, str], Any] | None = None,
+             caveat: Callable[[nn.Module], str | None] | None = None,
+             on_load: Callable[[nn.Module, Any], None] | None = None) -> Adapter:
     """Register an adapter for the classes named ``module.QualName`` (as ``type(x).__module__``
-    and ``__qualname__`` spell them)."""
-    adapter = Adapter(dict(methods), check, setup)
+    and ``__qualname__`` spell them); see :class:`Adapter` for the hooks."""
+    adapter = Adapter(dict(methods), check, setup, caveat, on_load)
     for name in qualnames:
         if name in _REGISTRY:
             raise ValueError(f"an adapter for {name} is registered already")
@@ -156,7 +167,12 @@ def patch(model: nn.Module, *, backend: str = "auto") -> dict[str, str]:
         {module path: class name} of the layers patched by this call ("" is ``model``
         itself). Layers patched before are left as they are and not listed; a layer in a
         configuration vqkern cannot serve exactly stays unpatched, with a warning that
-        names the layer, the option and why.
+        names the layer, the option and why; a layer served with the same semantics but
+        observably other random draws is patched with a warning that says so.
+    Raises:
+        TypeError / ValueError for a ``model`` that is not a Module or an unknown backend;
+        RuntimeError when an explicit backend cannot run on a layer's device. Nothing is
+        patched then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -180,20 +196,24 @@ def patch(model: nn.Module, *, backend: str = "auto") -> dict[str, str]:
                 raise RuntimeError(f"vqkern.patch: backend={backend!r} cannot serve {where} on {device}: {why}")
         data = adapter.setup(layer, backend) if adapter.setup is not None else None
         plan.append((path, layer, adapter, data))
+        note = adapter.caveat(layer) if adapter.caveat is not None else None
+        if note is not None:
+            warnings.warn(f"vqkern.patch: {where}: {note}", stacklevel=2)
     # Nothing is bound until every layer has been checked and set up, so an error above
     # leaves the model as it was.
     patched = {}
     for path, layer, adapter, data in plan:
         for name, fn in adapter.methods.items():
             layer.__dict__[name] = types.MethodType(fn, layer)
-        layer.__dict__[_STATE] = PatchState(backend, tuple(adapter.methods), data)
+        hooks = () if adapter.on_load is None else (layer.register_load_state_dict_post_hook(adapter.on_load),)
+        layer.__dict__[_STATE] = PatchState(backend, tuple(adapter.methods), data, hooks)
         patched[path] = type(layer).__name__
     return patched
 
 
 def unpatch(model: nn.Module) -> dict[str, str]:
-    """Undo :func:`patch`: remove exactly the methods it bound. Returns {path: class name}
-    of the layers restored."""
+    """Undo :func:`patch`: remove exactly the methods and hooks it added. Returns {path: class
+    name} of the layers restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     restored = {}
@@ -203,5 +223,7 @@ def unpatch(model: nn.Module) -> dict[str, str]:
             continue
         for name in st.names:
             layer.__dict__.pop(name, None)
+        for hook in st.hooks:
+            hook.remove()
         restored[path] = type(layer).__name__
     return restored

@@ -90,11 +90,9 @@ _CODEBOOK_KEYS = ("codebook_dim", "codebook_size", "heads", "separate_codebook_p
 
 @dataclass
 class _Link:
-    """A patched layer's compat twin, the options it was built for, and which ``initted``
-    tensor (and version of it) its host-side flag was read from."""
+    """A patched layer's compat twin and the options it was built for."""
     vq: CompatVectorQuantize
     config: dict
-    initted_seen: tuple = ()
 
 
 def _build(layer, config: dict, *, share: bool = True) -> _Link:
@@ -105,15 +103,19 @@ def _build(layer, config: dict, *, share: bool = True) -> _Link:
             vq = CompatVectorQuantize(**config)
     except (ValueError, NotImplementedError) as exc:
         raise _Unsupported(str(exc)) from None
+    # The twin keeps ``initted`` on the host (no device read per step), as the compat layer
+    # does; _refresh_initted reads it again after a state dict is loaded.
+    vq._codebook._initted_host = bool(layer._codebook._buffers["initted"])
+    link = _Link(vq, config)
     if not share:
-        return _Link(vq, config)
+        return link
     key = tuple(config[k] for k in _CODEBOOK_KEYS)
     shared = _CODEBOOKS.get(layer._codebook)
     if shared is not None and shared[0] == key:
         vq._modules["_codebook"] = shared[1]
     else:
         _CODEBOOKS[layer._codebook] = (key, vq._codebook)
-    return _Link(vq, config)
+    return link
 
 
 def _synced(layer) -> CompatVectorQuantize:
@@ -124,7 +126,7 @@ def _synced(layer) -> CompatVectorQuantize:
         config = _config(layer, backend_of(layer))
         if config != link.config:
             fresh = _build(layer, config)
-            link.vq, link.config, link.initted_seen = fresh.vq, fresh.config, ()
+            link.vq, link.config = fresh.vq, fresh.config
     except _Unsupported as exc:
         raise NotImplementedError(f"vqkern.patch: {type(layer).__name__} now has {exc}; "
                                   f"vqkern.unpatch the model to run it with this option") from None
@@ -140,14 +142,12 @@ def _synced(layer) -> CompatVectorQuantize:
         twin._parameters["embed"] = cb._parameters["embed"]
     else:
         twin._buffers["embed"] = cb._buffers["embed"]
-    initted = cb._buffers["initted"]
-    # The twin keeps ``initted`` on the host (no device read per step); it is read again only
-    # when the buffer was replaced or written (a checkpoint load, another layer's k-means).
-    seen = (id(initted), initted._version)
-    if link.initted_seen != seen:
-        twin._initted_host = bool(initted)
-        link.initted_seen = seen
     return vq
+
+
+def _refresh_initted(layer, incompatible_keys) -> None:
+    """After a state dict is loaded: whether the loaded codebook was k-means initialized."""
+    patch_data(layer).vq._codebook._initted_host = bool(layer._codebook._buffers["initted"])
 
 
 def _forward(self, x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
@@ -201,6 +201,24 @@ def _setup(layer, backend: str) -> _Link:
     return _build(layer, _config(layer, backend))
 
 
+def _caveat(layer):
+    cb = layer._codebook
+    notes = []
+    if cb.gumbel_sample.keywords.get("stochastic"):
+        notes.append("stochastic_sample_codes=True draws codes from the same distribution (Gumbel-max inside "
+                     "vqkern's search) with vqkern's own random numbers, so a seeded run does not draw the "
+                     "library's codes")
+    if cb.use_ddp and cb.sample_fn is sys.modules[_MODULE].sample_vectors_distributed and (
+            cb.threshold_ema_dead_code > 0 or not bool(cb.initted)):
+        notes.append("inside a process group, k-means seeds and dead-code replacements are drawn from every "
+                     "rank's rows (the same on every rank, as in the library) with vqkern's own draws")
+    if layer.commitment_use_cross_entropy_loss and cb.ema_update and not layer.learnable_codebook:
+        notes.append("the gradient of the cross-entropy commitment loss is taken with the codebook its logits "
+                     "were computed from (the library's backward reads the codebook its EMA step has already "
+                     "rewritten in place)")
+    return "; ".join(notes) or None
+
+
 register(f"{_MODULE}.VectorQuantize",
          methods={"forward": _forward, "update_indices": _update_indices, "update_ema_indices": _update_indices},
-         check=_check, setup=_setup)
+         check=_check, setup=_setup, caveat=_caveat, on_load=_refresh_initted)

@@ -1,0 +1,166 @@
+"""vqkern.patch on diffusers' VectorQuantizer (VQModel's quantizer), built from tiny configs."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import vqkern
+from patch_parity import (assert_codes_agree, assert_state_dicts_equal, compare_training, largest_tensor,
+                          patched_copy, tensor_objects)
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is installed by requirements-test.txt")
+from diffusers import VQModel  # noqa: E402
+from diffusers.models.autoencoders.vae import VectorQuantizer  # noqa: E402
+
+D, K = 8, 32
+
+
+def tiny_vqmodel(**kw):
+    torch.manual_seed(0)
+    return VQModel(in_channels=1, out_channels=1, block_out_channels=(16,), norm_num_groups=8, latent_channels=D,
+                   num_vq_embeddings=K, **kw)
+
+
+def call(module, z):
+    quantized, loss, (_, _, indices) = module(z)
+    return quantized, loss, indices
+
+
+def search_space(module, z):
+    return z.movedim(1, -1).reshape(-1, z.shape[1]), module.embedding.weight
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(legacy=False), dict(sane_index_shape=True)],
+                         ids=["legacy", "beta_on_commitment", "sane_index_shape"])
+def test_training_matches(kw):
+    if kw:
+        torch.manual_seed(0)
+        layer = VectorQuantizer(K, D, beta=0.25, **kw)
+    else:
+        layer = tiny_vqmodel().quantize
+    compare_training(layer, shape=(2, D, 4, 5), call=call, search_space=search_space, scale=0.05)
+
+
+def test_bfloat16_training_matches():
+    layer = tiny_vqmodel().quantize
+    compare_training(layer, shape=(2, D, 4, 4), call=call, search_space=search_space, scale=0.05,
+                     dtype=torch.bfloat16, steps=2)
+
+
+def test_remap_matches(tmp_path):
+    # A remap table with a repeated code (the first position wins) and codes the search can
+    # pick that are not in it: unknown indices are drawn by torch.randint, or fixed.
+    used = np.array([3, 7, 1, 7, 30, 12, 5], dtype=np.int64)
+    np.save(tmp_path / "used.npy", used)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, D, 4, 4, generator=g) * 0.05
+    for unknown in ("random", "extra", 2):
+        torch.manual_seed(0)
+        layer = VectorQuantizer(K, D, beta=0.25, remap=str(tmp_path / "used.npy"), unknown_index=unknown)
+        ours, _ = patched_copy(layer)
+        torch.manual_seed(5)
+        _, loss_ref, (_, _, ref) = layer(z)
+        torch.manual_seed(5)
+        _, loss_our, (_, _, got) = ours(z)
+        assert got.shape == ref.shape == (32, 1) and got.dtype == ref.dtype
+        assert torch.equal(got, ref), unknown
+        assert torch.equal(loss_our, loss_ref) or torch.allclose(loss_our, loss_ref, rtol=1e-6)
+        inds = torch.tensor([[3, 7, 1, 30, 31, 0], [5, 12, 12, 4, 7, 6]])
+        torch.manual_seed(6)
+        want = layer.remap_to_used(inds)
+        torch.manual_seed(6)
+        assert torch.equal(ours.remap_to_used(inds), want)
+
+
+def test_whole_model_trains_alike():
+    """VQModel's forward (encode, quantize, decode) and three Adam steps, original and patched."""
+    model = tiny_vqmodel()
+    ours, patched = patched_copy(model)
+    assert patched == {"quantize": "VectorQuantizer"}
+    seen = {}
+    for name, m in (("orig", model), ("ours", ours)):
+        # The quantizer's input and codebook as it searched them (the optimizer moves the codebook after).
+        m.quantize.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(
+            name, (args[0].detach().clone(), mod.embedding.weight.detach().clone(), out[2][2])))
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (model, ours)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.rand(2, 1, 8, 8, generator=g)
+        losses = []
+        for m, opt in zip((model, ours), opts):
+            out = m(x)
+            loss = torch.nn.functional.mse_loss(out.sample, x) + out.commit_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        (z, codebook, ref), (_, _, got) = seen["orig"], seen["ours"]
+        same = assert_codes_agree(z.movedim(1, -1), codebook, got, ref)
+        assert bool(same.all()), f"step {step}: near-ties in the encoder's output; the values below need one code"
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+    for (key, a), (_, b) in zip(model.state_dict().items(), ours.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_patch_keeps_the_layer():
+    model = tiny_vqmodel()
+    before = tensor_objects(model)
+    text = repr(model)
+    reference = copy.deepcopy(model)
+    assert vqkern.patch(model) == {"quantize": "VectorQuantizer"}
+    assert isinstance(model.quantize, VectorQuantizer) and repr(model) == text
+    after = tensor_objects(model)
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+    assert_state_dicts_equal(model, reference)
+    assert vqkern.patch(model) == {}
+    assert vqkern.unpatch(model) == {"quantize": "VectorQuantizer"}
+    assert "forward" not in vars(model.quantize) and "remap_to_used" not in vars(model.quantize)
+    assert model.quantize.forward.__func__ is VectorQuantizer.forward
+
+
+def test_no_rows_by_codes_matrix():
+    """The original's largest tensor is its N x K distance matrix; the patched layer's,
+    forward and backward, stays a small fraction of it."""
+    torch.manual_seed(0)
+    layer = VectorQuantizer(512, D, beta=0.25)
+    ours, _ = patched_copy(layer)
+    z = torch.randn(4, D, 16, 16)
+    n = z.numel() // D
+
+    def step(m):
+        zz = z.clone().requires_grad_()
+        q, loss, _ = m(zz)
+        (q.sum() + loss).backward()
+
+    assert largest_tensor(lambda: step(layer))[0] >= n * 512
+    size, op = largest_tensor(lambda: step(ours))
+    assert size <= max(z.numel(), 512 * D), (size, op)
+
+
+def test_bad_input_names_the_argument():
+    ours, _ = patched_copy(tiny_vqmodel().quantize)
+    with pytest.raises(ValueError, match=r"z must have shape \(B, vq_embed_dim, H, W\) with 8 channels"):
+        ours(torch.randn(2, D + 1, 4, 4))
+    with pytest.raises(ValueError, match="z must have shape"):
+        ours(torch.randn(2, D, 4))
+    with pytest.raises(TypeError, match="z must have a floating dtype"):
+        ours(torch.zeros(2, D, 4, 4, dtype=torch.int64))
+
+
+@pytest.mark.slow  # ~30 s on 2 loaded cores, mostly inductor's compile
+def test_torch_compile_fullgraph():
+    layer = tiny_vqmodel().quantize
+    ours, _ = patched_copy(layer)
+    compiled = torch.compile(ours, fullgraph=True)
+    z = torch.randn(2, D, 4, 4) * 0.05
+    for module in (layer, compiled):
+        module.zero_grad()
+    zz = [z.clone().requires_grad_() for _ in range(2)]
+    outs = [layer(zz[0]), compiled(zz[1])]
+    for (q, loss, _), zg in zip(outs, zz):
+        (q.square().sum() + loss).backward()
+    assert torch.equal(outs[1][2][2], outs[0][2][2])
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(zz[1].grad, zz[0].grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours.embedding.weight.grad, layer.embedding.weight.grad, rtol=1e-5, atol=1e-7)
