@@ -156,3 +156,45 @@ def compare_training(layer, *, shape, call, search_space, steps=3, lr=0.5, seed=
             torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
         grad_within_twice(got[key], ref[key], want[key], floor=1e-6, what=f"{key} after training")
     return layer, patched
+
+
+def train_models_alike(model, ours, batches, loss_of, after_step=None, lr=1e-3):
+    """Train a whole model and its patched copy with Adam on the same batches: the same loss at
+    every step (``loss_of(module, x)``), ``after_step(step)`` run after each, and the same
+    weights at the end."""
+    torch.backends.mkldnn.enabled, mkldnn = False, torch.backends.mkldnn.enabled
+    try:
+        # Plain convolutions: oneDNN's first call per shape costs seconds here, for 8 x 8 images.
+        opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in (model, ours)]
+        for step, x in enumerate(batches):
+            losses = []
+            for m, opt in zip((model, ours), opts):
+                loss = loss_of(m, x)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+            if after_step is not None:
+                after_step(step)
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+    for (key, a), (_, b) in zip(model.state_dict().items(), ours.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def assert_no_rows_by_codes(layer, ours, z, num_codes, extra=None):
+    """Forward and backward (and ``extra(module)``) of a VQGAN-style layer: the original's
+    largest tensor is at least N x K, the patched layer's no larger than its input or codebook."""
+    n = z.numel() // z.shape[1]
+
+    def step(m):
+        zz = z.clone().requires_grad_()
+        quantized, loss = m(zz)[:2]
+        (quantized.sum() + loss).backward()
+        if extra is not None:
+            extra(m)
+
+    assert largest_tensor(lambda: step(layer))[0] >= n * num_codes
+    size, op = largest_tensor(lambda: step(ours))
+    assert size <= max(z.numel(), num_codes * z.shape[1]), (size, op)

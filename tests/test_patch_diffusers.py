@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import vqkern
-from patch_parity import (assert_codes_agree, assert_state_dicts_equal, compare_training, largest_tensor,
-                          patched_copy, tensor_objects)
+from patch_parity import (assert_codes_agree, assert_no_rows_by_codes, assert_state_dicts_equal, compare_training,
+                          patched_copy, tensor_objects, train_models_alike)
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is installed by requirements-test.txt")
 from diffusers import VQModel  # noqa: E402
@@ -124,18 +124,7 @@ def test_no_rows_by_codes_matrix():
     forward and backward, stays a small fraction of it."""
     torch.manual_seed(0)
     layer = VectorQuantizer(512, D, beta=0.25)
-    ours, _ = patched_copy(layer)
-    z = torch.randn(4, D, 16, 16)
-    n = z.numel() // D
-
-    def step(m):
-        zz = z.clone().requires_grad_()
-        q, loss, _ = m(zz)
-        (q.sum() + loss).backward()
-
-    assert largest_tensor(lambda: step(layer))[0] >= n * 512
-    size, op = largest_tensor(lambda: step(ours))
-    assert size <= max(z.numel(), 512 * D), (size, op)
+    assert_no_rows_by_codes(layer, patched_copy(layer)[0], torch.randn(4, D, 16, 16), 512)
 
 
 def test_bad_input_names_the_argument():

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import vqkern
-from patch_parity import assert_codes_agree, compare_training, largest_tensor, patched_copy, tensor_objects
+from patch_parity import (assert_codes_agree, assert_no_rows_by_codes, compare_training, patched_copy, tensor_objects,
+                          train_models_alike)
 
 transformers = pytest.importorskip("transformers", reason="transformers is installed by requirements-test.txt")
 from transformers import ChameleonVQVAEConfig, Emu3VQVAEConfig, JanusVQVAEConfig  # noqa: E402
@@ -83,21 +84,13 @@ def test_janus_model_trains_alike():
     ours, patched = patched_copy(model)
     assert patched == {"quantize": "JanusVQVAEVectorQuantizer"}
     assert all(tensor_objects(model)[k] is before[k] for k in before)
-    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (model, ours)]
+
+    def loss_of(m, x):
+        out = m(x)
+        return F.mse_loss(out.decoded_pixel_values, x) + out.embedding_loss
+
     g = torch.Generator().manual_seed(1)
-    for step in range(3):
-        x = torch.rand(2, 3, 8, 8, generator=g)
-        losses = []
-        for m, opt in zip((model, ours), opts):
-            out = m(x)
-            loss = F.mse_loss(out.decoded_pixel_values, x) + out.embedding_loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
-    for (key, a), (_, b) in zip(model.state_dict().items(), ours.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=key)
+    train_models_alike(model, ours, [torch.rand(2, 3, 8, 8, generator=g) for _ in range(3)], loss_of)
     assert vqkern.unpatch(ours) == {"quantize": "JanusVQVAEVectorQuantizer"}
 
 
@@ -105,14 +98,4 @@ def test_janus_model_trains_alike():
 def test_no_rows_by_codes_matrix(build):
     layer = build().quantize
     layer.embedding = torch.nn.Embedding(512, D)
-    ours, _ = patched_copy(layer)
-    z = torch.randn(4, D, 16, 16)
-
-    def step(m):
-        zz = z.clone().requires_grad_()
-        q, loss, _ = m(zz)
-        (q.sum() + loss).backward()
-
-    assert largest_tensor(lambda: step(layer))[0] >= (z.numel() // D) * 512
-    size, op = largest_tensor(lambda: step(ours))
-    assert size <= max(z.numel(), 512 * D), (size, op)
+    assert_no_rows_by_codes(layer, patched_copy(layer)[0], torch.randn(4, D, 16, 16), 512)

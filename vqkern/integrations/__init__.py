@@ -13,6 +13,7 @@ and register themselves with :func:`register`.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib
@@ -62,11 +63,43 @@ class Adapter:
 @dataclass
 class PatchState:
     """What ``patch`` bound on a layer: the backend its methods call, the method names, the
-    adapter's per-layer data (its ``setup`` result) and the hooks it registered."""
+    adapter's per-layer data (its ``setup`` result) and the ids of the load hooks it added."""
     backend: str
     names: tuple[str, ...] = field(default_factory=tuple)
     data: Any = None
-    hooks: tuple = ()
+    hooks: tuple[int, ...] = ()
+
+    def __deepcopy__(self, memo):
+        # A deep copy of a patched model is patched: the copied bound methods are bound to the
+        # copies of the layers, the data follows (with the copies of the layers' tensors).
+        return PatchState(self.backend, self.names, copy.deepcopy(self.data, memo), self.hooks)
+
+    def __reduce__(self):
+        # A pickled model (torch.save(model)) loads unpatched: its bound methods are pickled by
+        # name and load as the class's own (see _named), and this state as None.
+        return _no_state, ()
+
+
+def _no_state():
+    return None
+
+
+def _named(fn: Callable, name: str) -> Callable:
+    """``fn`` under the name of the method it replaces: a bound method pickles as
+    ``getattr(layer, fn.__name__)``, which then loads the class's own method."""
+    if fn.__name__ == name:
+        return fn
+    named = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    named.__kwdefaults__, named.__doc__, named.__module__ = fn.__kwdefaults__, fn.__doc__, fn.__module__
+    named.__qualname__ = fn.__qualname__
+    return named
+
+
+def _on_load(layer: nn.Module, incompatible_keys) -> None:
+    """The load-state-dict post-hook of a patched layer: its adapter's ``on_load``; nothing
+    once the layer is unpatched (or loaded unpatched from a pickle)."""
+    if state(layer) is not None:
+        _registry()[qualified_name(type(layer))].on_load(layer, incompatible_keys)
 
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -80,7 +113,7 @@ def register(*qualnames: str, methods: Mapping[str, Callable],
              on_load: Callable[[nn.Module, Any], None] | None = None) -> Adapter:
     """Register an adapter for the classes named ``module.QualName`` (as ``type(x).__module__``
     and ``__qualname__`` spell them); see :class:`Adapter` for the hooks."""
-    adapter = Adapter(dict(methods), check, setup, caveat, on_load)
+    adapter = Adapter({name: _named(fn, name) for name, fn in methods.items()}, check, setup, caveat, on_load)
     for name in qualnames:
         if name in _REGISTRY:
             raise ValueError(f"an adapter for {name} is registered already")
@@ -205,7 +238,7 @@ def patch(model: nn.Module, *, backend: str = "auto") -> dict[str, str]:
     for path, layer, adapter, data in plan:
         for name, fn in adapter.methods.items():
             layer.__dict__[name] = types.MethodType(fn, layer)
-        hooks = () if adapter.on_load is None else (layer.register_load_state_dict_post_hook(adapter.on_load),)
+        hooks = () if adapter.on_load is None else (layer.register_load_state_dict_post_hook(_on_load).id,)
         layer.__dict__[_STATE] = PatchState(backend, tuple(adapter.methods), data, hooks)
         patched[path] = type(layer).__name__
     return patched
@@ -224,6 +257,6 @@ def unpatch(model: nn.Module) -> dict[str, str]:
         for name in st.names:
             layer.__dict__.pop(name, None)
         for hook in st.hooks:
-            hook.remove()
+            layer._load_state_dict_post_hooks.pop(hook, None)
         restored[path] = type(layer).__name__
     return restored
