@@ -168,6 +168,19 @@ CASES: dict[str, Case] = {
 }
 
 
+def library_versions() -> dict[str, str]:
+    """The installed versions of the libraries vqkern.patch serves (provenance)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for lib in ("diffusers", "transformers", "taming-transformers-rom1504", "vector-quantize-pytorch"):
+        try:
+            found[lib] = version(lib)
+        except PackageNotFoundError:
+            found[lib] = "not installed"
+    return found
+
+
 def all_cases() -> dict[str, Case]:
     cases = dict(CASES)
     try:
@@ -361,13 +374,7 @@ def main(argv=None) -> None:
     rates = measure.measure_floor_rates(device, torch.float32)
     prov = measure.provenance(device)
     prov["command"] = "python -m benchmarks.patch " + " ".join(sys.argv[1:] if argv is None else argv)
-    from importlib.metadata import PackageNotFoundError, version
-    prov["libraries"] = {}
-    for lib in ("diffusers", "transformers", "taming-transformers-rom1504", "vector-quantize-pytorch"):
-        try:
-            prov["libraries"][lib] = version(lib)
-        except PackageNotFoundError:
-            prov["libraries"][lib] = "not installed"
+    prov["libraries"] = library_versions()
     records = []
     for name in names:
         result = Path(f"/tmp/vqkern-patch-bench-{os.getpid()}-{name}.json")
