@@ -102,7 +102,8 @@ def _transformers(model, **config):
 
     classes = {"chameleon": (transformers.ChameleonVQVAEConfig, modeling_chameleon, "ChameleonVQVAEVectorQuantizer"),
                "janus": (transformers.JanusVQVAEConfig, modeling_janus, "JanusVQVAEVectorQuantizer"),
-               "glm_image": (modeling_glm_image.GlmImageVQVAEConfig, modeling_glm_image, "GlmImageVQVAEVectorQuantizer"),
+               "glm_image": (modeling_glm_image.GlmImageVQVAEConfig, modeling_glm_image,
+                             "GlmImageVQVAEVectorQuantizer"),
                "emu3": (transformers.Emu3VQVAEConfig, modeling_emu3, "Emu3VQVAEVectorQuantizer")}
     config_cls, module, name = classes[model]
     return getattr(module, name)(config_cls(**config))
@@ -159,7 +160,8 @@ CASES: dict[str, Case] = {
     # and a SoundStream-style ResidualVQ (8 x 1024 codes of 256) on 16 x 750 frames.
     "vqp-vectorquantize-8192": Case("vector-quantize-pytorch 1.32.0",
                                     _seeded(lambda: _vqp("VectorQuantize", dim=256, codebook_size=8192)),
-                                    _randn(16, 1024, 256), 16 * 1024, 8192, 256, "VectorQuantize (EMA), 16 x 1024 tokens"),
+                                    _randn(16, 1024, 256), 16 * 1024, 8192, 256,
+                                    "VectorQuantize (EMA), 16 x 1024 tokens"),
     "vqp-residualvq-soundstream": Case("vector-quantize-pytorch 1.32.0",
                                        _seeded(lambda: _vqp("ResidualVQ", dim=256, num_quantizers=8,
                                                             codebook_size=1024, threshold_ema_dead_code=2)),
@@ -302,7 +304,8 @@ def _write(stem: Path, records: list[dict], prov: dict, rates: dict, limit_bytes
              f"address-space limit of {limit_bytes / 2**30:.1f} GiB above what its process maps (out of memory "
              "below means its allocation failed under it). Times: median of the interleaved repetitions; memory: "
              "peak extra resident memory of one call. Floor: the fused search's "
-             f"max(2NKD / {rates['matmul_flops'] / 1e9:.0f} GFLOP/s, bytes / {rates['bandwidth_bytes'] / 1e9:.1f} GB/s).",
+             f"max(2NKD / {rates['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+             f"bytes / {rates['bandwidth_bytes'] / 1e9:.1f} GB/s).",
              "", "| case | library | N x K x D | original ms | patched ms | speed-up | original MiB | patched MiB | "
                  "floor ms | patched / floor |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -32,7 +32,8 @@ def assert_no_near_ties(rows, codebook, margin=2 * RANK_RTOL):
     if exact.shape[1] < 2:
         return
     two = exact.topk(2, dim=1, largest=False).values
-    scale = (rows.detach().double().reshape(-1, rows.shape[-1]) ** 2).sum(1) + (codebook.detach().double() ** 2).sum(1).max()
+    flat = rows.detach().double().reshape(-1, rows.shape[-1])
+    scale = (flat ** 2).sum(1) + (codebook.detach().double() ** 2).sum(1).max()
     gap = ((two[:, 1] - two[:, 0]) / scale).min().item()
     assert gap > margin, f"test data has a near-tie ({gap:.3g} of |z|^2+|e|^2): pick another seed"
 

@@ -16,7 +16,8 @@ from conftest import backend_params
 from patch_parity import assert_state_dicts_equal, compare_training, patched_copy, tensor_objects
 from vqkern import integrations
 
-vqp = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is installed by requirements-test.txt")
+vqp = pytest.importorskip("vector_quantize_pytorch",
+                          reason="vector-quantize-pytorch is installed by requirements-test.txt")
 taming = pytest.importorskip("taming.modules.vqvae.quantize",
                              reason="taming-transformers-rom1504 is installed by requirements-test-nodeps.txt")
 

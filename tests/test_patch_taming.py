@@ -21,7 +21,8 @@ def search_space(module, z):
     return z.movedim(1, -1).reshape(-1, z.shape[1]), module.embedding.weight
 
 
-@pytest.mark.parametrize("cls, kw", [(VectorQuantizer, {}), (VectorQuantizer2, {}), (VectorQuantizer2, dict(legacy=False)),
+@pytest.mark.parametrize("cls, kw", [(VectorQuantizer, {}), (VectorQuantizer2, {}),
+                                     (VectorQuantizer2, dict(legacy=False)),
                                      (VectorQuantizer2, dict(sane_index_shape=True))],
                          ids=["v1", "v2_legacy", "v2_beta_on_commitment", "v2_sane_index_shape"])
 def test_training_matches(cls, kw):

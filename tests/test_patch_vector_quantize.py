@@ -8,7 +8,8 @@ import torch
 import vqkern
 from patch_parity import assert_state_dicts_equal, largest_tensor, patched_copy, tensor_objects
 
-vqp = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch is installed by requirements-test.txt")
+vqp = pytest.importorskip("vector_quantize_pytorch",
+                          reason="vector-quantize-pytorch is installed by requirements-test.txt")
 
 DIM, K = 16, 24
 OPTIONS = {
