@@ -1,9 +1,10 @@
 """Training comparison on a real image model: diffusers' ``VQModel`` trained on Fashion-MNIST
 as it is and patched by ``vqkern.patch``, from the same initial weights, on the same batches.
 
-Each run trains in its own process (so each one's peak resident memory is its own); the
-parent writes the curves (PNG), every step (JSON) and a summary with provenance (Markdown),
-and counts, step by step, the rows whose code differs between the runs.
+Each run trains in its own process (so each one's peak resident memory is its own), both at
+once with one thread each (so the machine's load hits both alike); the parent writes the
+curves (PNG), every step (JSON) and a summary with provenance (Markdown), and counts, step by
+step, the rows whose code differs between the runs.
 
     python -m benchmarks.patch_train --steps 200 --batch-size 32 --out benchmarks/results/cpu/train
 """
@@ -121,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="per run (the two runs train at once)")
     parser.add_argument("--out", default="benchmarks/results/cpu/train")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -140,11 +141,15 @@ def main() -> None:
     stem = out / f"{datetime.date.today().isoformat()}-patch-vqmodel-fashion-mnist"
     tmp = str(stem) + ".tmp"
     torch.save(build().state_dict(), tmp + ".init.pt")
+    # Both runs at once, one thread each: whatever else loads the machine loads both alike.
+    runs = {kind: subprocess.Popen([sys.executable, "-m", "benchmarks.patch_train", "--worker", kind, "--steps",
+                                    str(args.steps), "--batch-size", str(args.batch_size), "--threads",
+                                    str(args.threads), "--result", tmp])
+            for kind in ("original", "patched")}
     results, codes = {}, {}
-    for kind in ("original", "patched"):
-        subprocess.run([sys.executable, "-m", "benchmarks.patch_train", "--worker", kind, "--steps", str(args.steps),
-                        "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--result", tmp],
-                       check=True)
+    for kind, run in runs.items():
+        if run.wait() != 0:
+            raise SystemExit(f"the {kind} run failed (exit {run.returncode})")
         results[kind] = json.loads(Path(tmp + f".{kind}.json").read_text())
         codes[kind] = np.load(tmp + f".{kind}.codes.npy")
         os.remove(tmp + f".{kind}.json"), os.remove(tmp + f".{kind}.codes.npy")
@@ -153,7 +158,7 @@ def main() -> None:
     step0 = _first_step_codes(args.batch_size, codes)
     prov = measure.provenance(torch.device("cpu"))
     prov.update(command="python -m benchmarks.patch_train " + " ".join(sys.argv[1:]), threads=args.threads,
-                libraries=library_versions())
+                device=f"{measure.cpu_name()} ({args.threads} thread per run)", libraries=library_versions())
     summary = dict(provenance=prov, model=MODEL, steps=args.steps, batch_size=args.batch_size, step0=step0,
                    rows_per_step=int(codes["original"].shape[1]),
                    first_step_with_other_codes=next((i for i, d in enumerate(differing) if d), None))
@@ -197,11 +202,12 @@ def main() -> None:
              f"Model: `VQModel({', '.join(f'{k}={v}' for k, v in MODEL.items())})` (14 x 14 latents, "
              f"{summary['rows_per_step']} rows per step); loss = MSE(reconstruction, image) + `commit_loss`; Adam "
              f"1e-3, {args.steps} steps of {args.batch_size} images in [-1, 1], the same initial weights and batches. "
-             "Each run in its own process; peak memory is that process's peak resident set; held-out figures on "
-             "2000 test images.", "",
+             f"Each run in its own process with {args.threads} thread, both at once (when the faster one ends "
+             "the other has the machine to itself: its later steps are favoured); peak memory is that process's "
+             "peak resident set; held-out figures on 2000 test images.", "",
              "Codes: " + (f"every one of the {args.steps} steps chose the same code for every row in both runs."
                           if first is None else
-                          f"the runs chose the same codes for every row up to step {first}; in all "
+                          f"the runs' codes first differ at step {first}; in all "
                           f"{sum(differing)} of {args.steps * summary['rows_per_step']} row codes differ (after the "
                           "first difference the weights drift apart). At step 0 (the same weights and batch) "
                           f"{step0['rows_with_other_codes']} of {step0['rows']} rows got other codes; of those, the "
