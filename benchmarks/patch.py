@@ -323,20 +323,23 @@ def _write(stem: Path, records: list[dict], prov: dict, rates: dict, limit_bytes
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(by_case)
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2), sharey=True)
     for ax, key, scale, label in ((axes[0], "median_ms", 1.0, "forward + backward, ms"),
                                   (axes[1], "peak_extra_bytes", 2**-20, "peak extra memory, MiB")):
+        missing = []
         for offset, provider in ((-0.2, "original"), (0.2, "patched")):
             values = [by_case[n][provider].get(key) for n in names]
             ok = [(i, v * scale) for i, v in enumerate(values) if v]
             ax.barh([i + offset for i, _ in ok], [v for _, v in ok], height=0.4, label=provider)
-            for i, v in enumerate(values):
-                if not v:
-                    ax.text(ax.get_xlim()[0], i + offset, "  " + by_case[names[i]][provider]["status"].split(":")[0],
-                            va="center", fontsize=7)
+            missing += [(i + offset, by_case[names[i]][provider]["status"].split(":")[0])
+                        for i, v in enumerate(values) if not v]
         ax.set_xscale("log"), ax.set_xlabel(label), ax.legend(fontsize=8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for y, text in missing:   # an out-of-memory original has no bar: say so where it would be
+            ax.text(ax.get_xlim()[0] * 1.1, y, text, va="center", fontsize=8, color="tab:red")
     axes[0].set_yticks(range(len(names)), names, fontsize=8)
     fig.suptitle(f"vqkern.patch before / after; {prov['device']}; commit {prov['git_commit'][:12]}", fontsize=9)
     fig.tight_layout()
@@ -353,6 +356,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="results folder (default benchmarks/results/<device>)")
     parser.add_argument("--name", default="patch", help="file stem after the date")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--replot", help="write the .md and .png again from this results .json (no measurement)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)
@@ -361,6 +365,11 @@ def main(argv=None) -> None:
     if args.worker:
         records = run_case(args.worker, device, args.reps, args.limit_bytes)
         Path(args.result).write_text(json.dumps(records))
+        return
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        _write(Path(args.replot).with_suffix(""), saved["records"], saved["provenance"], saved["floor_rates"],
+               saved["original_address_space_limit_bytes"])
         return
     cases = all_cases()
     if args.list:
