@@ -197,7 +197,8 @@ def main() -> None:
     first = summary["first_step_with_other_codes"]
     lines = [f"# diffusers VQModel on Fashion-MNIST, original and patched by vqkern ({prov['date']})", "",
              f"Command: `{prov['command']}`", "",
-             f"Machine: {prov['device']}, load average when both runs had ended {prov['load_average']}; torch {prov['torch']}, "
+             f"Machine: {prov['device']}, load average when both runs had ended {prov['load_average']}; "
+             f"torch {prov['torch']}, "
              f"{', '.join(f'{k} {v}' for k, v in prov['libraries'].items())}; commit {prov['git_commit']}.", "",
              f"Model: `VQModel({', '.join(f'{k}={v}' for k, v in MODEL.items())})` (14 x 14 latents, "
              f"{summary['rows_per_step']} rows per step); loss = MSE(reconstruction, image) + `commit_loss`; Adam "
