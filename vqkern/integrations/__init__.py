@@ -13,11 +13,15 @@ and register themselves with :func:`register`.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import hashlib
 import importlib
+import inspect
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -26,7 +30,7 @@ from .. import backends
 
 # One file per library; each registers its adapters when imported. None of them imports
 # the library it serves.
-_ADAPTER_MODULES = ()
+_ADAPTER_MODULES = ("diffusers", "taming", "transformers_image", "vector_quantize")
 
 _STATE = "_vqkern_patch"
 
@@ -39,16 +43,63 @@ class Adapter:
         the patched instance under that name.
     check: ``check(layer) -> str | None``: why this instance cannot be served exactly
         (an option and its reason), or None when it can. A layer it rejects stays as it is.
+    setup: ``setup(layer, backend) -> object``: per-layer data the methods need (read back
+        with :func:`patch_data`), made before anything is bound; an exception it raises
+        leaves the whole model as it was.
+    caveat: ``caveat(layer) -> str | None``: how a layer it serves differs observably from
+        the original though it follows the same semantics (random draws of vqkern's own, say);
+        ``patch`` patches the layer and warns with it.
+    on_load: ``on_load(layer, incompatible_keys)``: run after a state dict is loaded into the
+        patched layer (or a model holding it), to refresh host-side copies of its buffers;
+        registered as a load-state-dict post-hook while the layer is patched.
     """
     methods: Mapping[str, Callable]
     check: Callable[[nn.Module], str | None] | None = None
+    setup: Callable[[nn.Module, str], Any] | None = None
+    caveat: Callable[[nn.Module], str | None] | None = None
+    on_load: Callable[[nn.Module, Any], None] | None = None
 
 
 @dataclass
 class PatchState:
-    """What ``patch`` bound on a layer: the backend its methods call and the method names."""
+    """What ``patch`` bound on a layer: the backend its methods call, the method names, the
+    adapter's per-layer data (its ``setup`` result) and the ids of the load hooks it added."""
     backend: str
     names: tuple[str, ...] = field(default_factory=tuple)
+    data: Any = None
+    hooks: tuple[int, ...] = ()
+
+    def __deepcopy__(self, memo):
+        # A deep copy of a patched model is patched: the copied bound methods are bound to the
+        # copies of the layers, the data follows (with the copies of the layers' tensors).
+        return PatchState(self.backend, self.names, copy.deepcopy(self.data, memo), self.hooks)
+
+    def __reduce__(self):
+        # A pickled model (torch.save(model)) loads unpatched: its bound methods are pickled by
+        # name and load as the class's own (see _named), and this state as None.
+        return _no_state, ()
+
+
+def _no_state():
+    return None
+
+
+def _named(fn: Callable, name: str) -> Callable:
+    """``fn`` under the name of the method it replaces: a bound method pickles as
+    ``getattr(layer, fn.__name__)``, which then loads the class's own method."""
+    if fn.__name__ == name:
+        return fn
+    named = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    named.__kwdefaults__, named.__doc__, named.__module__ = fn.__kwdefaults__, fn.__doc__, fn.__module__
+    named.__qualname__ = fn.__qualname__
+    return named
+
+
+def _on_load(layer: nn.Module, incompatible_keys) -> None:
+    """The load-state-dict post-hook of a patched layer: its adapter's ``on_load``; nothing
+    once the layer is unpatched (or loaded unpatched from a pickle)."""
+    if state(layer) is not None:
+        _registry()[qualified_name(type(layer))].on_load(layer, incompatible_keys)
 
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -56,10 +107,13 @@ _loaded = False
 
 
 def register(*qualnames: str, methods: Mapping[str, Callable],
-             check: Callable[[nn.Module], str | None] | None = None) -> Adapter:
+             check: Callable[[nn.Module], str | None] | None = None,
+             setup: Callable[[nn.Module, str], Any] | None = None,
+             caveat: Callable[[nn.Module], str | None] | None = None,
+             on_load: Callable[[nn.Module, Any], None] | None = None) -> Adapter:
     """Register an adapter for the classes named ``module.QualName`` (as ``type(x).__module__``
-    and ``__qualname__`` spell them)."""
-    adapter = Adapter(dict(methods), check)
+    and ``__qualname__`` spell them); see :class:`Adapter` for the hooks."""
+    adapter = Adapter({name: _named(fn, name) for name, fn in methods.items()}, check, setup, caveat, on_load)
     for name in qualnames:
         if name in _REGISTRY:
             raise ValueError(f"an adapter for {name} is registered already")
@@ -95,6 +149,36 @@ def backend_of(layer: nn.Module) -> str:
     return layer.__dict__[_STATE].backend
 
 
+def patch_data(layer: nn.Module) -> Any:
+    """The per-layer data its adapter's ``setup`` made when the layer was patched."""
+    return layer.__dict__[_STATE].data
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest(obj) -> str | None:
+    """SHA-256 of the source text of a class, function or module (None when Python cannot
+    read it). Adapters compare it with the source they were written against, so that a
+    library release that changes a layer's code leaves that layer unpatched rather than
+    served with the old semantics."""
+    try:
+        text = inspect.getsource(obj)
+    except (OSError, TypeError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def source_mismatch(obj, digests: frozenset[str], written_for: str) -> str | None:
+    """None when ``obj``'s source is one the adapter reproduces, else the reason it is not."""
+    digest = source_digest(obj)
+    if digest in digests:
+        return None
+    name = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
+    if digest is None:
+        return f"the source of {name} cannot be read, so vqkern cannot tell whether it is the code it reproduces"
+    return (f"the source of {name} is not the code vqkern's adapter reproduces ({written_for}); "
+            f"its SHA-256 is {digest[:16]}...")
+
+
 def _device_of(layer: nn.Module) -> torch.device | None:
     for t in layer.parameters(recurse=True):
         return t.device
@@ -116,7 +200,12 @@ def patch(model: nn.Module, *, backend: str = "auto") -> dict[str, str]:
         {module path: class name} of the layers patched by this call ("" is ``model``
         itself). Layers patched before are left as they are and not listed; a layer in a
         configuration vqkern cannot serve exactly stays unpatched, with a warning that
-        names the layer, the option and why.
+        names the layer, the option and why; a layer served with the same semantics but
+        observably other random draws is patched with a warning that says so.
+    Raises:
+        TypeError / ValueError for a ``model`` that is not a Module or an unknown backend;
+        RuntimeError when an explicit backend cannot run on a layer's device. Nothing is
+        patched then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -128,30 +217,36 @@ def patch(model: nn.Module, *, backend: str = "auto") -> dict[str, str]:
         adapter = registry.get(qualified_name(type(layer)))
         if adapter is None or state(layer) is not None:
             continue
+        where = f"{path or type(layer).__name__} ({qualified_name(type(layer))})"
         reason = adapter.check(layer) if adapter.check is not None else None
         if reason is not None:
-            warnings.warn(f"vqkern.patch: left {path or type(layer).__name__} "
-                          f"({qualified_name(type(layer))}) unpatched: {reason}", stacklevel=2)
+            warnings.warn(f"vqkern.patch: left {where} unpatched: {reason}", stacklevel=2)
             continue
         device = _device_of(layer)
         if backend != "auto" and device is not None:
             ok, why = backends.availability(backend, device)
             if not ok:
-                raise RuntimeError(f"vqkern.patch: backend={backend!r} cannot serve "
-                                   f"{path or type(layer).__name__} on {device}: {why}")
-        plan.append((path, layer, adapter))
+                raise RuntimeError(f"vqkern.patch: backend={backend!r} cannot serve {where} on {device}: {why}")
+        data = adapter.setup(layer, backend) if adapter.setup is not None else None
+        plan.append((path, layer, adapter, data))
+        note = adapter.caveat(layer) if adapter.caveat is not None else None
+        if note is not None:
+            warnings.warn(f"vqkern.patch: {where}: {note}", stacklevel=2)
+    # Nothing is bound until every layer has been checked and set up, so an error above
+    # leaves the model as it was.
     patched = {}
-    for path, layer, adapter in plan:
+    for path, layer, adapter, data in plan:
         for name, fn in adapter.methods.items():
             layer.__dict__[name] = types.MethodType(fn, layer)
-        layer.__dict__[_STATE] = PatchState(backend, tuple(adapter.methods))
+        hooks = () if adapter.on_load is None else (layer.register_load_state_dict_post_hook(_on_load).id,)
+        layer.__dict__[_STATE] = PatchState(backend, tuple(adapter.methods), data, hooks)
         patched[path] = type(layer).__name__
     return patched
 
 
 def unpatch(model: nn.Module) -> dict[str, str]:
-    """Undo :func:`patch`: remove exactly the methods it bound. Returns {path: class name}
-    of the layers restored."""
+    """Undo :func:`patch`: remove exactly the methods and hooks it added. Returns {path: class
+    name} of the layers restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     restored = {}
@@ -161,5 +256,7 @@ def unpatch(model: nn.Module) -> dict[str, str]:
             continue
         for name in st.names:
             layer.__dict__.pop(name, None)
+        for hook in st.hooks:
+            layer._load_state_dict_post_hooks.pop(hook, None)
         restored[path] = type(layer).__name__
     return restored
