@@ -24,11 +24,12 @@ DEMO_TRAIN = $(PY) -m vqkern.train vqvae --data $(FASHION_MNIST) --ema --dead-co
 	--eval-images $(DEMO_EVAL_IMAGES) --out $(DEMO_OUT) $(DEMO_ARGS)
 
 # .venv/bin first on PATH for the install: setup.py then runs the cmake and ninja installed there.
-$(STAMP): requirements-cpu.txt requirements-test.txt pyproject.toml setup.py CMakeLists.txt \
+$(STAMP): requirements-cpu.txt requirements-test.txt requirements-test-nodeps.txt pyproject.toml setup.py CMakeLists.txt \
 		$(wildcard csrc/*.c* csrc/*.h csrc/cpu/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-cpu.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -r requirements-test-nodeps.txt
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q -e . --no-build-isolation
 	touch $(STAMP)
 

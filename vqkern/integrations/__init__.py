@@ -26,7 +26,7 @@ from .. import backends
 
 # One file per library; each registers its adapters when imported. None of them imports
 # the library it serves.
-_ADAPTER_MODULES = ()
+_ADAPTER_MODULES = ("encodec", "moshi", "dac", "transformers_audio")
 
 _STATE = "_vqkern_patch"
 
