@@ -111,17 +111,18 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def record_searches(layers, method: str, codebook_of):
-    """Wrap ``method`` (rows (N, D) -> codes (N,)) of each layer, as the instance sees it
-    (patched or not), to log (rows, codebook_of(layer) at the call, codes) of every call."""
+def record_searches(layers, method: str, codebook_of, rows_of=lambda x: x, codes_of=lambda out: out):
+    """Wrap ``method`` of each layer, as the instance sees it (patched or not), to log
+    (rows (N, D), codebook_of(layer) (K, D) at the call, codes (N,)) of every call; by
+    default the method maps rows to codes, else ``rows_of(input)`` and ``codes_of(output)``."""
     log = []
     for layer in layers:
         search = getattr(layer, method)
 
         def logged(x, search=search, layer=layer):
-            codes = search(x)
-            log.append((x.detach().clone(), codebook_of(layer).detach().clone(), codes))
-            return codes
+            out = search(x)
+            log.append((rows_of(x).detach().clone(), codebook_of(layer).detach().clone(), codes_of(out).reshape(-1)))
+            return out
 
         layer.__dict__[method] = logged
     return log
@@ -136,3 +137,48 @@ def assert_same_searches(got_log, want_log, *, metric="l2"):
         torch.testing.assert_close(codebook, codebook0, rtol=1e-5, atol=1e-5)
         assert got.dtype == torch.int64 and got.shape == want.shape
         assert_same_codes(x0, codebook0, got, want, metric=metric)
+
+
+def train(model, xs, call):
+    """Train ``model`` on xs with SGD; per step: outputs, losses, grads, state, RNG state."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    torch.manual_seed(7)
+    steps = []
+    for x in xs:
+        x = x.clone().requires_grad_()
+        quantized, codes, penalty = call(model, x)
+        loss = torch.nn.functional.mse_loss(quantized, x.detach() * 0.5) + penalty
+        loss.backward()
+        steps.append(dict(quantized=quantized.detach(), codes=codes, penalty=penalty.detach(), grad_x=x.grad,
+                          grads={n: p.grad.clone() for n, p in model.named_parameters()},
+                          state={k: v.clone() for k, v in model.state_dict().items()}, rng=torch.get_rng_state()))
+        opt.step()
+        opt.zero_grad()
+    return steps
+
+
+def assert_same_training(got, want):
+    """Two lists of :func:`train`'s steps (patched, original) match: the same random draws
+    and codes, outputs, losses, gradients and every buffer within fp32 rounding."""
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a["rng"], b["rng"]), f"step {step}: the random draws differ"
+        torch.testing.assert_close(a["quantized"], b["quantized"], rtol=1e-5, atol=1e-5)
+        assert torch.equal(a["codes"], b["codes"]), f"step {step}: codes differ"
+        torch.testing.assert_close(a["penalty"], b["penalty"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a["grad_x"], b["grad_x"], rtol=1e-5, atol=1e-7)
+        assert_states_close(a["grads"], b["grads"], rtol=1e-5, atol=1e-6)
+        assert_states_close(a["state"], b["state"], rtol=1e-5, atol=1e-5)
+
+
+def train_parity(build, call, xs, layers_of, method, codebook_of, metric="l2", **record):
+    """Train two models from ``build()`` (seeded: the same weights), one patched, on xs (see
+    :func:`train`); the searches of the layers ``layers_of(model)`` must agree but for
+    near-ties, then every step must match. Returns the patched model's steps."""
+    original, patched = build(), build()
+    assert vqkern.patch(patched)
+    logs = [record_searches(layers_of(m), method, codebook_of, **record) for m in (patched, original)]
+    got, want = train(patched, xs, call), train(original, xs, call)
+    assert_same_searches(*logs, metric=metric)
+    # codes equal but for near-ties (checked above); the training steps then match exactly
+    assert_same_training(got, want)
+    return got

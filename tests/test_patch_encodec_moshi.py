@@ -8,8 +8,8 @@ import torch
 
 import vqkern
 from helpers import assert_nearest
-from patch_audio_helpers import (LargestTensor, assert_same_searches, assert_states_close, check_mechanics,
-                                 library, one_thread, record_searches)  # noqa: F401 (a fixture)
+from patch_audio_helpers import (LargestTensor, assert_same_searches, assert_same_training, check_mechanics, library,
+                                 one_thread, record_searches, train, train_parity)  # noqa: F401 (a fixture)
 
 STEPS = 4
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,22 +45,8 @@ def codebooks(model):
     return [m for m in model.modules() if type(m).__name__ == "EuclideanCodebook"]
 
 
-def train(model, xs, call):
-    """Train ``model`` on xs with SGD; per step: outputs, losses, grads, state, RNG state."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    torch.manual_seed(7)
-    steps = []
-    for x in xs:
-        x = x.clone().requires_grad_()
-        quantized, codes, penalty = call(model, x)
-        loss = torch.nn.functional.mse_loss(quantized, x.detach() * 0.5) + penalty
-        loss.backward()
-        steps.append(dict(quantized=quantized.detach(), codes=codes, penalty=penalty.detach(), grad_x=x.grad,
-                          grads={n: p.grad.clone() for n, p in model.named_parameters()},
-                          state={k: v.clone() for k, v in model.state_dict().items()}, rng=torch.get_rng_state()))
-        opt.step()
-        opt.zero_grad()
-    return steps
+def parity(build, call, method, codebook_of, xs):
+    return train_parity(build, call, xs, codebooks, method, codebook_of)
 
 
 def call_encodec(model, x):
@@ -73,32 +59,10 @@ def call_moshi(model, x):
     return out.x, out.codes, out.penalty
 
 
-def assert_same_training(got, want):
-    for step, (a, b) in enumerate(zip(got, want)):
-        assert torch.equal(a["rng"], b["rng"]), f"step {step}: the random draws differ"
-        torch.testing.assert_close(a["quantized"], b["quantized"], rtol=1e-5, atol=1e-5)
-        assert torch.equal(a["codes"], b["codes"]), f"step {step}: codes differ"
-        torch.testing.assert_close(a["penalty"], b["penalty"], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(a["grad_x"], b["grad_x"], rtol=1e-5, atol=1e-7)
-        assert_states_close(a["grads"], b["grads"], rtol=1e-5, atol=1e-6)
-        assert_states_close(a["state"], b["state"], rtol=1e-5, atol=1e-5)
-
-
-def parity(model, call, method, codebook_of, xs):
-    original, patched = model, copy.deepcopy(model)
-    assert vqkern.patch(patched)
-    logs = [record_searches(codebooks(m), method, codebook_of) for m in (patched, original)]
-    got, want = train(patched, xs, call), train(original, xs, call)
-    assert_same_searches(*logs)
-    # codes equal but for near-ties (checked above); the training steps then match exactly
-    assert_same_training(got, want)
-    return got
-
-
 def test_encodec_training_parity():
     """k-means init at the first step, dead codes expired (with their K-row draw) and the
     EMA with Laplace smoothing at every step, on every layer of the residual quantizer."""
-    got = parity(encodec_rvq(), call_encodec, "quantize", lambda cb: cb.embed, batches(STEPS))
+    got = parity(encodec_rvq, call_encodec, "quantize", lambda cb: cb.embed, batches(STEPS))
     first = got[0]["state"]
     assert all(first[f"layers.{i}._codebook.inited"].item() == 1 for i in range(3))
     # the step's EMA moved every layer's codes away from their k-means centroids
@@ -127,13 +91,13 @@ def test_encodec_eval_far_from_origin():
 def test_moshi_training_parity():
     """k-means init (layer by layer, 50 resampling steps), code expiry every 2 steps,
     quantizer dropout from the layer's own RNG, EMA, and the residual's averaging."""
-    got = parity(moshi_rvq(), call_moshi, "_quantize", lambda cb: cb.embedding, batches(5))
+    got = parity(moshi_rvq, call_moshi, "_quantize", lambda cb: cb.embedding, batches(5))
     # layer by layer, as far as quantizer dropout let the batches reach
     assert [got[-1]["state"][f"vq.layers.{i}._codebook._initialized"].item() for i in range(3)] == [1, 1, 0]
 
 
 def test_moshi_split_training_parity():
-    parity(moshi_rvq(split=True), call_moshi, "_quantize", lambda cb: cb.embedding, batches(3))
+    parity(lambda: moshi_rvq(split=True), call_moshi, "_quantize", lambda cb: cb.embedding, batches(3))
 
 
 def test_moshi_encode_decode():
