@@ -1,5 +1,6 @@
 """Shared checks of the audio adapters of vqkern.patch: the libraries' real modules, tie-aware
 code comparison, state comparison, the patch mechanics and a largest-tensor probe."""
+import copy
 import importlib.util
 import types
 
@@ -126,6 +127,14 @@ def record_searches(layers, method: str, codebook_of, rows_of=lambda x: x, codes
 
         layer.__dict__[method] = logged
     return log
+
+
+def patched_copy(model, layers_of, method: str, codebook_of):
+    """(a patched deep copy of model, [its search log, model's search log]) (record_searches
+    on the layers ``layers_of(m)`` of both)."""
+    patched = copy.deepcopy(model)
+    assert vqkern.patch(patched)
+    return patched, [record_searches(layers_of(m), method, codebook_of) for m in (patched, model)]
 
 
 def assert_same_searches(got_log, want_log, *, metric="l2"):

@@ -7,7 +7,7 @@ import torch
 
 import vqkern
 from patch_audio_helpers import (LargestTensor, assert_same_searches, check_mechanics, library, one_thread,  # noqa: F401
-                                 record_searches, train_parity)
+                                 patched_copy, train_parity)
 from vqkern.integrations.dac import latent_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,9 +126,7 @@ def euclidean_codebooks(model):
 @pytest.mark.parametrize("build", [tiny_encodec, tiny_mimi], ids=["encodec", "mimi"])
 def test_transformers_codec_encode_decode(build):
     model = build().eval()
-    patched = copy.deepcopy(model)
-    vqkern.patch(patched)
-    logs = [record_searches(euclidean_codebooks(m), "quantize", lambda cb: cb.embed) for m in (patched, model)]
+    patched, logs = patched_copy(model, euclidean_codebooks, "quantize", lambda cb: cb.embed)
     x = waves(1)[0]
     with torch.no_grad():
         got, want = patched.encode(x), model.encode(x)
@@ -149,9 +147,8 @@ def test_transformers_other_codebooks(module, config, cls):
     config = getattr(transformers, config)(codebook_size=64, codebook_dim=8,
                                            **({"hidden_size": 8} if module == "wavtokenizer" else {}))
     layer = with_codebooks(getattr(modeling, cls)(config))
-    patched = copy.deepcopy(layer)
-    assert vqkern.patch(patched) == {"": cls}
-    logs = [record_searches([m], "quantize", lambda cb: cb.embed) for m in (patched, layer)]
+    patched, logs = patched_copy(layer, lambda m: [m], "quantize", lambda cb: cb.embed)
+    assert vqkern.patch(copy.deepcopy(layer)) == {"": cls}
     x = torch.randn(3, 50, 8) * 2
     got, want = patched.encode(x), layer.encode(x)
     assert_same_searches(*logs)

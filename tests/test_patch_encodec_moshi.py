@@ -9,7 +9,7 @@ import torch
 import vqkern
 from helpers import assert_nearest
 from patch_audio_helpers import (LargestTensor, assert_same_searches, assert_same_training, check_mechanics, library,
-                                 one_thread, record_searches, train, train_parity)  # noqa: F401 (a fixture)
+                                 one_thread, patched_copy, train, train_parity)  # noqa: F401 (a fixture)
 
 STEPS = 4
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,9 +74,7 @@ def test_encodec_eval_far_from_origin():
     codes are the nearest by fp64 distances, and the original's but for near-ties."""
     model = encodec_rvq(kmeans_init=False)
     model.eval()
-    patched = copy.deepcopy(model)
-    vqkern.patch(patched)
-    logs = [record_searches(codebooks(m), "quantize", lambda cb: cb.embed) for m in (patched, model)]
+    patched, logs = patched_copy(model, codebooks, "quantize", lambda cb: cb.embed)
     x = batches(1, offset=40.0)[0]
     with torch.no_grad():
         got, want = patched(x), model(x)
@@ -105,9 +103,7 @@ def test_moshi_encode_decode():
     model.train()
     model(batches(1)[0], 12)  # k-means initialization of the first layers
     model.eval()
-    patched = copy.deepcopy(model)
-    vqkern.patch(patched)
-    logs = [record_searches(codebooks(m), "_quantize", lambda cb: cb.embedding) for m in (patched, model)]
+    patched, logs = patched_copy(model, codebooks, "_quantize", lambda cb: cb.embedding)
     x = batches(1)[0]
     with torch.no_grad():
         got, want = patched.encode(x), model.encode(x)
