@@ -58,12 +58,15 @@ def assert_states_close(a: dict, b: dict, **tol):
 
 def check_mechanics(model: torch.nn.Module, expected: dict):
     """Patch ``model`` (unpatched so far) and check what patch promises: it returns
-    ``expected`` ({path: class name}); every buffer and parameter is the same tensor
+    ``expected`` ({path: class name}); every layer keeps its class and the model its repr;
+    every buffer and parameter is the same tensor
     object and the state dict the same keys and values; a second patch changes nothing;
     unpatch leaves every method the class's own; patched again, it is served again."""
     before = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     snapshot = {k: v.detach().clone() for k, v in before.items()}
+    text, classes = repr(model), [type(m) for m in model.modules()]
     assert vqkern.patch(model) == expected
+    assert repr(model) == text and [type(m) for m in model.modules()] == classes
     after = model.state_dict(keep_vars=True)
     assert list(after) == list(before)
     for key in before:
