@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vqkern
+from helpers import RANK_RTOL, assert_nearest
 from patch_audio_helpers import (LargestTensor, assert_same_searches, check_mechanics, library, one_thread,  # noqa: F401
                                  patched_copy, train_parity)
 from vqkern.integrations.dac import latent_rows
@@ -123,17 +124,22 @@ def euclidean_codebooks(model):
     return [m for m in model.modules() if type(m).__name__.endswith("EuclideanCodebook")]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("build", [tiny_encodec, tiny_mimi], ids=["encodec", "mimi"])
-def test_transformers_codec_encode_decode(build):
-    model = build().eval()
+def test_transformers_codec_encode_decode(build, dtype):
+    """Encode and decode; in bf16 the patched codes are the nearest by fp64 distances, and
+    transformers Encodec's (ranked by a bf16 matmul) equal them but within bf16 rounding."""
+    model = build().eval().to(dtype)
     patched, logs = patched_copy(model, euclidean_codebooks, "quantize", lambda cb: cb.embed)
-    x = waves(1)[0]
+    x = waves(1)[0].to(dtype)
     with torch.no_grad():
         got, want = patched.encode(x), model.encode(x)
         scales = [getattr(out, "audio_scales", None) for out in (got, want)]  # Encodec's decode takes them
         torch.testing.assert_close(patched.decode(got.audio_codes, *scales[:1] if scales[0] else ()).audio_values,
                                    model.decode(want.audio_codes, *scales[1:] if scales[1] else ()).audio_values)
-    assert_same_searches(*logs)
+    assert_same_searches(*logs, want_rtol=RANK_RTOL if dtype == torch.float32 else 2 ** -7)
+    for rows, codebook, codes in logs[0]:
+        assert_nearest(rows.float(), codebook.float(), codes)
     assert len(logs[0]) == len(euclidean_codebooks(model))  # every layer searched
 
 
