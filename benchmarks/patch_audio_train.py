@@ -121,7 +121,11 @@ def train(args):
     rng = {k: torch.get_rng_state() for k in models}  # one stream, copied: the same draws for both
     order = torch.Generator().manual_seed(2)
     records = {k: [] for k in models}
+    start_all = time.monotonic()
     for i in range(args.steps):
+        if args.max_minutes and time.monotonic() - start_all > 60 * args.max_minutes:
+            print(f"stopped after {i} steps: --max-minutes {args.max_minutes} reached", flush=True)
+            break
         batch = train_set[torch.randint(0, len(train_set), (args.batch_size,), generator=order)]
         for name, model in models.items():
             torch.set_rng_state(rng[name])
@@ -135,8 +139,9 @@ def train(args):
             rng[name] = torch.get_rng_state()
             records[name].append(dict(step=i, ms=ms, loss=loss.item(), perplexity=perplexity(codes[0]),
                                       **{k: v.item() for k, v in losses.items()}))
-        if i % 25 == 0 or i == args.steps - 1:
-            print(i, {k: round(v[-1]["loss"], 4) for k, v in records.items()}, flush=True)
+        if i % 10 == 0 or i == args.steps - 1:
+            print(i, f"{time.monotonic() - start_all:.0f} s", {k: round(v[-1]["loss"], 4) for k, v in records.items()},
+                  flush=True)
     summary = {}
     for name, model in models.items():
         model.eval()
@@ -150,7 +155,7 @@ def train(args):
                              test_perplexity_layer0=perplexity(codes[0]),
                              median_step_ms=float(np.median([r["ms"] for r in records[name][5:]])),
                              peak_step_mib=peak / 2**20 if peak is not None else None)
-    return dict(patched_layers=patched, train_segments=len(train_set), test_segments=len(test_set),
+    return dict(patched_layers=patched, steps_done=len(records["encodec"]), train_segments=len(train_set), test_segments=len(test_set),
                 summary=summary, records=records)
 
 
@@ -160,7 +165,7 @@ def write(result, args):
     prov = measure.provenance(torch.device("cpu"))
     prov["command"] = "python -m benchmarks.patch_audio_train " + " ".join(sys.argv[1:])
     result["provenance"] = prov
-    result["config"] = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, segment_s=1.0,
+    result["config"] = dict(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr, segment_s=1.0,
                             sample_rate=SAMPLE_RATE, voices=VOICES, speeds=SPEEDS, sentences=len(SENTENCES))
     Path(f"{stem}.json").write_text(json.dumps(result))
     import matplotlib
@@ -184,7 +189,7 @@ def write(result, args):
               f"{prov['git_commit']}, {prov['date']}, load average {prov['load_average']}.", "",
               f"{result['train_segments']} training and {result['test_segments']} held-out 1 s segments of espeak-ng "
               f"speech ({len(SENTENCES)} sentences x {len(VOICES)} voices x {len(SPEEDS)} speeds, 22.05 kHz); "
-              f"{args.steps} steps of batch {args.batch_size}, Adam {args.lr}; patched layers: "
+              f"{result['steps_done']} steps (of {args.steps} asked) of batch {args.batch_size}, Adam {args.lr}; patched layers: "
               f"{len(result['patched_layers'])} EuclideanCodebook.", "",
               "| quantizer | held-out L1 | held-out spectral | held-out perplexity (layer 0) | median step ms "
               "| peak step MiB |", "| --- | --- | --- | --- | --- | --- |"]
@@ -204,6 +209,8 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after the step that passes this much wall time (a loaded machine)")
     parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "vqkern-espeak-speech"))
     parser.add_argument("--out", default=f"benchmarks/results/cpu/train/{datetime.date.today().isoformat()}"
                                          "-patch-encodec-speech")
