@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo fashion-mnist test test-all bench package-smoke dev docs lint release-check clean
+.PHONY: venv demo fashion-mnist espeak-ng test test-all bench package-smoke dev docs lint release-check clean
 
 # `make demo` trains a small VQ-VAE on Fashion-MNIST after the backend check: 600 steps
 # of batch 64 at about 80 ms/step; the whole demo took about 90 s on 2 CPU cores with .venv
@@ -53,6 +53,14 @@ fashion-mnist:
 	echo "installing Fashion-MNIST: $$sudo apt-get install dataset-fashion-mnist"; \
 	$$sudo apt-get update -qq && $$sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null && \
 	test -d $(FASHION_MNIST)
+
+# espeak-ng (Debian/Ubuntu package, about 10 MB with its voices) synthesizes offline the speech
+# that python -m benchmarks.patch_audio_train trains encodec's model on; apt-get as for Fashion-MNIST.
+espeak-ng:
+	@command -v espeak-ng >/dev/null 2>&1 && exit 0; \
+	command -v apt-get >/dev/null 2>&1 || { echo "no apt-get here: install espeak-ng by other means"; exit 1; }; \
+	sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	$$sudo apt-get update -qq && $$sudo apt-get install -y -qq espeak-ng >/dev/null
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

@@ -75,10 +75,8 @@ def sample_rows(x: Tensor, num: int, *, allow_duplicates: bool = False) -> Tenso
     Outside a process group the draw makes the same random calls as
     vector-quantize-pytorch's ``sample_vectors`` (``randperm(N)[:num]``, or
     ``randint`` with replacement when N < num), so seeded runs match it.
-    Inside one, rank 0 draws global row positions and broadcasts them; each rank
-    writes the rows it owns into a zero buffer and an all-reduce assembles them.
-    Each row is summed with zeros only, so the result is exact and bitwise
-    identical everywhere; the traffic is M x D, never the union itself.
+    Inside one, rank 0 draws global row positions and broadcasts them, and
+    :func:`rows_at` assembles the rows.
     """
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, D), got {tuple(x.shape)}")
@@ -107,10 +105,22 @@ def sample_rows(x: Tensor, num: int, *, allow_duplicates: bool = False) -> Tenso
     else:
         positions = torch.empty(m, dtype=torch.int64, device=device)
     broadcast_(positions)
+    return rows_at(x, positions, sizes)
+
+
+def rows_at(x: Tensor, positions: Tensor, sizes: list[int]) -> Tensor:
+    """(M, D) in x's dtype: the rows at ``positions`` (M,) int64 of the union of every rank's
+    ``x`` (N, D), counted in rank order; ``sizes`` is :func:`gather_sizes`'s list and
+    ``positions`` the same on every rank.
+
+    Each rank writes the rows it owns into a zero buffer and an all-reduce assembles
+    them: each row is summed with zeros only, so the result is exact and bitwise
+    identical everywhere; the traffic is M x D, never the union itself.
+    """
     start = sum(sizes[:rank()])
     local = positions - start
     mine = (local >= 0) & (local < x.shape[0])
-    out = x.new_zeros((m, x.shape[1]))
+    out = x.new_zeros((positions.shape[0], x.shape[1]))
     out[mine] = x[local[mine]]
     all_reduce_(out)
     return out

@@ -30,7 +30,8 @@ from .. import backends
 
 # One file per library; each registers its adapters when imported. None of them imports
 # the library it serves.
-_ADAPTER_MODULES = ("diffusers", "taming", "transformers_image", "vector_quantize")
+_ADAPTER_MODULES = ("diffusers", "taming", "transformers_image", "vector_quantize", "encodec", "moshi", "dac",
+                   "transformers_audio")
 
 _STATE = "_vqkern_patch"
 
