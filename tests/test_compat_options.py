@@ -396,7 +396,8 @@ def test_grouped_residual_vq_matches(kw):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(ours.get_output_from_indices(i_o), ref.get_output_from_indices(i_r))
     torch.testing.assert_close(ours.get_codes_from_indices(i_o), ref.get_codes_from_indices(i_r))
-    assert torch.equal(ours.codebooks, ref.codebooks)
+    # Trained by EMA: the per-code sums are vqkern's blocked ones, so equal up to rounding.
+    torch.testing.assert_close(ours.codebooks, ref.codebooks)
 
 
 # ---- top-k codes and beam search ---------------------------------------------------------
