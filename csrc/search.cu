@@ -8,9 +8,9 @@
 // Frame. The fp32 scores round at the scale of |z|^2 + |e|^2, so data far from the origin
 // loses its ranking in the rounding (50 standard deviations out, N = 4000, K = 1024,
 // D = 128: a farther code on 48 rows, up to 0.21% farther). The fp32 FMA kernel ranks in
-// the frame centred on the codebook: z - c and e - c for a per-call centre c (the mean
-// of the finite codes, computed by the caller), so the rounding scales with the spread of
-// the data about c. The tensor-core kernel multiplies the fp16/bf16 inputs as they are,
+// a frame centred on the data: z - c and e - c for a per-call centre c (the mean of
+// sampled finite rows, computed by the caller: vqkern/backends/_frame.py), so the rounding
+// scales with the distance of the rows and their nearest codes from c. The tensor-core kernel multiplies the fp16/bf16 inputs as they are,
 // in the origin's frame (bound relative to |z|^2 + |e|^2): rounding z - c and e - c back
 // to 16 bits loses 2^-9 (bf16) or 2^-12 (fp16) of the spread. Emulated on CPU
 // (benchmarks/half_frame.py) bf16 lost nothing in the origin's frame out to 500 standard

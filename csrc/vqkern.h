@@ -31,8 +31,8 @@ std::string probe();
 // use_tensor_cores: fp16/bf16 z and codebook of the same dtype go through
 // tensor-core MMA (fp32 accumulate, scores |e|^2 - 2 z.e); otherwise an fp32 FMA
 // kernel ranks |e - c|^2 - 2 (z - c).(e - c) with centre c (d,) fp32 (required there,
-// ignored by the MMA kernel), the mean of the finite codes: its rounding then scales with
-// the data's spread about c, not with |z|^2 + |e|^2.
+// ignored by the MMA kernel), the mean of sampled finite rows: its rounding then scales
+// with the distance of the rows and their nearest codes from c, not with |z|^2 + |e|^2.
 void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k,
             int64_t d, const float* centre, float* norms, float* part_scores, int32_t* part_index,
             int splits, bool use_tensor_cores, int64_t* indices, float* distances, void* quantized,

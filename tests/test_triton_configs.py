@@ -11,7 +11,7 @@ The data are exact in every format the kernels use: integer codes and rows on a
 1/16 grid, so bf16, fp16 and tf32 hold them unrounded and every residual sum is exact
 in fp32 whatever the summation order or tile shape. So every config must return a code
 at exactly the nearest distance (rows set midway between two distinct codes are exact
-ties, which the fp32 modes, ranking in the frame centred on the codebook's mean, may
+ties, which the fp32 modes, ranking in the frame centred on the rows' mean, may
 resolve either way: the README's precision policy; an exact copy of a code never wins
 over it) and bitwise that distance: on a GPU that is the comparison of differently
 compiled kernels, within an ulp and tighter.

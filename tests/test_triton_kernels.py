@@ -16,6 +16,7 @@ if not torch.cuda.is_available():  # also when this file is collected without co
 
 import vqkern  # noqa: E402
 from vqkern import backends  # noqa: E402
+from vqkern.backends._frame import frame_centre  # noqa: E402
 
 from helpers import assert_nearest, dist_rtol, exact_distances  # noqa: E402
 
@@ -137,8 +138,8 @@ def test_runner_up_scores(splits):
     codebook = torch.randn(k, d, device=DEVICE)
     codebook[7] = codebook[3]  # an exact tie: the runner-up equals the best
     z[0] = codebook[3]
-    # Scores in the frame centred on the codebook: |e - c|^2 - 2 (z - c).(e - c).
-    centre = codebook.mean(0)
+    # Scores in the frame centred on the rows: |e - c|^2 - 2 (z - c).(e - c).
+    centre = frame_centre(z)
     norms = ((codebook - centre) ** 2).sum(1)
     best, second = (torch.full((n,), float("nan"), device=DEVICE) for _ in range(2))
     out = _poisoned(n, d, z.dtype)

@@ -6,7 +6,7 @@
 //   static constexpr int64_t kRowBlock;  rows per work item
 //   static int64_t scratch_elems(int64_t d);  T elements of per-thread scratch
 //   static int64_t panel_elems(int64_t d);  T elements of one packed panel
-//   static constexpr bool kCentred;  ranks in the frame centred on the codebook (below)
+//   static constexpr bool kCentred;  ranks in the frame centred on the rows (below)
 //   static void pack_panels(const T* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0,
 //                           int64_t p1, const float* centre, T* packed, float* norms);
 //                         // codes minus the centre (when kCentred) and their squared norms
@@ -34,8 +34,8 @@
 // from the origin loses its ranking in the rounding: 50 standard deviations out (N = 4000,
 // K = 1024, D = 128) the fp32 expansion picked a farther code on 48 rows, up to 0.21%
 // farther. |z - e|^2 is unchanged by a common shift, so the fp32 kernels (kCentred)
-// rank |e - c|^2 - 2 (z - c).(e - c) with c the mean of the finite codes (code_centre):
-// the rounding then scales with the data's spread about c. The bf16 kernels keep the
+// rank |e - c|^2 - 2 (z - c).(e - c) with c the mean of sampled finite rows (row_centre):
+// the rounding then scales with the distance of the rows and their nearest codes from c. The bf16 kernels keep the
 // origin: z - c and e - c rounded back to bf16 lose 2^-9 of the spread, while 128 exact
 // products of bf16 values (16 bits each) summed in fp32 chose the nearest code on every
 // row out to 500 standard deviations (benchmarks/half_frame.py, docs/precision.md).
@@ -166,39 +166,28 @@ VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, 
   }
 }
 
-// The centre of the ranking frame: the mean of the codes whose elements are all finite
-// (zeros when none is), in fp64, rounded to fp32. Blocks of kCentreCodes codes are summed
-// in code order, each by one thread, and the block sums added in block order: the same
-// centre, so the same indices, for any thread count. Extra memory: d fp64 per block.
-// Below kParallelCentre elements one thread sums them (~1 ms at 2^20): a parallel
-// region more costs a wake-up of the other threads, and on a loaded machine a time slice.
-constexpr int64_t kCentreCodes = 256;
-constexpr int64_t kParallelCentre = int64_t(1) << 20;
+// The centre of the ranking frame: the mean of the finite rows among min(n, kCentreRows)
+// evenly spaced rows of z (row j * n / m), in fp64 in row order, rounded to fp32; zeros
+// when none is finite. The same rows as vqkern.backends._frame.frame_centre, so the
+// same centre up to the order of the fp64 sums; one thread (at most 4096 x d elements).
+// The rows' mean, not the codebook's: codes the rows never reach, far away, would pull
+// a codebook mean off the data and round the scores of the codes near it coarsely.
+constexpr int64_t kCentreRows = 4096;
 
 template <typename T>
-VQ_DRIVER_TARGET void code_centre(const Problem<T>& pb, int threads, float* centre) {
-  const int64_t k = pb.k, d = pb.d, blocks = (k + kCentreCodes - 1) / kCentreCodes;
-  std::vector<double> part(static_cast<size_t>(blocks * d), 0.0);
-  std::vector<int64_t> finite(static_cast<size_t>(blocks), 0);
-  std::atomic<int64_t> next{0};
-  parallel(k * d < kParallelCentre ? 1 : static_cast<int>(std::min<int64_t>(threads, blocks)), [&] {
-    for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
-      double* sum = part.data() + b * d;
-      for (int64_t c = b * kCentreCodes; c < std::min(k, (b + 1) * kCentreCodes); ++c) {
-        const T* e = pb.codebook + c * pb.ldc;
-        bool ok = true;
-        for (int64_t t = 0; t < d; ++t) ok &= std::isfinite(to_f32(e[t]));
-        if (!ok) continue;
-        for (int64_t t = 0; t < d; ++t) sum[t] += to_f32(e[t]);
-        ++finite[b];
-      }
-    }
-  });
+VQ_DRIVER_TARGET void row_centre(const Problem<T>& pb, float* centre) {
+  const int64_t n = pb.n, d = pb.d, m = std::min<int64_t>(n, kCentreRows);
+  std::vector<double> sum(static_cast<size_t>(d), 0.0);
   int64_t count = 0;
-  for (int64_t b = 1; b < blocks; ++b)
-    for (int64_t t = 0; t < d; ++t) part[t] += part[b * d + t];
-  for (int64_t b = 0; b < blocks; ++b) count += finite[b];
-  for (int64_t t = 0; t < d; ++t) centre[t] = count ? static_cast<float>(part[t] / count) : 0.0f;
+  for (int64_t j = 0; j < m; ++j) {
+    const T* z = pb.z + (j * n / m) * pb.ldz;
+    bool ok = true;
+    for (int64_t t = 0; t < d; ++t) ok &= std::isfinite(to_f32(z[t]));
+    if (!ok) continue;
+    for (int64_t t = 0; t < d; ++t) sum[t] += to_f32(z[t]);
+    ++count;
+  }
+  for (int64_t t = 0; t < d; ++t) centre[t] = count ? static_cast<float>(sum[t] / count) : 0.0f;
 }
 
 template <class K>
@@ -222,7 +211,7 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
   const int64_t pack_chunk = std::max<int64_t>(1, 1024 / NR);  // panels per packing work item
   std::vector<float> centre_store(K::kCentred ? static_cast<size_t>(d) : 0);
   const float* const centre = K::kCentred ? centre_store.data() : nullptr;
-  if constexpr (K::kCentred) code_centre(pb, threads, centre_store.data());
+  if constexpr (K::kCentred) row_centre(pb, centre_store.data());
   // Pack in parallel, then join: the search needs every panel.
   parallel(threads, [&] {
     for (int64_t p0; (p0 = next_panel.fetch_add(pack_chunk)) < panels;)

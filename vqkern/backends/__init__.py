@@ -225,7 +225,7 @@ def report(device: torch.device | str = "cpu", check: bool = False) -> dict[str,
 def centred_ranking(name: str, device: torch.device | str, z_dtype: torch.dtype,
                     codebook_dtype: torch.dtype) -> bool:
     """Whether backend ``name``'s search of z (``z_dtype``) against a codebook
-    (``codebook_dtype``) on ``device`` ranks in the frame centred on the codebook.
+    (``codebook_dtype``) on ``device`` ranks in the frame centred on the rows (``vqkern.backends._frame``).
 
     True: the chosen code's exact distance exceeds the nearest by at most about
     1e-5 * (|z - c|^2 + max_k |e_k - c|^2), c the mean of the codebook, wherever the

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from ._frame import codebook_centre
+from ._frame import frame_centre
 
 # Shared with csrc/common.cuh (enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -74,7 +74,7 @@ def _probe(index: int) -> tuple[bool, str]:
 
 
 def centred_ranking(device, z_dtype, codebook_dtype) -> bool:
-    """The fp32 FMA kernel ranks in the frame centred on the codebook; fp16/bf16 z and
+    """The fp32 FMA kernel ranks in the frame centred on the rows; fp16/bf16 z and
     codebook of one dtype go to the tensor-core kernel, which multiplies them as they are."""
     return not (z_dtype == codebook_dtype and z_dtype in _HALF)
 
@@ -152,10 +152,10 @@ def search(z, codebook, indices, distances, quantized, *, splits: int | None = N
         raise ValueError(f"cuda backend: splits must be >= 1, got {splits}")
     if tensor_cores is None:
         tensor_cores = z.dtype == codebook.dtype and z.dtype in _HALF
-    # The fp32 kernel ranks in the frame centred on the codebook; the tensor-core one
+    # The fp32 kernel ranks in the frame centred on the rows; the tensor-core one
     # multiplies the 16-bit inputs as they are (csrc/search.cu).
     mma = tensor_cores and z.dtype == codebook.dtype and z.dtype in _HALF
-    centre = None if mma else codebook_centre(codebook)
+    centre = None if mma else frame_centre(z)
     norms = torch.empty(k, dtype=torch.float32, device=device)
     part_scores = torch.empty((splits, n), dtype=torch.float32, device=device)
     part_index = torch.empty((splits, n), dtype=torch.int32, device=device)

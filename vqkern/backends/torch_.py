@@ -2,9 +2,9 @@
 
 The search ranks codes with the expansion ``|e|^2 - 2 z.e`` (|z|^2 is constant
 per row and does not change the argmin) one (rows x codes) tile at a time, in the
-frame centred on the codebook (z - c and e - c, c the mean of the finite codes, so
-that the fp32 rounding scales with the data's spread, not its distance from the
-origin; ``_frame.py``), then recomputes the chosen code's distance exactly from the
+frame centred on the rows (z - c and e - c, c the mean of the finite rows, so that
+the fp32 rounding scales with the distance of the rows and their nearest codes from c,
+not from the origin; ``_frame.py``), then recomputes the chosen code's distance exactly from the
 residual, as the op contract requires. Peak extra memory is one tile plus O(N) vectors, whatever
 N x K is (benchmarks/NOTES.md has the measurements behind the tile sizes).
 
@@ -25,7 +25,7 @@ OS's saved register state): ``avx2`` (AVX2 + FMA), ``avx512`` (AVX512F/DQ/BW/VL)
 search bf16 z and codebook as bf16: bf16 products are exact in fp32 and summed in
 fp32, so the precision policy holds, with a bound relative to |z|^2 + |e|^2 (they
 rank in the origin's frame; the fp32 kernels, like the tiled path, rank in the frame
-centred on the codebook: ``centred_ranking``). ``VQKERN_CPU_ISA=avx2|avx512|avx512bf16|amx``
+centred on the rows: ``centred_ranking``). ``VQKERN_CPU_ISA=avx2|avx512|avx512bf16|amx``
 forces one (an error names the variable if the CPU lacks it);
 ``VQKERN_CPU_KERNEL=0`` forces the tiled PyTorch path; ``cpu_kernel()`` says
 which path runs and why. ``cpu_backward`` is the extension's one-pass fp32
@@ -41,7 +41,7 @@ import os
 import torch
 
 from .._gumbel import gumbel_, logits
-from ._frame import codebook_centre
+from ._frame import frame_centre
 
 # Non-CPU devices: one (rows x K) block of at most this many bytes per step.
 DEFAULT_BLOCK_BYTES = 64 * 2**20
@@ -236,11 +236,11 @@ def _search_cpu(z, cb, cb_norm, indices, centre) -> None:
 
 def _search_blocked(z, codebook, indices) -> None:
     """Generic path (any device): fp32 scores of (rows x K) blocks, TF32 off, in the frame
-    centred on the codebook (vqkern.backends._frame).
+    centred on the rows (vqkern.backends._frame).
 
     Ranking in the inputs' half precision would put the scores' rounding (about
     3e-4 of |z|^2 + |e|^2 in bf16) above the policy's 1e-5 bound."""
-    centre = codebook_centre(codebook)
+    centre = frame_centre(z)
     cb = codebook.float() - centre
     cb_norm = (cb * cb).sum(dim=1)
     n, k = z.shape[0], cb.shape[0]
@@ -287,7 +287,7 @@ def search(z, codebook, indices, distances, quantized) -> None:
         if _kernel_search(ext, isa, z, codebook, indices, distances, quantized):
             return
     elif z.device.type == "cpu":
-        centre = codebook_centre(codebook)
+        centre = frame_centre(z)
         cb = codebook.float() - centre
         _search_cpu(z, cb, (cb * cb).sum(dim=1), indices, centre)
     else:

@@ -10,8 +10,8 @@ codes, scales 1e-3 and 1e3, NaN/+-inf entries in rows of z and of the codebook. 
 
 - rank: the chosen code's exact fp64 distance is within the precision policy of the fp64
   minimum over the finite codes (docs/precision.md): l2 excess at most
-  ``RANK_RTOL * (|z - c|^2 + max|e - c|^2)``, c the codebook's mean, for the searches that
-  rank in the frame centred on the codebook (``vqkern.backends.centred_ranking``), else
+  ``RANK_RTOL * (|z - c|^2 + max|e - c|^2)``, c the rows' centre (``vqkern.backends._frame``), for the searches
+  that rank in the frame centred on the rows (``vqkern.backends.centred_ranking``), else
   ``RANK_RTOL * (|z|^2 + max|e|^2)`` (``policy.rank_scale``); cosine excess of ``1 - cos`` at most ``COS_RANK_ATOL``;
   a finite row never picks a non-finite code;
 - ties: the chosen code is the first of its identical copies (duplicates tie exactly);

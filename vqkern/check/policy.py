@@ -38,15 +38,17 @@ def dist_rtol(d: int) -> float:
 def rank_scale(z2d: torch.Tensor, codebook: torch.Tensor, centred: bool = False) -> torch.Tensor:
     """(N,) fp64: the size that RANK_RTOL multiplies for each row of z2d (N, D) against the
     codes (K, D); the one place the rank bound's scale is defined. With ``centred`` (a
-    search in the frame centred on the codebook, ``vqkern.backends.centred_ranking``)
-    |z - c|^2 + max_k |e_k - c|^2, c the mean of the finite codes, which follows the data's
-    spread wherever it sits; else |z|^2 + max_k |e_k|^2, the size of the terms the fp32
-    expansion cancels, which grows with the data's distance from the origin. Non-finite
-    codes are left out."""
+    search in the frame centred on the rows, ``vqkern.backends.centred_ranking``)
+    |z - c|^2 + max_k |e_k - c|^2, c the searches' own centre of z2d's rows
+    (``vqkern.backends._frame.frame_centre``), which follows the data wherever it sits;
+    else |z|^2 + max_k |e_k|^2, the size of the terms the fp32 expansion cancels, which
+    grows with the data's distance from the origin. Non-finite codes are left out."""
+    from ..backends._frame import frame_centre
+
     z64, e64 = z2d.double(), codebook.double()
     e64 = e64[torch.isfinite(e64).all(dim=1)]
-    if centred and e64.shape[0]:
-        centre = e64.mean(dim=0)
+    if centred:
+        centre = frame_centre(z2d).double()
         z64, e64 = z64 - centre, e64 - centre
     top = (e64 ** 2).sum(1).max() if e64.shape[0] else z64.new_zeros(())
     return (z64 ** 2).sum(1) + top

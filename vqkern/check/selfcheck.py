@@ -265,7 +265,7 @@ def _check_outputs(op, z, codebook, idx, quantized, findings) -> bool:
 def _search(module, z, codebook, findings) -> None:
     idx, dist, q = _poisoned_outputs(z)
     module.search(z, codebook, idx, dist, q)
-    # A search that ranks in the frame centred on the codebook is held to the bound that
+    # A search that ranks in the frame centred on the rows is held to the bound that
     # follows the data's spread (docs/precision.md).
     centred = bool(module.centred_ranking(z.device, z.dtype, codebook.dtype))
     z, codebook, idx, dist, q = (t.cpu() for t in (z, codebook, idx, dist, q))

@@ -27,7 +27,7 @@ __all__ = ["availability", "centred_ranking", "tiles", "search", "launch_search"
 
 
 def centred_ranking(device, z_dtype, codebook_dtype) -> bool:
-    """fp32 dots rank in the frame centred on the codebook; fp16/bf16 z and codebook of one
+    """fp32 dots rank in the frame centred on the rows; fp16/bf16 z and codebook of one
     dtype go to tl.dot as they are (search.py)."""
     return not (z_dtype == codebook_dtype and z_dtype in (torch.float16, torch.bfloat16))
 

@@ -27,9 +27,9 @@ measure it). tf32x3 (three tf32 products) is about 2^-21 relative, so its re-che
 touches few rows; tf32's 2^-10 flags rows whose two best codes are close.
 
 Frame: fp32 dots rank ``|e - c|^2 - 2 (z - c).(e - c)``, z and the codes moved by
-the codebook's centre c (``vqkern.backends._frame``) as their tiles are loaded, so the
-rounding scales with the spread of the data about the codebook, not with its distance
-from the origin (50 standard deviations out, the plain fp32 expansion picked a
+the rows' centre c (``vqkern.backends._frame``) as their tiles are loaded, so the
+rounding scales with the distance of the rows and their nearest codes from c, not from
+the origin (50 standard deviations out, the plain fp32 expansion picked a
 farther code on 48 of 4000 rows). fp16/bf16 operands of one dtype stay in the origin's
 frame, their bound relative to |z|^2 + |e|^2: moved and rounded back to 16 bits they
 would lose 2^-9 (bf16) or 2^-12 (fp16) of the spread. Emulated on CPU
@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._frame import codebook_centre
+from .._frame import frame_centre
 from ._cast import cast_to
 from ._device import on_device
 
@@ -127,7 +127,7 @@ def _search_kernel(z_ptr, cb_ptr, norms_ptr, idx_out_ptr, dist_ptr, q_ptr, part_
         if DOT_FP32:
             z_tile = z_tile.to(tl.float32)
         if CENTRE:
-            # The frame centred on the codebook (launch_search); padding columns stay 0.
+            # The frame centred on the rows (launch_search); padding columns stay 0.
             centre = tl.load(centre_ptr + cols, mask=cols < D, other=0.0)
             z_tile = z_tile - centre[None, :]
     # Under the interpreter tl.dot is a BLAS sgemm whose rounding depends on a
@@ -396,7 +396,7 @@ def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None
         best = torch.empty(n, dtype=torch.float32, device=z.device)
         second = torch.empty(n, dtype=torch.float32, device=z.device)
     with on_device(z):
-        centre, norms = _frame_and_norms(codebook, dot_fp32, interpreting)
+        centre, norms = _frame_and_norms(z, codebook, dot_fp32, interpreting)
         _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, fp32_precision,
                      block_d, block_n, interpreting, centre, best=best, second=second)
         if track_second:
@@ -407,11 +407,11 @@ def launch_search(z, codebook, indices, distances, quantized, *, num_splits=None
                          None, block_n, interpreting, centre, flags=flags)
 
 
-def _frame_and_norms(codebook, centred, interpreting):
-    """(centre (D,) fp32, squared code norms (K,) fp32 in that frame): the codebook's
-    centre when ``centred``, else zeros (the origin's frame)."""
+def _frame_and_norms(z, codebook, centred, interpreting):
+    """(centre (D,) fp32, squared code norms (K,) fp32 in that frame): the rows' centre
+    (``frame_centre(z)``) when ``centred``, else zeros (the origin's frame)."""
     k, d = codebook.shape
-    centre = (codebook_centre(codebook) if centred
+    centre = (frame_centre(z) if centred
               else torch.zeros(d, dtype=torch.float32, device=codebook.device))
     norms = torch.empty(k, dtype=torch.float32, device=codebook.device)
     norm_block_d = min(_pow2_at_least_16(d), 128 if interpreting else 32)
@@ -493,7 +493,7 @@ def launch_sample(z, codebook, indices, distances, quantized, inv_temperature, s
     with on_device(z):
         # l2 logits -|z - e| from |z - c|^2 + |e - c|^2 - 2 (z - c).(e - c); cosine logits
         # are z.e of unit rows, in the origin's frame.
-        centre, norms = _frame_and_norms(codebook, dot_fp32 and not cosine, interpreting)
+        centre, norms = _frame_and_norms(z, codebook, dot_fp32 and not cosine, interpreting)
         zn2 = (z.float() - centre).square().sum(dim=1)
         _search_pass(z, codebook, norms, indices, distances, quantized, splits, dot_fp32, "ieee", None, block_n,
                      interpreting, centre, sample=(zn2, float(inv_temperature), int(seed), bool(cosine)))
