@@ -167,6 +167,13 @@ CASES: dict[str, Case] = {
                                                             codebook_size=1024, threshold_ema_dead_code=2)),
                                        _randn(16, 750, 256), 8 * 16 * 750, 1024, 256,
                                        "ResidualVQ (8 x 1024, EMA, dead codes), 16 x 750 frames", loss=_rvq_loss),
+    # LFQ of 2^16 codes (MAGVIT-v2's tokenizer has 2^18) on 4 x 1024 tokens: the library's
+    # entropy loss is an N x 2^16 softmax (1 GiB of fp32 per matrix), vqkern's is streamed.
+    # Its N x K x D is that softmax's size; the floor is a search's of that size.
+    "vqp-lfq-65536": Case("vector-quantize-pytorch 1.32.0",
+                          _seeded(lambda: _vqp("LFQ", dim=16, codebook_size=2 ** 16, entropy_loss_weight=0.1)),
+                          _randn(4, 1024, 16), 4 * 1024, 2 ** 16, 16, "LFQ (2^16 codes, entropy loss), 4 x 1024 tokens",
+                          loss=_rvq_loss),
 }
 
 
