@@ -70,7 +70,8 @@ def test_supported_names_every_adapter():
                  "transformers.models.janus.modeling_janus.JanusVQVAEVectorQuantizer",
                  "transformers.models.emu3.modeling_emu3.Emu3VQVAEVectorQuantizer",
                  "transformers.models.glm_image.modeling_glm_image.GlmImageVQVAEVectorQuantizer",
-                 "vector_quantize_pytorch.vector_quantize_pytorch.VectorQuantize"):
+                 "vector_quantize_pytorch.vector_quantize_pytorch.VectorQuantize",
+                 "vector_quantize_pytorch.lookup_free_quantization.LFQ"):
         assert name in names
     assert integrations.qualified_name(type(model()["gan"])) == "taming.modules.vqvae.quantize.VectorQuantizer2"
 

@@ -210,114 +210,134 @@ class LFQ(nn.Module):
             codes = codes.movedim(-1, 1)
         return codes
 
-    # ---- losses ------------------------------------------------------------------------
-
-    def _entropy_terms(self, original_input: Tensor, mask: Tensor | None, inv_temperature: float):
-        """(per-sample entropy, batch entropy) as vector_quantize_pytorch defines them, both
-        from vqkern.lfq_entropy; original_input (B, N, C, d) in the quantizer's precision."""
-        rows = original_input if mask is None else original_input[mask]
-        if self.exact_masked_batch_entropy:
-            rows = rows.reshape(-1, self.num_codebooks, self.codebook_dim)
-        else:
-            # vector_quantize_pytorch flattens the first two axes: (rows, C, d), or, after a
-            # (B, N) mask, (rows * C, d), where its average over rows becomes no average.
-            rows = rows.flatten(0, 1)
-        if self.frac_per_sample_entropy < 1.0:
-            num_tokens = rows.shape[0]
-            num_sampled = int(num_tokens * self.frac_per_sample_entropy)
-            # vector_quantize_pytorch's draw, from the global CPU generator.
-            chosen = torch.randn(num_tokens).argsort(dim=-1) < num_sampled
-            rows = rows[chosen.to(rows.device)]
-        per_row = rows.dim() == 2
-        code_scale = self.codebook_scale / math.sqrt(self.codebook_dim) if self.spherical else self.codebook_scale
-        entropy, prob_sum = lfq_entropy(rows.unsqueeze(1) if per_row else rows, inv_temperature=inv_temperature,
-                                        code_scale=code_scale, eps=ENTROPY_EPS, backend=self.backend)
-        per_sample_entropy = entropy.mean()
-        if per_row:
-            if distributed.is_distributed():
-                raise NotImplementedError(
-                    "LFQ: with a (batch, seq) mask inside a process group, vector_quantize_pytorch all-reduces "
-                    "each row's distribution over all codes; pass exact_masked_batch_entropy=True (the entropy of "
-                    "the masked rows' average distribution, averaged over ranks)")
-            # The entropy of each row's own distribution, averaged: the per-sample term.
-            return per_sample_entropy, per_sample_entropy
-        avg_prob = distributed_mean(prob_sum / rows.shape[0])
-        return per_sample_entropy, entropy_of(avg_prob).mean()
-
     # ---- forward -----------------------------------------------------------------------
 
     def forward(self, x: Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False,
                 mask: Tensor | None = None):
         """x (B, N, dim) or (B, dim, ...) float -> ``Return(quantized like x, indices int64,
         aux loss fp32 scalar)`` (and the ``LossBreakdown``); see the class docstring."""
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
-        if x.dim() < 3:
-            raise ValueError(f"x must have shape (B, N, dim) or (B, dim, ...), got {tuple(x.shape)}")
-        is_img_or_video = x.dim() >= 4
-        should_transpose = is_img_or_video if self.channel_first is None else self.channel_first
-        if should_transpose:
-            x, spatial = to_rows(x)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have {self.dim} features (dim), got {x.shape[-1]}")
-        if mask is not None:
-            if mask.dtype != torch.bool or mask.shape not in (x.shape[:1], x.shape[:2]):
-                raise ValueError(f"mask must be a bool tensor of shape (B,) or (B, N) = {tuple(x.shape[:2])}, "
-                                 f"got {mask.dtype} {tuple(mask.shape)}")
-        x = self.project_in(x)
-        if self.soft_clamp_input_value is not None:
-            x = (x / self.soft_clamp_input_value).tanh() * self.soft_clamp_input_value
-        x = x.unflatten(-1, (self.num_codebooks, self.codebook_dim))
-        if self.orthogonal_rotation:
-            x = x @ self.orthogonal_rot
-        x = self.maybe_l2norm(x)
+        return lfq_forward(self, x, inv_temperature, return_loss_breakdown, mask, backend=self.backend,
+                           exact_masked_batch_entropy=self.exact_masked_batch_entropy)
 
-        force_f32 = self.force_quantization_f32
-        with autocast("cuda", enabled=False) if force_f32 else nullcontext():
-            orig_dtype = x.dtype
-            if force_f32:
-                x = x.float()
-            original_input = x
-            quantized = torch.where(x > 0, torch.ones_like(x) * self.codebook_scale,
-                                    -torch.ones_like(x) * self.codebook_scale)
-            indices = ((quantized > 0).int() * self.mask.int()).sum(dim=-1)
-            quantized = self.maybe_l2norm(quantized)
-            if self.training:
-                x = self.activation(x)
-                x = x + (quantized - x).detach()
-            else:
-                x = quantized
 
-            if self.training:
-                per_sample_entropy, codebook_entropy = self._entropy_terms(original_input, mask, inv_temperature)
-                dtype = original_input.dtype
-                per_sample_entropy, codebook_entropy = per_sample_entropy.to(dtype), codebook_entropy.to(dtype)
-                entropy_aux_loss = per_sample_entropy - self.diversity_gamma * codebook_entropy
-                if self.experimental_softplus_entropy_loss:
-                    entropy_aux_loss = F.softplus(entropy_aux_loss + self.entropy_loss_offset)
-            else:
-                entropy_aux_loss = per_sample_entropy = codebook_entropy = self.zero
+# The forward and its losses are functions of the layer rather than methods, so that
+# vqkern.patch runs this same code on vector_quantize_pytorch's own LFQ instances. They read
+# only attributes that both classes have under the same names and meanings: channel_first,
+# dim, project_in, project_out, soft_clamp_input_value, num_codebooks, codebook_dim,
+# orthogonal_rotation, orthogonal_rot, maybe_l2norm, spherical, force_quantization_f32,
+# codebook_scale, mask, zero, training, activation, frac_per_sample_entropy, diversity_gamma,
+# experimental_softplus_entropy_loss, entropy_loss_offset, commitment_loss_weight,
+# entropy_loss_weight, keep_num_codebooks_dim.
 
-            if self.training and self.commitment_loss_weight > 0.0:
-                commit_loss = F.mse_loss(original_input, quantized.detach(), reduction="none")
-                if mask is not None:
-                    commit_loss = commit_loss[mask]
-                commit_loss = commit_loss.mean()
-            else:
-                commit_loss = self.zero
-            if force_f32:
-                x = x.type(orig_dtype)
+def entropy_terms(layer: nn.Module, original_input: Tensor, mask: Tensor | None, inv_temperature: float, *,
+                  backend: str, exact_masked_batch_entropy: bool):
+    """(per-sample entropy, batch entropy) fp32 scalars as vector_quantize_pytorch defines them,
+    both from vqkern.lfq_entropy; original_input (B, N, C, d) float in the quantizer's precision."""
+    rows = original_input if mask is None else original_input[mask]
+    if exact_masked_batch_entropy:
+        rows = rows.reshape(-1, layer.num_codebooks, layer.codebook_dim)
+    else:
+        # vector_quantize_pytorch flattens the first two axes: (rows, C, d), or, after a
+        # (B, N) mask, (rows * C, d), where its average over rows becomes no average.
+        rows = rows.flatten(0, 1)
+    if layer.frac_per_sample_entropy < 1.0:
+        num_tokens = rows.shape[0]
+        num_sampled = int(num_tokens * layer.frac_per_sample_entropy)
+        # vector_quantize_pytorch's draw, from the global CPU generator.
+        chosen = torch.randn(num_tokens).argsort(dim=-1) < num_sampled
+        rows = rows[chosen.to(rows.device)]
+    per_row = rows.dim() == 2
+    code_scale = layer.codebook_scale / math.sqrt(layer.codebook_dim) if layer.spherical else layer.codebook_scale
+    entropy, prob_sum = lfq_entropy(rows.unsqueeze(1) if per_row else rows, inv_temperature=inv_temperature,
+                                    code_scale=code_scale, eps=ENTROPY_EPS, backend=backend)
+    per_sample_entropy = entropy.mean()
+    if per_row:
+        if distributed.is_distributed():
+            raise NotImplementedError(
+                "LFQ: with a (batch, seq) mask inside a process group, vector_quantize_pytorch all-reduces "
+                "each row's distribution over all codes; pass exact_masked_batch_entropy=True (the entropy of "
+                "the masked rows' average distribution, averaged over ranks)")
+        # The entropy of each row's own distribution, averaged: the per-sample term.
+        return per_sample_entropy, per_sample_entropy
+    avg_prob = distributed_mean(prob_sum / rows.shape[0])
+    return per_sample_entropy, entropy_of(avg_prob).mean()
 
-        if self.orthogonal_rotation:
-            x = x @ self.orthogonal_rot.t()
-        x = self.project_out(x.flatten(-2))
-        if should_transpose:
-            x = from_rows(x, spatial)
-            indices = from_rows(indices, spatial).movedim(1, -1)
-        if not self.keep_num_codebooks_dim:
-            indices = indices.squeeze(-1)
-        aux_loss = entropy_aux_loss * self.entropy_loss_weight + commit_loss * self.commitment_loss_weight
-        ret = Return(x, indices, aux_loss)
-        if not return_loss_breakdown:
-            return ret
-        return ret, LossBreakdown(per_sample_entropy, codebook_entropy, commit_loss)
+
+def lfq_forward(layer: nn.Module, x: Tensor, inv_temperature: float, return_loss_breakdown: bool,
+                mask: Tensor | None, *, backend: str, exact_masked_batch_entropy: bool):
+    """``LFQ.forward`` of ``layer`` (vqkern's LFQ or vector_quantize_pytorch 1.32's): x (B, N, dim)
+    or (B, dim, ...) float -> ``Return(quantized like x, indices int64, aux loss fp32 scalar)``
+    (and the ``LossBreakdown``); the entropy terms on ``backend``."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+    if x.dim() < 3:
+        raise ValueError(f"x must have shape (B, N, dim) or (B, dim, ...), got {tuple(x.shape)}")
+    is_img_or_video = x.dim() >= 4
+    should_transpose = is_img_or_video if layer.channel_first is None else layer.channel_first
+    if should_transpose:
+        x, spatial = to_rows(x)
+    if x.shape[-1] != layer.dim:
+        raise ValueError(f"x must have {layer.dim} features (dim), got {x.shape[-1]}")
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape not in (x.shape[:1], x.shape[:2]):
+            raise ValueError(f"mask must be a bool tensor of shape (B,) or (B, N) = {tuple(x.shape[:2])}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+    x = layer.project_in(x)
+    if layer.soft_clamp_input_value is not None:
+        x = (x / layer.soft_clamp_input_value).tanh() * layer.soft_clamp_input_value
+    x = x.unflatten(-1, (layer.num_codebooks, layer.codebook_dim))
+    if layer.orthogonal_rotation:
+        x = x @ layer.orthogonal_rot
+    x = layer.maybe_l2norm(x)
+
+    force_f32 = layer.force_quantization_f32
+    with autocast("cuda", enabled=False) if force_f32 else nullcontext():
+        orig_dtype = x.dtype
+        if force_f32:
+            x = x.float()
+        original_input = x
+        quantized = torch.where(x > 0, torch.ones_like(x) * layer.codebook_scale,
+                                -torch.ones_like(x) * layer.codebook_scale)
+        indices = ((quantized > 0).int() * layer.mask.int()).sum(dim=-1)
+        quantized = layer.maybe_l2norm(quantized)
+        if layer.training:
+            x = layer.activation(x)
+            x = x + (quantized - x).detach()
+        else:
+            x = quantized
+
+        if layer.training:
+            per_sample_entropy, codebook_entropy = entropy_terms(
+                layer, original_input, mask, inv_temperature, backend=backend,
+                exact_masked_batch_entropy=exact_masked_batch_entropy)
+            dtype = original_input.dtype
+            per_sample_entropy, codebook_entropy = per_sample_entropy.to(dtype), codebook_entropy.to(dtype)
+            entropy_aux_loss = per_sample_entropy - layer.diversity_gamma * codebook_entropy
+            if layer.experimental_softplus_entropy_loss:
+                entropy_aux_loss = F.softplus(entropy_aux_loss + layer.entropy_loss_offset)
+        else:
+            entropy_aux_loss = per_sample_entropy = codebook_entropy = layer.zero
+
+        if layer.training and layer.commitment_loss_weight > 0.0:
+            commit_loss = F.mse_loss(original_input, quantized.detach(), reduction="none")
+            if mask is not None:
+                commit_loss = commit_loss[mask]
+            commit_loss = commit_loss.mean()
+        else:
+            commit_loss = layer.zero
+        if force_f32:
+            x = x.type(orig_dtype)
+
+    if layer.orthogonal_rotation:
+        x = x @ layer.orthogonal_rot.t()
+    x = layer.project_out(x.flatten(-2))
+    if should_transpose:
+        x = from_rows(x, spatial)
+        indices = from_rows(indices, spatial).movedim(1, -1)
+    if not layer.keep_num_codebooks_dim:
+        indices = indices.squeeze(-1)
+    aux_loss = entropy_aux_loss * layer.entropy_loss_weight + commit_loss * layer.commitment_loss_weight
+    ret = Return(x, indices, aux_loss)
+    if not return_loss_breakdown:
+        return ret
+    return ret, LossBreakdown(per_sample_entropy, codebook_entropy, commit_loss)

@@ -28,10 +28,10 @@ from torch import nn
 
 from .. import backends
 
-# One file per library; each registers its adapters when imported. None of them imports
+# One file per library (two modules of one library may take one each); each registers its adapters when imported. None of them imports
 # the library it serves.
-_ADAPTER_MODULES = ("diffusers", "taming", "transformers_image", "vector_quantize", "encodec", "moshi", "dac",
-                   "transformers_audio")
+_ADAPTER_MODULES = ("diffusers", "taming", "transformers_image", "vector_quantize", "vector_quantize_lfq", "encodec",
+                   "moshi", "dac", "transformers_audio")
 
 _STATE = "_vqkern_patch"
 
