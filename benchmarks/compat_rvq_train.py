@@ -92,9 +92,10 @@ def worker(kind: str, steps: int, batch: int, out: str) -> None:
 
 
 def provenance(command: str) -> dict:
+    from importlib.metadata import version
+
     import torch
     import vector_quantize_pytorch  # noqa: F401
-    from importlib.metadata import version
 
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")

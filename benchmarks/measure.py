@@ -30,7 +30,8 @@ import time
 import torch
 
 # The CPU's model and the CPU kernel path, as `python -m vqkern.check` records them.
-from vqkern.check.env import cpu_kernel_path, cpu_model as cpu_name  # noqa: F401
+from vqkern.check.env import cpu_kernel_path
+from vqkern.check.env import cpu_model as cpu_name
 
 CPU_MEM_METHOD = "rss-hwm-delta (clear_refs=5, malloc_trim, VmHWM - VmRSS before)"
 CUDA_MEM_METHOD = "torch.cuda.max_memory_allocated delta"

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

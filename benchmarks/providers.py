@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -281,7 +281,7 @@ def _faiss_build(case, data, pass_):
 
     codebook = data["codebook"]
     if case.device.type == "cuda":
-        import faiss.contrib.torch_utils  # noqa: F401  (lets GPU indexes take torch tensors)
+        import faiss.contrib.torch_utils  # lets GPU indexes take torch tensors
         index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), case.d)
         index.add(codebook)
         zs = data["zs"]

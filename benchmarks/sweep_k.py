@@ -269,7 +269,7 @@ def write_report(records: list[dict], out: Path, tag: str, prov: dict, args) -> 
                      f"| {r['test_recon']:.5f} | {r['eval_images']} |")
     keys = ("device", "threads_per_run", "jobs", "nice", "torch", "triton", "python", "git_commit", "started",
             "finished", "command", "load_average")
-    head = [f"# Stage 1 on Fashion-MNIST against codebook size K: vqkern and vector-quantize-pytorch", "",
+    head = ["# Stage 1 on Fashion-MNIST against codebook size K: vqkern and vector-quantize-pytorch", "",
             "Written by `python -m benchmarks.sweep_k` (the recipe and the peer's configuration: the module "
             "docstring of benchmarks/sweep_k.py). Every run: one thread, its own process.", ""]
     head += [f"- {k}: `{prov.get(k)}`" for k in keys if k in prov] + [""]

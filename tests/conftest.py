@@ -9,10 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import vqkern  # noqa: E402
-from vqkern import backends  # noqa: E402
+from vqkern import backends
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

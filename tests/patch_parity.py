@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqkern
+
 from helpers import RANK_RTOL, assert_nearest, exact_distances
 
 

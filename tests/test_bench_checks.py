@@ -12,7 +12,6 @@ All on CPU with tiny shapes, a few seconds each.
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch

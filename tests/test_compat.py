@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import vqkern
 from vqkern.compat import ResidualVQ, VectorQuantize
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
@@ -428,7 +427,6 @@ def test_torch_compile_ema_training():
 
 def test_top_level_exports():
     # The README's one-line switch imports from vqkern itself.
-    import vqkern
     import vqkern.compat
     from vqkern.kmeans import kmeans as kmeans_fn
 

@@ -3,8 +3,9 @@ dtype), gradients, buffers and state_dict, residual and grouped stacks, quantize
 import pytest
 import torch
 
-from test_compat_lfq import make_pair as make_lfq_pair
 from vqkern.compat import FSQ, GroupedResidualFSQ, ResidualFSQ
+
+from test_compat_lfq import make_pair as make_lfq_pair
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 

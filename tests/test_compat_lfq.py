@@ -236,8 +236,9 @@ def _distributed_worker(rank, port, path):
 
     import torch.distributed as dist
 
-    from test_distributed import WORLD
     from vqkern.lfq_entropy import lfq_entropy
+
+    from test_distributed import WORLD
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
@@ -256,9 +257,9 @@ def test_batch_entropy_is_the_entropy_of_the_mean_over_ranks(tmp_path):
     """2 gloo ranks: the batch entropy is that of the mean over ranks of their average
     distributions, the same on every rank. vector-quantize-pytorch 1.32 means this, but
     its all-reduce's result is discarded: it takes each rank's own average divided by 2."""
-    from test_distributed import run_ranks
-
     from vqkern.compat.lfq import entropy_of
+
+    from test_distributed import run_ranks
 
     results = run_ranks(_distributed_worker, str(tmp_path))
     mean = (results[0]["local_avg"] + results[1]["local_avg"]) / 2

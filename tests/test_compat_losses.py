@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_compat import DIM, K, assert_states_close, make_input, make_pair
-from test_compat_options import assert_steps_match, random_mask, step
 from vqkern.compat import VectorQuantize
 from vqkern.compat.losses import code_cross_entropy
+
+from test_compat import DIM, K, assert_states_close, make_input, make_pair
+from test_compat_options import assert_steps_match, random_mask, step
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 

@@ -5,8 +5,9 @@ from the same initial state and inputs; deterministic options exactly."""
 import pytest
 import torch
 
-from test_compat import DIM, K, assert_states_close, make_input, make_pair
 from vqkern.compat import GroupedResidualVQ, ResidualVQ, VectorQuantize
+
+from test_compat import DIM, K, assert_states_close, make_input, make_pair
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import vqkern
-
 from vqkern.compat import ResidualVQ, VectorQuantize
 from vqkern.compat.sampling import gumbel_sample_codes
 

@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import assert_nearest
 
 import vqkern
 from vqkern.backends import torch_
+
+from helpers import assert_nearest
 
 THREADS = torch.get_num_threads()
 

@@ -20,6 +20,7 @@ from vqkern.backends import cuda as cuda_backend
 
 from helpers import assert_nearest, exact_distances
 
+
 def _cuda_backend_ok() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "needs a CUDA device"

@@ -23,10 +23,18 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # also when this file is collected without conftest.py
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vqkern import backends  # noqa: E402
-from vqkern.backends import torch_  # noqa: E402
-from vqkern.check.fuzz import (  # noqa: E402
-    DTYPES, SHORT, describe, draw_case, draw_rows_per_code_case, loss_formula, make_tensors, run_case)
+from vqkern import backends
+from vqkern.backends import torch_
+from vqkern.check.fuzz import (
+    DTYPES,
+    SHORT,
+    describe,
+    draw_case,
+    draw_rows_per_code_case,
+    loss_formula,
+    make_tensors,
+    run_case,
+)
 
 pytestmark = [
     # The interpreter turns runtime loop bounds into 1-element arrays and numpy warns;

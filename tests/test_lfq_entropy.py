@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import vqkern
 from vqkern import backends
 from vqkern.backends import lfq_torch
 from vqkern.backends.torch_ import _active_cpu_ext

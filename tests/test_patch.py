@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import vqkern
+from vqkern import integrations
+
 from conftest import backend_params
 from patch_parity import assert_state_dicts_equal, compare_training, patched_copy, tensor_objects
-from vqkern import integrations
 
 vqp = pytest.importorskip("vector_quantize_pytorch",
                           reason="vector-quantize-pytorch is installed by requirements-test.txt")

@@ -25,6 +25,7 @@ def _worker(rank, port, path):
                             timeout=datetime.timedelta(seconds=60))
     try:
         import vqkern
+
         from patch_audio_helpers import train
         from test_patch_encodec_moshi import call_encodec, call_moshi, encodec_rvq, moshi_rvq
 

@@ -6,10 +6,18 @@ import pytest
 import torch
 
 import vqkern
-from helpers import RANK_RTOL, assert_nearest
-from patch_audio_helpers import (LargestTensor, assert_same_searches, check_mechanics, library, one_thread,  # noqa: F401
-                                 patched_copy, train_parity)
 from vqkern.integrations.dac import latent_rows
+
+from helpers import RANK_RTOL, assert_nearest
+from patch_audio_helpers import (  # noqa: F401
+    LargestTensor,
+    assert_same_searches,
+    check_mechanics,
+    library,
+    one_thread,
+    patched_copy,
+    train_parity,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers", reason="transformers is installed by requirements-test.txt")

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 import vqkern
-from patch_parity import (assert_codes_agree, assert_no_rows_by_codes, assert_state_dicts_equal, compare_training,
-                          patched_copy, tensor_objects, train_models_alike)
+
+from patch_parity import (
+    assert_codes_agree,
+    assert_no_rows_by_codes,
+    assert_state_dicts_equal,
+    compare_training,
+    patched_copy,
+    tensor_objects,
+    train_models_alike,
+)
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is installed by requirements-test.txt")
 from diffusers import VQModel  # noqa: E402

@@ -7,9 +7,19 @@ import pytest
 import torch
 
 import vqkern
+
 from helpers import assert_nearest
-from patch_audio_helpers import (LargestTensor, assert_same_searches, assert_same_training, check_mechanics, library,
-                                 one_thread, patched_copy, train, train_parity)  # noqa: F401 (a fixture)
+from patch_audio_helpers import (
+    LargestTensor,
+    assert_same_searches,
+    assert_same_training,
+    check_mechanics,
+    library,
+    one_thread,  # noqa: F401 (a fixture)
+    patched_copy,
+    train,
+    train_parity,
+)
 
 STEPS = 4
 pytestmark = pytest.mark.usefixtures("one_thread")

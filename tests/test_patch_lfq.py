@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import vqkern
+
 from patch_parity import assert_state_dicts_equal, grad_within_twice, patched_copy, tensor_objects
 
 vqp = pytest.importorskip("vector_quantize_pytorch",

@@ -5,8 +5,15 @@ import torch
 import torch.nn.functional as F
 
 import vqkern
-from patch_parity import (assert_codes_agree, assert_no_rows_by_codes, compare_training, patched_copy, tensor_objects,
-                          train_models_alike)
+
+from patch_parity import (
+    assert_codes_agree,
+    assert_no_rows_by_codes,
+    compare_training,
+    patched_copy,
+    tensor_objects,
+    train_models_alike,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers is installed by requirements-test.txt")
 from transformers import ChameleonVQVAEConfig, Emu3VQVAEConfig, JanusVQVAEConfig  # noqa: E402

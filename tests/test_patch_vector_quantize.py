@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vqkern
+
 from patch_parity import assert_state_dicts_equal, largest_tensor, patched_copy, tensor_objects
 
 vqp = pytest.importorskip("vector_quantize_pytorch",

@@ -23,10 +23,10 @@ import torch
 
 import vqkern
 from vqkern import backends
+from vqkern.check.policy import GRAD_FLOOR_ULPS
 
 from helpers import assert_nearest, exact_distances
 from test_fuzz import TARGETS
-from vqkern.check.policy import GRAD_FLOOR_ULPS
 from test_fuzz import _target as fuzz_target
 
 

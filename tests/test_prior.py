@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from test_train import _one_thread, tiny_config, write_idx  # noqa: F401 (_one_thread: an autouse fixture)
 from vqkern.train import data as data_mod
 from vqkern.train.cli import main
 from vqkern.train.data import FASHION_MNIST_CLASSES
@@ -19,6 +18,8 @@ from vqkern.train.prior import GatedPixelCNN, TransformerPrior, draw
 from vqkern.train.stage1 import train_vqvae
 from vqkern.train.stage2 import PriorConfig, resolve_prior, sample_images, train_prior
 from vqkern.train.text import Vocabulary
+
+from test_train import _one_thread, tiny_config, write_idx  # noqa: F401 (_one_thread: an autouse fixture)
 
 CLASSES = ("wide box", "tall box", "dot")
 

@@ -125,6 +125,7 @@ def test_gpu_plans_follow_each_backend_s_own_split_rule(name, monkeypatch):
     # No GPU here: the plans for a 132-SM GPU, judged by the split rules the launchers use.
     import importlib
     from types import SimpleNamespace
+
     from vqkern.backends import cuda
 
     triton_search = importlib.import_module("vqkern.backends.triton.search")  # the package exports a search()

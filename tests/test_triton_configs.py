@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from helpers import assert_nearest
+
 # The Triton kernel tests' set-up: the interpreter on CPU, the skip without Triton, the
 # poisoned outputs (only these names: importing a test would collect it twice).
 from test_triton_kernels import _OK, DEVICE, _poisoned, pytestmark  # noqa: F401

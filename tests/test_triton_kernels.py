@@ -14,11 +14,11 @@ import torch
 if not torch.cuda.is_available():  # also when this file is collected without conftest.py
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import vqkern  # noqa: E402
-from vqkern import backends  # noqa: E402
-from vqkern.backends._frame import frame_centre  # noqa: E402
+import vqkern
+from vqkern import backends
+from vqkern.backends._frame import frame_centre
 
-from helpers import assert_nearest, dist_rtol, exact_distances  # noqa: E402
+from helpers import assert_nearest, dist_rtol
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _OK, _WHY = backends.availability("triton", DEVICE)

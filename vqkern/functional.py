@@ -38,7 +38,7 @@ def check_inputs(z, codebook, metric: str = "l2") -> None:
     _check_float("z", z)
     _check_float("codebook", codebook)
     if z.dim() < 1:
-        raise ValueError(f"z must have shape (..., D) with at least 1 dimension, got a 0-d tensor")
+        raise ValueError("z must have shape (..., D) with at least 1 dimension, got a 0-d tensor")
     if codebook.dim() != 2:
         raise ValueError(f"codebook must have shape (K, D), got {tuple(codebook.shape)}")
     if codebook.shape[0] < 1:

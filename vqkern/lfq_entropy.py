@@ -25,8 +25,7 @@ and ``lfq_entropy_backward`` are the registered ops (fake kernels and autograd b
 """
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,7 +67,7 @@ def _(x, scale, eps, backend):
 
 
 @torch.library.custom_op("vqkern::lfq_entropy_backward", mutates_args=())
-def lfq_entropy_backward_op(x: Tensor, grad_entropy: Optional[Tensor], grad_prob_sum: Optional[Tensor],
+def lfq_entropy_backward_op(x: Tensor, grad_entropy: Tensor | None, grad_prob_sum: Tensor | None,
                             scale: float, eps: float, backend: str) -> Tensor:
     """grad_x fp32 (N, C, d) from the gradients of entropy (N, C) and prob_sum (C, 2^d) (None: zero)."""
     grad_x = torch.empty_like(x)

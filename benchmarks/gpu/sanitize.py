@@ -35,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from anywhere: the repo's vqkern first
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (z dtype, codebook dtype): fp32 FMA path, both tensor-core dtypes, mixed dtypes.

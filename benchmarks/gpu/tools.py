@@ -47,8 +47,8 @@ def _norm(name: str) -> str:
 def check_site(site: str | None) -> int:
     """Every Requires-Dist (no extras) of the wheels installed in SITE is met on sys.path; the
     peers import (without SITE: only the imports, from this environment)."""
-    from importlib import metadata
     import importlib.util
+    from importlib import metadata
 
     from packaging.requirements import Requirement
 

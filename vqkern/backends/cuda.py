@@ -63,7 +63,7 @@ def availability(device: torch.device) -> tuple[bool, str]:
     return True, f"vqkern._C loaded (CUDA runtime {_ext.CUDA_VERSION}; {detail})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(index: int) -> tuple[bool, str]:
     # Once per device: a binary without an image for this GPU, or a driver older than
     # the toolkit that built it, shows here rather than at the first launch.
@@ -102,7 +102,7 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

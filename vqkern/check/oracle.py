@@ -15,8 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .policy import (COS_RANK_ATOL, GRAD_FACTOR, GRAD_FLOOR_ULPS, RANK_RTOL, U32, dist_rtol, exact_distances,
-                     rank_scale)
+from .policy import COS_RANK_ATOL, GRAD_FACTOR, GRAD_FLOOR_ULPS, RANK_RTOL, U32, dist_rtol, exact_distances, rank_scale
 
 
 class Findings:
@@ -35,7 +34,7 @@ class Findings:
         if not value <= self.figures.get(name, -math.inf):  # NaN counts as worst
             self.figures[name] = value
 
-    def under(self, op: str) -> "Findings":
+    def under(self, op: str) -> Findings:
         """The same findings, with the failures reported from here on named "<op> <check>"."""
         return Findings(self.fails, self.figures, f"{self.prefix}{op} ")
 

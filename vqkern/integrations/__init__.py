@@ -20,8 +20,9 @@ import importlib
 import inspect
 import types
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -155,7 +156,7 @@ def patch_data(layer: nn.Module) -> Any:
     return layer.__dict__[_STATE].data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source_digest(obj) -> str | None:
     """SHA-256 of the source text of a class, function or module (None when Python cannot
     read it). Adapters compare it with the source they were written against, so that a

@@ -10,7 +10,6 @@ buffers are as the library does them.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import _common, register

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterable
 from types import ModuleType
-from typing import Iterable
 
 
 def import_module(name: str, *, skip_init: Iterable[str]) -> ModuleType:

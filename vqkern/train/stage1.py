@@ -22,7 +22,6 @@ from . import outputs
 from .data import load_data
 from .model import VQVAE, make_quantizer
 
-
 # The codebook recipes of ``--codebook``: "loss" is the paper's codebook trained by its
 # loss term, "ema" the paper's EMA variant, "simvq" the reparameterized codebook of
 # SimVQ. Each one's dead-code threshold when none is given.

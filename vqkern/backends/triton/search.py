@@ -258,7 +258,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -288,7 +288,7 @@ def _pinned_config():
     return SEARCH_CONFIGS[int(value)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned_search_kernel():
     # The split count is a run-time argument (a new N never recompiles); only whether
     # the kernel writes partials or runs the epilogue is compiled in.
