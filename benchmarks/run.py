@@ -258,7 +258,10 @@ def run_case(case, pass_, providers, args, rates, common, bar, refs=None) -> lis
                 if not verdict["ok"]:
                     rec.update(status="wrong", reason=verdict["summary"])
                     continue
-            del held, first
+            # Free the warm-up outputs before the timing (emptied and rebound rather than
+            # deleted: the warm-up lambda above reads both names).
+            held.clear()
+            first = None
             if device.type == "cpu":
                 # Short calls are timed in bursts of back-to-back calls (per-call mean), so that
                 # what the previous provider left behind (cache contents, thread pools winding
@@ -292,7 +295,6 @@ def run_case(case, pass_, providers, args, rates, common, bar, refs=None) -> lis
         bar.update(1)
         if rec["status"] in ("skipped", "oom", "error"):
             bar.write(f"  {rec['provider']:<18} {pass_:<8} {case.n}x{case.k}x{case.d} {rec['status']}: {rec['reason']}")
-    del live, data
     return records
 
 
