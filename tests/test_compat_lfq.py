@@ -178,6 +178,8 @@ def test_grouped_residual_lfq_matches():
     ref.eval(), ours.eval()
     (q1, i1, l1), (q2, i2, l2) = ref(x), ours(x)
     assert torch.equal(i1, i2) and i2.shape == (2, 3, 10, 3) and torch.equal(q1, q2)
+    # Evaluation: no auxiliary loss, one zero per (group, quantizer) in both libraries.
+    assert l1.dtype == l2.dtype and l2.shape == (2, 3) and torch.equal(l1, l2) and not l2.any()
     torch.testing.assert_close(ours.get_output_from_indices(i2), ref.get_output_from_indices(i1))
 
 
