@@ -201,7 +201,7 @@ def recompute(paths: list[str], extra: list[str], argv) -> int:
     best = _best(files, extra)
     note = {"date": datetime.date.today().isoformat(), "command": "python -m benchmarks.floors " + shlex.join(argv),
             "why": WHY, "rates": {f"{k[0]} {k[1]}": v for k, v in sorted(best.items())}}
-    for path, (name, data) in zip(paths, files.items()):
+    for path, data in zip(paths, files.values()):
         stem = Path(path).with_suffix("")
         if "square_mm_gflops_1thread" in data["meta"]:
             _recompute_1thread(data, best, note)

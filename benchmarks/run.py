@@ -288,7 +288,7 @@ def run_case(case, pass_, providers, args, rates, common, bar, refs=None) -> lis
             except Exception as exc:
                 rec.update(status="oom" if _is_oom(exc) else "error", reason=f"{type(exc).__name__}: {exc}"[:300])
                 del live[name]
-    for fn, rec, samples in live.values():
+    for _fn, rec, samples in live.values():
         rec.update(measure.summarize(samples))
         rec["floor_fraction"] = floor / rec["median_ms"] if rec["median_ms"] > 0 else None
     for rec in records:

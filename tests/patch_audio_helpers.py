@@ -63,7 +63,7 @@ def check_mechanics(model: torch.nn.Module, expected: dict):
     every buffer and parameter is the same tensor
     object and the state dict the same keys and values; a second patch changes nothing;
     unpatch leaves every method the class's own; patched again, it is served again."""
-    before = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    before = dict(model.state_dict(keep_vars=True))
     snapshot = {k: v.detach().clone() for k, v in before.items()}
     text, classes = repr(model), [type(m) for m in model.modules()]
     assert vqkern.patch(model) == expected

@@ -189,7 +189,7 @@ def test_recompute_puts_the_fastest_recorded_floor_under_every_table(tmp_path):
     for _ in range(2):  # a second run changes nothing: the maxima come from the in-run rates
         assert floors.recompute([str(p) for p in paths], [], ["recompute"]) == 0
         done = {p.stem: json.loads(p.read_text()) for p in paths}
-        for name, data in done.items():
+        for data in done.values():
             rec, meta = data["records"][0], data["meta"]
             assert meta["floor_rates"]["bf16"]["matmul_flops"] == 4e9 and rec["bandwidth_bytes"] == 2e9
             assert "fast.json" in meta["floor_rates"]["bf16"]["source"] and meta["floor_correction"]["why"]

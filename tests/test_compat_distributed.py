@@ -35,7 +35,7 @@ def _worker(rank, port, path):
         grvq = GroupedResidualVQ(dim=8, groups=2, num_quantizers=4, codebook_size=16, quantize_dropout=True,
                                  sync_codebook=False)
         kept, kept_grouped, counts = [], [], []
-        for step in range(STEPS):
+        for _ in range(STEPS):
             x = torch.randn(2, 5, 8)
             kept.append((rvq(x)[1][0, 0] >= 0).sum().item())
             kept_grouped.append((grvq(x)[1][:, 0, 0] >= 0).sum(-1).tolist())

@@ -181,7 +181,7 @@ def test_a_failed_call_changes_nothing():
 def test_every_backend_trains_alike(backend):
     torch.manual_seed(0)
     layer = taming.VectorQuantizer2(K, D, 0.25, legacy=False)
-    compare_training(layer, shape=(2, D, 3, 3), call=lambda m, z: (lambda q, l, i: (q, l, i[2]))(*m(z)),
+    compare_training(layer, shape=(2, D, 3, 3), call=lambda m, z: (lambda q, loss, i: (q, loss, i[2]))(*m(z)),
                      search_space=lambda m, z: (z.movedim(1, -1).reshape(-1, D), m.embedding.weight),
                      scale=0.05, steps=2, backend=backend)
     twin, _ = patched_copy(layer, backend=backend)

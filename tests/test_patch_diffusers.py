@@ -152,7 +152,7 @@ def test_torch_compile_fullgraph():
         module.zero_grad()
     zz = [z.clone().requires_grad_() for _ in range(2)]
     outs = [layer(zz[0]), compiled(zz[1])]
-    for (q, loss, _), zg in zip(outs, zz):
+    for q, loss, _ in outs:
         (q.square().sum() + loss).backward()
     assert torch.equal(outs[1][2][2], outs[0][2][2])
     torch.testing.assert_close(outs[1][0], outs[0][0])

@@ -224,7 +224,10 @@ def test_resume_equals_uninterrupted(labelled_vqvae, tmp_path, kind):
     a = torch.load(tmp_path / "whole" / f"prior-{kind}.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "split" / f"prior-{kind}.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "step_s"} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "step_s"} for r in rs]
+
     assert strip(read_jsonl(tmp_path / "split" / f"prior-{kind}.jsonl")) == \
         strip(read_jsonl(tmp_path / "whole" / f"prior-{kind}.jsonl"))
 

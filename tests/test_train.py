@@ -197,7 +197,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     resumed = train_vqvae(tiny_config(tmp_path, "split", steps=10, **kw), resume=True, progress=False)
     for key in ("test_recon", "test_perplexity", "codes_used", "final_loss"):
         assert resumed[key] == whole[key], key
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("images_per_s", "step_s")} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ("images_per_s", "step_s")} for r in rs]
+
     assert strip(read_jsonl(tmp_path / "split" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
 
 
@@ -259,7 +262,9 @@ def test_default_recipe_and_the_papers_codebook_one_flag_away():
     from vqkern.train.cli import _vqvae_config, build_parser
     from vqkern.train.stage1 import DEAD_CODE_DEFAULT, DEFAULT_CODEBOOK
 
-    parse = lambda *a: _vqvae_config(build_parser().parse_args(["vqvae", *a]))
+    def parse(*a):
+        return _vqvae_config(build_parser().parse_args(["vqvae", *a]))
+
     default = parse()
     assert default.codebook == DEFAULT_CODEBOOK and default.dead_code_threshold == DEAD_CODE_DEFAULT[DEFAULT_CODEBOOK]
     plain = parse("--codebook", "loss")

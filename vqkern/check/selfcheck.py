@@ -418,7 +418,9 @@ def run_battery(name: str, device, z_dtype, codebook_dtype, metric: str) -> Verd
     # what the kernels compute.
     with warnings.catch_warnings(), torch.no_grad(), _no_autocast(device), oracle_threads():
         warnings.simplefilter("ignore")
-        for done, case in enumerate(cases, 1):
+        done = 0
+        for case in cases:
+            done += 1
             findings = Findings()
             try:
                 _run_case(module, case, device, z_dtype, codebook_dtype, metric, findings)

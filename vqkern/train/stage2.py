@@ -80,7 +80,10 @@ def labeled_splits(vcfg: VQVAEConfig):
     s = load_data(vcfg.data, seed=vcfg.seed)
     n_train = vcfg.train_images if vcfg.train_images > 0 else len(s.train)
     n_test = vcfg.eval_images if vcfg.eval_images > 0 else len(s.test)
-    cut = lambda a, n: None if a is None else a[:n]
+
+    def cut(a, n):
+        return None if a is None else a[:n]
+
     return (s.train[:n_train], s.test[:n_test], cut(s.train_labels, n_train), cut(s.test_labels, n_test), s.classes)
 
 
