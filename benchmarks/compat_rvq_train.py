@@ -124,7 +124,8 @@ def main() -> None:
     stem = out / f"{datetime.date.today().isoformat()}-compat-rvq-fashion-mnist"
     encoder, rvq, decoder = build("vqpt")
     init = str(stem) + ".tmp"
-    torch.save(dict(encoder=encoder.state_dict(), rvq=rvq.state_dict(), decoder=decoder.state_dict()), init + ".init.pt")
+    torch.save(dict(encoder=encoder.state_dict(), rvq=rvq.state_dict(), decoder=decoder.state_dict()),
+               init + ".init.pt")
     results = {}
     for kind in ("vqpt", "vqkern"):
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -141,8 +142,8 @@ def main() -> None:
                              final_loss_mean_last_20=statistics.mean(x["loss"] for x in r["records"][-20:]))
     summary["same_dropout_depths"] = all(a["layers"] == b["layers"] for a, b in
                                          zip(results["vqpt"]["records"], results["vqkern"]["records"]))
-    Path(str(stem) + ".json").write_text(json.dumps(dict(summary=summary, steps={k: v["records"] for k, v in results.items()}),
-                                                    indent=1) + "\n")
+    steps = {k: v["records"] for k, v in results.items()}
+    Path(str(stem) + ".json").write_text(json.dumps(dict(summary=summary, steps=steps), indent=1) + "\n")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -167,14 +168,16 @@ def main() -> None:
              f"Command: `{command}`", "",
              f"Machine: {p['cpu']}, {p['threads']} thread; torch {p['torch']}, vector-quantize-pytorch "
              f"{p['vector_quantize_pytorch']}; commit {p['commit']}.", "",
-             f"Model: conv encoder (28 x 28 -> 7 x 7 x 64), `ResidualVQ({', '.join(f'{k}={v}' for k, v in RVQ.items())})`, "
+             "Model: conv encoder (28 x 28 -> 7 x 7 x 64), "
+             f"`ResidualVQ({', '.join(f'{k}={v}' for k, v in RVQ.items())})`, "
              f"conv decoder; Adam 1e-3, {args.steps} steps of {args.batch_size} images, the same initial weights "
              "and batches, `torch.manual_seed(1000 + step)` before each step (the same quantize-dropout depth in "
              f"both runs: {summary['same_dropout_depths']}). The stochastic codes are drawn differently "
              "(upstream: Gumbel noise on the full N x K matrix; vqkern: tile by tile), so the curves agree in "
              "distribution, not step by step. Each run in its own process; peak memory is that process's peak "
              "resident set.", "",
-             "| quantizer | median ms/step | peak RSS MiB | held-out MSE (2000 images) | codes used per layer | loss, mean of last 20 steps |",
+             "| quantizer | median ms/step | peak RSS MiB | held-out MSE (2000 images) | codes used per layer "
+             "| loss, mean of last 20 steps |",
              "| --- | ---: | ---: | ---: | --- | ---: |"]
     for kind in ("vqpt", "vqkern"):
         s = summary[kind]

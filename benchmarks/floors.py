@@ -158,7 +158,8 @@ def _recompute_sweep(data: dict, best: dict, note: dict) -> None:
         corrected[dt] = {"matmul_flops": mm["value"], "matmul_method": mm["method"] or "see source",
                          "matmul_shape": mm["shape"] or r["matmul_shape"], "bandwidth_bytes": copy["value"],
                          "copy_bytes": r.get("copy_bytes"),
-                         "source": f"the fastest recorded on this machine: matmul {mm['source']}, copy {copy['source']}"}
+                         "source": f"the fastest recorded on this machine: matmul {mm['source']}, "
+                                   f"copy {copy['source']}"}
     meta["floor_rates"] = corrected
     for rec in data["records"]:
         if rec.get("floor_ms") is None or "flops" not in rec:
@@ -216,7 +217,8 @@ def recompute(paths: list[str], extra: list[str], argv) -> int:
         Path(path).write_text(json.dumps(data, indent=1))
         print(f"{path}: recomputed")
     for key, b in sorted(best.items()):
-        print(f"  {key[0]} {key[1]}: {b['value'] / 1e9:.1f} G{'B' if key[1] == 'copy' else 'FLOP'}/s from {b['source']}")
+        unit = "B" if key[1] == "copy" else "FLOP"
+        print(f"  {key[0]} {key[1]}: {b['value'] / 1e9:.1f} G{unit}/s from {b['source']}")
     return 0
 
 

@@ -155,8 +155,8 @@ def train(args):
                              test_perplexity_layer0=perplexity(codes[0]),
                              median_step_ms=float(np.median([r["ms"] for r in records[name][5:]])),
                              peak_step_mib=peak / 2**20 if peak is not None else None)
-    return dict(patched_layers=patched, steps_done=len(records["encodec"]), train_segments=len(train_set), test_segments=len(test_set),
-                summary=summary, records=records)
+    return dict(patched_layers=patched, steps_done=len(records["encodec"]), train_segments=len(train_set),
+                test_segments=len(test_set), summary=summary, records=records)
 
 
 def write(result, args):
@@ -165,8 +165,9 @@ def write(result, args):
     prov = measure.provenance(torch.device("cpu"))
     prov["command"] = "python -m benchmarks.patch_audio_train " + " ".join(sys.argv[1:])
     result["provenance"] = prov
-    result["config"] = dict(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr, segment_s=1.0,
-                            sample_rate=SAMPLE_RATE, voices=VOICES, speeds=SPEEDS, sentences=len(SENTENCES))
+    result["config"] = dict(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
+                            segment_s=1.0, sample_rate=SAMPLE_RATE, voices=VOICES, speeds=SPEEDS,
+                            sentences=len(SENTENCES))
     Path(f"{stem}.json").write_text(json.dumps(result))
     import matplotlib
     matplotlib.use("Agg")
@@ -189,7 +190,8 @@ def write(result, args):
               f"{prov['git_commit']}, {prov['date']}, load average {prov['load_average']}.", "",
               f"{result['train_segments']} training and {result['test_segments']} held-out 1 s segments of espeak-ng "
               f"speech ({len(SENTENCES)} sentences x {len(VOICES)} voices x {len(SPEEDS)} speeds, 22.05 kHz); "
-              f"{result['steps_done']} steps (of {args.steps} asked) of batch {args.batch_size}, Adam {args.lr}; patched layers: "
+              f"{result['steps_done']} steps (of {args.steps} asked) of batch {args.batch_size}, Adam {args.lr}; "
+              "patched layers: "
               f"{len(result['patched_layers'])} EuclideanCodebook.", "",
               "| quantizer | held-out L1 | held-out spectral | held-out perplexity (layer 0) | median step ms "
               "| peak step MiB |", "| --- | --- | --- | --- | --- | --- |"]

@@ -121,7 +121,8 @@ def plots(records: list[dict], stem: str) -> list[str]:
                 ys = [y / 2**20 if metric == "peak_mem_bytes" else y for _, y in pts]
                 ax.plot([k for k, _ in pts], ys, marker="o", label=name,
                         linewidth=2.5 if name.startswith("vqkern") else 1.2)
-            ax.set(xscale="log", yscale="log", xlabel="K (codes)", ylabel=label, title=f"{pass_}, N={n}, D={d}, {dtype}")
+            ax.set(xscale="log", yscale="log", xlabel="K (codes)", ylabel=label,
+                   title=f"{pass_}, N={n}, D={d}, {dtype}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()

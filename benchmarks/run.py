@@ -63,7 +63,8 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--passes", default=None, help="comma list of forward,backward,train (default: all; quick: forward,train)")
+    p.add_argument("--passes", default=None,
+                   help="comma list of forward,backward,train (default: all; quick: forward,train)")
     p.add_argument("--shapes", type=parse_shapes, default=None, help="'N,K,D;N,K,D' (default: the device's set)")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32,bf16)")
     p.add_argument("--providers", default=None, help=f"comma list from {','.join(PROVIDERS)} (default: all)")

@@ -254,7 +254,8 @@ def write_report(records: list[dict], out: Path, tag: str, prov: dict, args) -> 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.json").write_text(json.dumps({"provenance": prov, "runs": records}, indent=1) + "\n")
     lines = ["| library | K | steps | ms/step | quantizer fwd+bwd ms | quantizer peak MiB | codes used | % of K "
-             "| test perplexity | held-out MSE | test images |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| test perplexity | held-out MSE | test images |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(records, key=lambda r: (r["K"], r["library"])):
         if "ms_per_step" not in r:  # out of memory, out of time, or failed: nothing measured
             lines.append(f"| {r['library']} | {r['K']} | {r['steps']} | {r['status']} | | | | | | | |")
@@ -287,8 +288,10 @@ def plot(records: list[dict], out: Path, tag: str) -> None:
     measured = [{**r, "quantizer_peak_mib": (r["quantizer_peak_bytes"] or 0) / 2**20}
                 for r in records if "ms_per_step" in r]
     measured_runs = {(r["library"], r["K"]) for r in measured}
-    panels = [("quality", (("test_recon", "held-out reconstruction MSE"), ("codes_used_pct", "codes used on the test set (% of K)"))),
-              ("cost", (("ms_per_step", "training step (ms)"), ("quantizer_peak_mib", "quantizer peak extra memory (MiB)")))]
+    panels = [("quality", (("test_recon", "held-out reconstruction MSE"),
+                           ("codes_used_pct", "codes used on the test set (% of K)"))),
+              ("cost", (("ms_per_step", "training step (ms)"),
+                        ("quantizer_peak_mib", "quantizer peak extra memory (MiB)")))]
     main_steps = max((r["steps"] for r in records), default=0)  # the study's length; shorter runs apart
     for name, keys in panels:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

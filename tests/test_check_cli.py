@@ -32,7 +32,8 @@ def test_check_passes_on_this_machine(tmp_path):
         assert column in lines[header]
     rows = [line.split() for line in lines[header + 1:header + 3]]
     assert [(r[0], r[1], r[-9], r[-8], r[-7], r[-6], r[-5], r[-4]) for r in rows] == [
-        ("torch", "cpu", "fp32", "fp32", "l2", "pass", "2", "0"), ("torch", "cpu", "fp32", "fp32", "cosine", "pass", "2", "0")]
+        ("torch", "cpu", "fp32", "fp32", "l2", "pass", "2", "0"),
+        ("torch", "cpu", "fp32", "fp32", "cosine", "pass", "2", "0")]
     assert lines[-1].startswith("vqkern.check: PASS: 2 rows, 4 fuzz cases")
     record = json.loads((tmp_path / "check.json").read_text())
     assert record["verdict"] == "pass" and record["command"].startswith("python -m vqkern.check --backend torch")

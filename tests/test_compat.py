@@ -235,8 +235,8 @@ RVQ_SUPPORTED = ("dim", "num_quantizers", "codebook_size", "codebook_dim", "head
                  "quantize_dropout_multiple_of", "quant_grad_frac", "return_zeros_for_masked_padding", "diveq",
                  "beam_size", "eval_beam_size", "beam_score_quantizer_weights", "implicit_neural_codebook",
                  "mlp_kwargs")
-FORWARD_SUPPORTED = ("x", "return_loss_breakdown", "indices", "mask", "topk", "codebook_transform_fn", "lens", "sample_codebook_temp", "freeze_codebook",
-                     "ema_update_weight", "accum_ema_update", "ema_update")
+FORWARD_SUPPORTED = ("x", "return_loss_breakdown", "indices", "mask", "topk", "codebook_transform_fn", "lens",
+                     "sample_codebook_temp", "freeze_codebook", "ema_update_weight", "accum_ema_update", "ema_update")
 RVQ_FORWARD_SUPPORTED = ("x", "return_all_codes", "mask", "sample_codebook_temp", "freeze_codebook",
                          "rand_quantize_dropout_fixed_seed", "beam_size")
 
@@ -266,7 +266,8 @@ def test_every_argument_is_supported_with_its_default_or_refused_by_name(cls, su
             continue
         assert name in ours, f"{name} is not accepted"
         default = {} if ours[name].default is None and param.default == {} else ours[name].default
-        assert default == param.default or (default is param.default), f"{name}: default {default!r} != {param.default!r}"
+        assert default == param.default or (default is param.default), \
+            f"{name}: default {default!r} != {param.default!r}"
         if name in supported:
             continue
         with pytest.raises(NotImplementedError, match=name):
@@ -388,7 +389,8 @@ def test_torch_compile_fullgraph(training):
     torch.testing.assert_close(gw_c, gw_e, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(use_cosine_sim=True, heads=2, codebook_dim=DIM // 2)], ids=["l2", "cosine_heads"])
+@pytest.mark.parametrize("kw", [dict(), dict(use_cosine_sim=True, heads=2, codebook_dim=DIM // 2)],
+                         ids=["l2", "cosine_heads"])
 def test_bfloat16_input(kw):
     # Both search in fp32 and cast back; the rotation trick then runs in bf16,
     # where the two implementations round differently (by at most an ulp or two).

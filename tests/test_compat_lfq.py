@@ -49,7 +49,10 @@ def make_input(dim, layout, seed, batch=3, n=10):
 def run(module, x, seed, **forward):
     xx = x.clone().requires_grad_()
     torch.manual_seed(seed)
-    out = module(xx, return_loss_breakdown=True, **forward) if isinstance(module, (LFQ, vqp.LFQ)) else module(xx, **forward)
+    if isinstance(module, (LFQ, vqp.LFQ)):
+        out = module(xx, return_loss_breakdown=True, **forward)
+    else:
+        out = module(xx, **forward)
     if isinstance(out[0], tuple):
         (quantized, indices, loss), breakdown = out
     else:
@@ -84,7 +87,8 @@ def test_lfq_matches_vector_quantize_pytorch(name):
     ref, ours = make_pair(vqp.LFQ, LFQ, **kw)
     masks = [None]
     if layout == "seq":
-        masks += [torch.tensor([True, False, True]), torch.rand(3, 10, generator=torch.Generator().manual_seed(7)) > 0.3]
+        masks += [torch.tensor([True, False, True]),
+                  torch.rand(3, 10, generator=torch.Generator().manual_seed(7)) > 0.3]
     for step, mask in enumerate(masks):
         x = make_input(kw["dim"], layout, seed=step)
         for inv_t in (100.0, 3.0):
@@ -221,7 +225,8 @@ def test_public_api_has_docstrings_with_shapes_and_dtypes():
             members = [(attr, obj)]
             if inspect.isclass(obj):
                 members += [(f"{attr}.{m}", v) for m, v in vars(obj).items()
-                            if (not m.startswith("_") or m == "forward") and (inspect.isfunction(v) or isinstance(v, property))]
+                            if (not m.startswith("_") or m == "forward")
+                            and (inspect.isfunction(v) or isinstance(v, property))]
             for label, member in members:
                 if not (inspect.isfunction(member) or inspect.isclass(member) or isinstance(member, property)):
                     continue
@@ -229,7 +234,8 @@ def test_public_api_has_docstrings_with_shapes_and_dtypes():
                 assert doc, f"{name}.{label} has no docstring"
                 if inspect.isfunction(member) and ("Tensor" in str(inspect.signature(member))
                                                    or member.__name__ == "forward"):
-                    assert SHAPE.search(doc) and DTYPE.search(doc), f"{name}.{label}: no shape or dtype in its docstring"
+                    assert SHAPE.search(doc) and DTYPE.search(doc), \
+                        f"{name}.{label}: no shape or dtype in its docstring"
 
 
 def _distributed_worker(rank, port, path):

@@ -69,8 +69,8 @@ def _scenarios(rank):
     # 2. Ragged and empty batches with k-means init, dead-code re-seeding and
     # separate codebooks: every rank must make the same collective calls.
     torch.manual_seed(10 + rank)  # ranks draw different local randomness on purpose
-    vq = VectorQuantize(dim=6, codebook_size=12, codebook_dim=3, heads=2, separate_codebook_per_head=True, kmeans_init=True,
-                        kmeans_iters=3, threshold_ema_dead_code=3, decay=0.8, sync_codebook=True)
+    vq = VectorQuantize(dim=6, codebook_size=12, codebook_dim=3, heads=2, separate_codebook_per_head=True,
+                        kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=3, decay=0.8, sync_codebook=True)
     vq.train()
     initted = []
     for step in range(len(RAGGED_ROWS)):

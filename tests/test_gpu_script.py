@@ -193,7 +193,7 @@ ptxas info    : Compiling entry function '_ZN6vqkern41_GLOBAL__N__dafc7d83_9_sea
 ptxas info    : Function properties for _ZN6vqkern41_GLOBAL__N__dafc7d83_9_search_cu_449e9d1e17search_fma_kernelEPKviS2_illlPKfiPfPi
     168 bytes stack frame, 96 bytes spill stores, 72 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 8320 bytes smem
-"""
+"""  # noqa: E501 (verbatim lines of the log, mangled kernel names and all)
 
 
 def test_ptxas_table_flags_spills(tmp_path, capsys):

@@ -201,7 +201,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     def strip(rs):
         return [{k: v for k, v in r.items() if k not in ("images_per_s", "step_s")} for r in rs]
 
-    assert strip(read_jsonl(tmp_path / "split" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
+    assert strip(read_jsonl(tmp_path / "split" / "metrics.jsonl")) == \
+        strip(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
 
 
 # ---------------------------------------------------------------- stage 2

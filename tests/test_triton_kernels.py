@@ -519,7 +519,8 @@ def compile_(fn, sig, consts, warps=4, stages=3):
         triton.compile(ASTSource(fn, sig, consts), target=target, options={"num_warps": warps, "num_stages": stages})
     except Exception as exc:
         failures.append(f"{fn.__name__} {consts} warps={warps}: {type(exc).__name__}: {str(exc)[:200]}")
-for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")], [3, 64, 256]):
+for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")],
+                                     [3, 64, 256]):
     dot_fp32 = zt != ct or zt == "fp32"
     sig = {"z_ptr": P[zt], "cb_ptr": P[ct], "norms_ptr": "*fp32", "idx_out_ptr": "*i64", "dist_ptr": "*fp32",
            "q_ptr": P[zt], "part_val_ptr": "*fp32", "part_idx_ptr": "*i64", "second_ptr": "*fp32", "flag_ptr": "*i8",
@@ -549,7 +550,8 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
             for split in ((False, True) if not row_filter else (False,)):
                 consts = dict(SPLIT=split, INTERPRET=False, ONE_CHUNK=d <= bd, DOT_FP32=dot_fp32,
                               INPUT_PRECISION=precision, CENTRE=dot_fp32 and not cosine, TRACK_SECOND=track,
-                              ROW_FILTER=row_filter, SAMPLE=sample, COSINE=cosine, BLOCK_D=bd, EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
+                              ROW_FILTER=row_filter, SAMPLE=sample, COSINE=cosine, BLOCK_D=bd,
+                              EPI_BLOCK_D=S.EPI_BLOCK_D, **cfg.kwargs)
                 compile_(S._search_kernel, dict(sig, **{k: "constexpr" for k in consts}), consts, cfg.num_warps,
                          cfg.num_stages)
     for track in (False, True):
@@ -579,7 +581,8 @@ for (zt, ct), d in itertools.product([("fp32", "fp32"), ("bf16", "bf16"), ("fp16
         consts = dict(HAS_BASE=has_base, PIECE=G.GPU_PIECE, PIECES_PER_PROGRAM=G.GPU_PIECES_PER_PROGRAM,
                       BLOCK_R=G.GPU_BLOCK_R, BLOCK_D=G.GPU_BLOCK_D)
         compile_(G._segment_pieces_kernel, {"order_ptr": "*i64", "bounds_ptr": "*i64", "piece_code_ptr": "*i64",
-                 "piece_start_ptr": "*i64", "pieces_ptr": "*i64", "multi_start_ptr": "*i64", "val_ptr": P[zt], "base_ptr": P[ct],
+                 "piece_start_ptr": "*i64", "pieces_ptr": "*i64", "multi_start_ptr": "*i64", "val_ptr": P[zt],
+                 "base_ptr": P[ct],
                  "sums_ptr": "*fp32", "partial_ptr": "*fp32", "K": "i32", "D": "i32", "num_pieces": "i32",
                  "stride_v": "i32", "stride_v_d": "i32", "stride_b": "i32", "stride_s": "i32",
                  **{k: "constexpr" for k in consts}}, consts)

@@ -48,7 +48,8 @@ def check_inputs(z, codebook, metric: str = "l2") -> None:
     if z.shape[-1] != codebook.shape[1]:
         raise ValueError(f"z's last dimension ({z.shape[-1]}) must equal the codebook's D ({codebook.shape[1]})")
     if z.device != codebook.device:
-        raise ValueError(f"z and codebook must be on the same device, got z on {z.device} and codebook on {codebook.device}")
+        raise ValueError(f"z and codebook must be on the same device, got z on {z.device} "
+                         f"and codebook on {codebook.device}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 

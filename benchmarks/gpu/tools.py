@@ -317,7 +317,8 @@ def merge(files: list[str], name: str) -> int:
             "dtypes": list(dict.fromkeys(p for m in metas for p in m["dtypes"])),
             "load_average": [m["load_average"] for m in metas],
             # each part measured its own floor rates; each record keeps the rates it was judged by
-            "floor_rates": {f"{dt}, part {i + 1}": r for i, m in enumerate(metas) for dt, r in m["floor_rates"].items()},
+            "floor_rates": {f"{dt}, part {i + 1}": r for i, m in enumerate(metas)
+                            for dt, r in m["floor_rates"].items()},
             "parts": [{"file": Path(f).name, **{k: m[k] for k in ("date", "command", "shapes", "git_commit")}}
                       for f, m in zip(files, metas)]}
     stem = Path(files[0]).parent / f"{first['date'][:10]}-{name}"

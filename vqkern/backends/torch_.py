@@ -135,7 +135,8 @@ def availability(device: torch.device) -> tuple[bool, str]:
             ok, reason = cpu_kernel()
         except ValueError as exc:  # a bad VQKERN_CPU_ISA: the search raises it, the report shows it
             return True, f"plain PyTorch runs on every device; CPU search raises: {exc}"
-        return True, f"plain PyTorch runs on every device; CPU search: {reason if ok else 'tiled PyTorch (' + reason + ')'}"
+        cpu_path = reason if ok else f"tiled PyTorch ({reason})"
+        return True, f"plain PyTorch runs on every device; CPU search: {cpu_path}"
     return True, "plain PyTorch runs on every device"
 
 

@@ -96,8 +96,9 @@ def table(rows: list[dict]) -> str:
     """The rows as a fixed-width text table, then the backends that cannot run and why."""
     head = ("backend", "device", "path", "z", "codebook", "metric", "self-check", "cases", "failed",
             f"rank excess (<= {RANK_RTOL:g})", f"grad ratio (<= {GRAD_FACTOR:g})", "time s")
-    body = [(r["backend"], r["device"], r["path"] or "-", r["z"], r["codebook"], r["metric"], r["selfcheck"], str(r["cases"]),
-             str(r["failed_cases"]), _fmt(r["worst_rank_excess"]), _fmt(r["worst_grad_ratio"]), f"{r['seconds']:.2f}")
+    body = [(r["backend"], r["device"], r["path"] or "-", r["z"], r["codebook"], r["metric"], r["selfcheck"],
+             str(r["cases"]), str(r["failed_cases"]), _fmt(r["worst_rank_excess"]), _fmt(r["worst_grad_ratio"]),
+             f"{r['seconds']:.2f}")
             for r in rows if "unavailable" not in r]
     widths = [max(len(x) for x in column) for column in zip(head, *body)]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)]
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only rows whose z and codebook have these dtypes (repeatable; default: all)")
     parser.add_argument("--metric", action="append", choices=("l2", "cosine"), help="only this metric (repeatable)")
     parser.add_argument("--large", action="store_true",
-                        help="draw the fuzz cases at the test suite's sizes (N <= 400, K <= 2000), not N <= 160, K <= 300")
+                        help="draw the fuzz cases at the test suite's sizes (N <= 400, K <= 2000), "
+                             "not N <= 160, K <= 300")
     parser.add_argument("--seed", type=int, default=BASE_SEED, help="first fuzz seed (default %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="write the rows, failures and versions as JSON")
     args = parser.parse_args(argv)
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if not checked:
         verdict = "FAIL: no backend can run on the devices asked for"
     elif failed:
-        verdict = (f"FAIL: {len(failed)} of {len(checked)} rows failed ({', '.join(sorted({r['backend'] + ' on ' + r['device'] for r in failed}))}); "
+        where = ", ".join(sorted({r["backend"] + " on " + r["device"] for r in failed}))
+        verdict = (f"FAIL: {len(failed)} of {len(checked)} rows failed ({where}); "
                    "please report it with this output and the --json file")
     else:
         verdict = f"PASS: {len(checked)} rows, {cases} fuzz cases and every self-check passed"

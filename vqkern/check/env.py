@@ -83,7 +83,8 @@ def provenance() -> dict:
     except Exception as exc:  # the CPU backends run without triton
         triton_version = f"unavailable ({type(exc).__name__})"
     from .. import __version__
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
     return {
         "vqkern": __version__,
         "git_commit": git_commit(),

@@ -97,8 +97,8 @@ def describe_key(k: tuple) -> str:
     """A key in words: backend, device, dtypes, metric and code path."""
     name, device, z_dtype, cb_dtype, metric, path = k
     short = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    text = f"backend {name!r} on {device}, z {short.get(z_dtype, z_dtype)}, codebook {short.get(cb_dtype, cb_dtype)}, " \
-           f"metric {metric}"
+    text = f"backend {name!r} on {device}, z {short.get(z_dtype, z_dtype)}, " \
+           f"codebook {short.get(cb_dtype, cb_dtype)}, metric {metric}"
     return text + (f" ({path})" if path else "")
 
 
@@ -179,7 +179,8 @@ def plan(name: str, device, z_dtype, codebook_dtype, metric: str) -> list[dict]:
     cases.append(dict(name="duplicate codes, near-ties and a NaN row", n=42, k=24, d=9, kind="adversarial",
                       ops=("search", "backward") + ("sample-repeat",) * sampler))
     if metric == "l2":
-        cases.append(dict(name="large common offset (+100)", n=40, k=24, d=9, kind="offset", ops=("search", "backward")))
+        cases.append(dict(name="large common offset (+100)", n=40, k=24, d=9, kind="offset",
+                          ops=("search", "backward")))
     # The deterministic sums are also run twice here, to compare bitwise.
     cases.append(dict(name="a code holding more rows than a segment piece", n=max(t["piece"], 8) + 9, k=5, d=3,
                       kind="pieces", ops=("backward-repeat", "segment_sum-repeat")))
@@ -307,7 +308,8 @@ def _distribution(module, z, codebook, metric, findings) -> None:
     chi2 = float(((observed - expected) ** 2 / expected).sum())
     if not chi2 <= CHI2_LIMIT:
         findings.fail("sample", chi2, f"drew codes {observed.long().tolist()} where softmax(logit / T) expects "
-                                      f"{[round(x, 1) for x in expected.tolist()]} (chi-square {chi2:.1f} > {CHI2_LIMIT:g})")
+                                      f"{[round(x, 1) for x in expected.tolist()]} "
+                                      f"(chi-square {chi2:.1f} > {CHI2_LIMIT:g})")
 
 
 def _backward(module, z, codebook, idx, findings, repeat=False) -> None:

@@ -181,7 +181,9 @@ class Codebook(nn.Module):
             # The mask is the same for every codebook (the padding of the input).
             flatten = flatten[:, mask[0]]
         # Every rank learns the total row count, so all of them skip or all initialize.
-        total = sum(distributed.gather_sizes(flatten.shape[1], flatten.device)) if self.sync_kmeans else flatten.shape[1]
+        total = flatten.shape[1]
+        if self.sync_kmeans:
+            total = sum(distributed.gather_sizes(total, flatten.device))
         if total == 0:
             return
         metric = "cosine" if self.use_cosine_sim else "l2"

@@ -269,7 +269,8 @@ def lfq_forward(layer: nn.Module, x: Tensor, inv_temperature: float, return_loss
     or (B, dim, ...) float -> ``Return(quantized like x, indices int64, aux loss fp32 scalar)``
     (and the ``LossBreakdown``); the entropy terms on ``backend``."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor, got {got}")
     if x.dim() < 3:
         raise ValueError(f"x must have shape (B, N, dim) or (B, dim, ...), got {tuple(x.shape)}")
     is_img_or_video = x.dim() >= 4

@@ -204,7 +204,8 @@ def code_cross_entropy(x: Tensor, embed: Tensor, target: Tensor, *, cosine: bool
         Memory O(M + K + tile), never M x K (forward and backward).
     """
     if target.shape != x.shape[:1]:
-        raise ValueError(f"indices must give one code per row: expected {tuple(x.shape[:1])}, got {tuple(target.shape)}")
+        raise ValueError(f"indices must give one code per row: expected {tuple(x.shape[:1])}, "
+                         f"got {tuple(target.shape)}")
     if target.numel() and (int(target.min()) < -1 or int(target.max()) >= embed.shape[0]):
         raise ValueError(f"indices must lie in [0, {embed.shape[0]}) or be -1 (ignored)")
     return _StreamingCrossEntropy.apply(x.float(), embed.float(), target, cosine, tile_bytes)

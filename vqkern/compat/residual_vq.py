@@ -129,7 +129,8 @@ class ResidualVQ(nn.Module):
         if num_quantizers is None and not isinstance(codebook_size, tuple):
             raise ValueError("num_quantizers is required unless codebook_size is a tuple of per-layer sizes")
         if not isinstance(quantize_dropout_cutoff_index, int) or quantize_dropout_cutoff_index < 0:
-            raise ValueError(f"quantize_dropout_cutoff_index must be an int >= 0, got {quantize_dropout_cutoff_index!r}")
+            raise ValueError("quantize_dropout_cutoff_index must be an int >= 0, "
+                             f"got {quantize_dropout_cutoff_index!r}")
         if not isinstance(quantize_dropout_multiple_of, int) or quantize_dropout_multiple_of < 1:
             raise ValueError(f"quantize_dropout_multiple_of must be an int >= 1, got {quantize_dropout_multiple_of!r}")
         if not 0.0 <= float(quant_grad_frac) <= 1.0:

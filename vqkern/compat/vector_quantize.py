@@ -99,7 +99,8 @@ class VectorQuantize(nn.Module):
         if use_cosine_sim and learnable_codebook:
             raise ValueError("use_cosine_sim=True is not compatible with learnable_codebook=True")
         if ema_update and learnable_codebook:
-            raise ValueError("learnable_codebook=True needs ema_update=False (the codebook is then learned by gradient)")
+            raise ValueError("learnable_codebook=True needs ema_update=False "
+                             "(the codebook is then learned by gradient)")
         if not 0.0 <= float(sync_update_v) <= 1.0:
             raise ValueError(f"sync_update_v must lie in [0, 1], got {sync_update_v}")
         if sync_update_v > 0 and not learnable_codebook:

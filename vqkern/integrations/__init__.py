@@ -29,8 +29,8 @@ from torch import nn
 
 from .. import backends
 
-# One file per library (two modules of one library may take one each); each registers its adapters when imported. None of them imports
-# the library it serves.
+# One file per library (two modules of one library may take one each); each registers its
+# adapters when imported. None of them imports the library it serves.
 _ADAPTER_MODULES = ("diffusers", "taming", "transformers_image", "vector_quantize", "vector_quantize_lfq", "encodec",
                    "moshi", "dac", "transformers_audio")
 

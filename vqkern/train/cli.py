@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                     m = r[kind]
                     print(f"{kind:>9}: final loss {m['final_loss']:.5f}, held-out recon MSE {m['test_recon']:.5f}, "
                           f"perplexity {m['test_perplexity']:.1f}, {m['ms_per_step']:.1f} ms/step")
-                print("largest |difference| per step: " + ", ".join(f"{k} {v:.3g}" for k, v in r["max_abs_diff"].items()))
+                print("largest |difference| per step: "
+                      + ", ".join(f"{k} {v:.3g}" for k, v in r["max_abs_diff"].items()))
                 print(f"vqkern speed-up per step: {r['speedup']:.2f}x; curves: {r['curves_png']}")
                 return 0
             from .stage1 import train_vqvae

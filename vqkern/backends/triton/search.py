@@ -83,7 +83,8 @@ def _epilogue(z_ptr, cb_ptr, idx_out_ptr, dist_ptr, q_ptr, rows, row_mask, best_
         e = tl.load(cb_ptr + best_idx[:, None] * stride_k + cols[None, :], mask=mask, other=0.0)
         diff = z.to(tl.float32) - e.to(tl.float32)
         dist += tl.sum(diff * diff, axis=1)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], cast_to(e, q_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], cast_to(e, q_ptr.dtype.element_ty, INTERPRET),
+                 mask=mask)
     tl.store(idx_out_ptr + rows, best_idx, mask=row_mask)
     tl.store(dist_ptr + rows, dist, mask=row_mask)
 

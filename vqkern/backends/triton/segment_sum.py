@@ -197,8 +197,8 @@ def _deterministic_segment_sum(indices, values, counts, sums, base) -> None:
     base_arg = base if has_base else values
     with on_device(values):
         _segment_pieces_kernel[(triton.cdiv(max_pieces, per_program), triton.cdiv(d, block_d))](
-            order, bounds, piece_code, piece_start, pieces, multi_start, values, base_arg, sums, partial, k, d, max_pieces,
-            values.stride(0), values.stride(1), base_arg.stride(0), sums.stride(0),
+            order, bounds, piece_code, piece_start, pieces, multi_start, values, base_arg, sums, partial, k, d,
+            max_pieces, values.stride(0), values.stride(1), base_arg.stride(0), sums.stride(0),
             HAS_BASE=has_base, PIECE=piece, PIECES_PER_PROGRAM=per_program, BLOCK_R=block_r,
             BLOCK_D=block_d, num_warps=4)
         _segment_combine_kernel[(max_multi, triton.cdiv(d, block_d))](
