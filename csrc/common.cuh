@@ -17,21 +17,21 @@ namespace vqkern {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline void throw_cuda(cudaError_t err, const char* what) {
-  throw std::runtime_error(std::string("vqkern._C: ") + what + " failed: " +
-                           cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  throw std::runtime_error(std::string("vqkern._C: ") + what + " failed: " + cudaGetErrorName(err) + ": " +
+                           cudaGetErrorString(err));
 }
 
 // Check a runtime call; the message names the call so a failure can be traced.
-#define VQ_CUDA_CHECK(call)                                   \
-  do {                                                        \
-    cudaError_t vq_err_ = (call);                             \
+#define VQ_CUDA_CHECK(call)                                           \
+  do {                                                                \
+    cudaError_t vq_err_ = (call);                                     \
     if (vq_err_ != cudaSuccess) ::vqkern::throw_cuda(vq_err_, #call); \
   } while (0)
 
 // Check a kernel launch (configuration errors surface through cudaGetLastError).
-#define VQ_LAUNCH_CHECK(name)                                 \
-  do {                                                        \
-    cudaError_t vq_err_ = cudaGetLastError();                 \
+#define VQ_LAUNCH_CHECK(name)                                                     \
+  do {                                                                            \
+    cudaError_t vq_err_ = cudaGetLastError();                                     \
     if (vq_err_ != cudaSuccess) ::vqkern::throw_cuda(vq_err_, "launch of " name); \
   } while (0)
 
@@ -79,7 +79,11 @@ struct PieceSum {
   int terms = 0;
   __device__ __forceinline__ void add(float v) {
     piece += v;
-    if (++terms == kPieceTerms) { total += piece; piece = 0.f; terms = 0; }
+    if (++terms == kPieceTerms) {
+      total += piece;
+      piece = 0.f;
+      terms = 0;
+    }
   }
   __device__ __forceinline__ float value() const { return total + piece; }
 };

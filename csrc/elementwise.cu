@@ -17,11 +17,10 @@ __device__ __forceinline__ int64_t warp_row() {
 }
 
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-search_epilogue_kernel(const void* __restrict__ z, int z_dtype, const void* __restrict__ codebook,
-                       int cb_dtype, int64_t n, int64_t k, int64_t d,
-                       const float* __restrict__ part_scores, const int32_t* __restrict__ part_index,
-                       int splits, int64_t* __restrict__ indices, float* __restrict__ distances,
-                       void* __restrict__ quantized) {
+    search_epilogue_kernel(const void* __restrict__ z, int z_dtype, const void* __restrict__ codebook, int cb_dtype,
+                           int64_t n, int64_t k, int64_t d, const float* __restrict__ part_scores,
+                           const int32_t* __restrict__ part_index, int splits, int64_t* __restrict__ indices,
+                           float* __restrict__ distances, void* __restrict__ quantized) {
   const int lane = threadIdx.x & 31;
   const int64_t row = warp_row();
   if (row >= n) return;
@@ -31,7 +30,10 @@ search_epilogue_kernel(const void* __restrict__ z, int z_dtype, const void* __re
   for (int s = 1; s < splits; ++s) {
     const float sc = part_scores[s * n + row];
     const int c = part_index[s * n + row];
-    if (better(sc, c, best, code)) { best = sc; code = c; }
+    if (better(sc, c, best, code)) {
+      best = sc;
+      code = c;
+    }
   }
   // No code won only when every score was NaN or +inf; argmin's answer for
   // all-equal scores is the first code.
@@ -55,9 +57,9 @@ search_epilogue_kernel(const void* __restrict__ z, int z_dtype, const void* __re
 // formed once per element in fp32. With the sums too, the tiled segment-sum kernel runs
 // the same pass (segment_sum.cu). scale is read on the device: no wait on the host.
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-backward_kernel(const void* __restrict__ grad_q, int g_dtype, const void* __restrict__ z, int z_dtype,
-                const void* __restrict__ codebook, int cb_dtype, const int64_t* __restrict__ indices,
-                int64_t n, int64_t d, const float* __restrict__ scale_ptr, void* __restrict__ out) {
+    backward_kernel(const void* __restrict__ grad_q, int g_dtype, const void* __restrict__ z, int z_dtype,
+                    const void* __restrict__ codebook, int cb_dtype, const int64_t* __restrict__ indices, int64_t n,
+                    int64_t d, const float* __restrict__ scale_ptr, void* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int64_t row = warp_row();
   if (row >= n) return;
@@ -74,24 +76,21 @@ int warp_blocks(int64_t n) { return ceil_div_int(n, kWarpsPerBlock); }
 
 }  // namespace
 
-void launch_segment_tiles(const int64_t* indices, const void* values, int v_dtype, const void* base,
-                          int base_dtype, const void* grad_q, int g_dtype, const float* scale,
-                          void* grad_out, int64_t n, int64_t d, float* counts, float* sums,
-                          cudaStream_t stream);
+void launch_segment_tiles(const int64_t* indices, const void* values, int v_dtype, const void* base, int base_dtype,
+                          const void* grad_q, int g_dtype, const float* scale, void* grad_out, int64_t n, int64_t d,
+                          float* counts, float* sums, cudaStream_t stream);
 
-void launch_search_epilogue(const void* z, int z_dtype, const void* codebook, int cb_dtype,
-                            int64_t n, int64_t k, int64_t d, const float* part_scores,
-                            const int32_t* part_index, int splits, int64_t* indices,
-                            float* distances, void* quantized, cudaStream_t stream) {
+void launch_search_epilogue(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k,
+                            int64_t d, const float* part_scores, const int32_t* part_index, int splits,
+                            int64_t* indices, float* distances, void* quantized, cudaStream_t stream) {
   search_epilogue_kernel<<<warp_blocks(n), kWarpsPerBlock * 32, 0, stream>>>(
-      z, z_dtype, codebook, cb_dtype, n, k, d, part_scores, part_index, splits, indices, distances,
-      quantized);
+      z, z_dtype, codebook, cb_dtype, n, k, d, part_scores, part_index, splits, indices, distances, quantized);
   VQ_LAUNCH_CHECK("search_epilogue_kernel");
 }
 
-void backward(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook,
-              int cb_dtype, const int64_t* indices, int64_t n, int64_t d, const float* scale,
-              void* grad_z, float* diff_sums, cudaStream_t stream) {
+void backward(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook, int cb_dtype,
+              const int64_t* indices, int64_t n, int64_t d, const float* scale, void* grad_z, float* diff_sums,
+              cudaStream_t stream) {
   check_dtype(z_dtype, "z");
   check_dtype(cb_dtype, "codebook");
   if (grad_z != nullptr) check_dtype(g_dtype, "grad_quantized");
@@ -104,8 +103,8 @@ void backward(const void* grad_q, int g_dtype, const void* z, int z_dtype, const
                          diff_sums, stream);
     return;
   }
-  backward_kernel<<<warp_blocks(n), kWarpsPerBlock * 32, 0, stream>>>(
-      grad_q, g_dtype, z, z_dtype, codebook, cb_dtype, indices, n, d, scale, grad_z);
+  backward_kernel<<<warp_blocks(n), kWarpsPerBlock * 32, 0, stream>>>(grad_q, g_dtype, z, z_dtype, codebook, cb_dtype,
+                                                                      indices, n, d, scale, grad_z);
   VQ_LAUNCH_CHECK("backward_kernel");
 }
 

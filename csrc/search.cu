@@ -10,13 +10,13 @@
 // D = 128: a farther code on 48 rows, up to 0.21% farther). The fp32 FMA kernel ranks in
 // a frame centred on the data: z - c and e - c for a per-call centre c (the mean of
 // sampled finite rows, computed by the caller: vqkern/backends/_frame.py), so the rounding
-// scales with the distance of the rows and their nearest codes from c. The tensor-core kernel multiplies the fp16/bf16 inputs as they are,
-// in the origin's frame (bound relative to |z|^2 + |e|^2): rounding z - c and e - c back
-// to 16 bits loses 2^-9 (bf16) or 2^-12 (fp16) of the spread. Emulated on CPU
-// (benchmarks/half_frame.py) bf16 lost nothing in the origin's frame out to 500 standard
-// deviations, fp16 chose a farther code on 1% of rows at 50; an exact centring (hi/lo
-// split, three products) lost nothing for either, at three times the MMA work: to be
-// timed on a GPU (docs/precision.md).
+// scales with the distance of the rows and their nearest codes from c. The tensor-core
+// kernel multiplies the fp16/bf16 inputs as they are, in the origin's frame (bound
+// relative to |z|^2 + |e|^2): rounding z - c and e - c back to 16 bits loses 2^-9 (bf16)
+// or 2^-12 (fp16) of the spread. Emulated on CPU (benchmarks/half_frame.py) bf16 lost
+// nothing in the origin's frame out to 500 standard deviations, fp16 chose a farther code
+// on 1% of rows at 50; an exact centring (hi/lo split, three products) lost nothing for
+// either, at three times the MMA work: to be timed on a GPU (docs/precision.md).
 #include <mma.h>
 
 #include <climits>
@@ -36,8 +36,8 @@ constexpr int kThreads = 256;       // 16 x 16 threads, each owning 4 rows x 4 c
 static_assert(kRows == kCodes, "search tiles are square");
 
 // |e_k - c|^2 in fp32 (c null: |e_k|^2), once per call: one warp per code.
-__global__ void code_norms_kernel(const void* __restrict__ codebook, int cb_dtype, int64_t k,
-                                  int64_t d, const float* __restrict__ centre, float* __restrict__ norms) {
+__global__ void code_norms_kernel(const void* __restrict__ codebook, int cb_dtype, int64_t k, int64_t d,
+                                  const float* __restrict__ centre, float* __restrict__ norms) {
   const int lane = threadIdx.x & 31;
   const int64_t code = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (code >= k) return;
@@ -57,10 +57,16 @@ struct RowBest {
   int index[4];
   __device__ void init() {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) { score[i] = __int_as_float(0x7f800000); index[i] = INT_MAX; }
+    for (int i = 0; i < 4; ++i) {
+      score[i] = __int_as_float(0x7f800000);
+      index[i] = INT_MAX;
+    }
   }
   __device__ void offer(int i, float s, int code) {
-    if (better(s, code, score[i], index[i])) { score[i] = s; index[i] = code; }
+    if (better(s, code, score[i], index[i])) {
+      score[i] = s;
+      index[i] = code;
+    }
   }
   // Reduce over the 16 lanes with the same ty (lanes differ in the low 4 bits).
   __device__ void reduce_half_warp() {
@@ -70,12 +76,14 @@ struct RowBest {
       for (int off = 8; off > 0; off >>= 1) {
         const float s = __shfl_xor_sync(0xffffffffu, score[i], off);
         const int c = __shfl_xor_sync(0xffffffffu, index[i], off);
-        if (better(s, c, score[i], index[i])) { score[i] = s; index[i] = c; }
+        if (better(s, c, score[i], index[i])) {
+          score[i] = s;
+          index[i] = c;
+        }
       }
     }
   }
-  __device__ void store(int64_t n, int64_t row0, int ty, int tx, int split, float* part_scores,
-                        int32_t* part_index) {
+  __device__ void store(int64_t n, int64_t row0, int ty, int tx, int split, float* part_scores, int32_t* part_index) {
     if (tx != 0) return;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -89,8 +97,7 @@ struct RowBest {
 };
 
 // The code range of one split: whole tiles, so splits never share a tile.
-__device__ __forceinline__ void split_range(int64_t k, int tiles_per_split, int64_t* lo,
-                                            int64_t* hi) {
+__device__ __forceinline__ void split_range(int64_t k, int tiles_per_split, int64_t* lo, int64_t* hi) {
   *lo = static_cast<int64_t>(blockIdx.y) * tiles_per_split * kCodes;
   const int64_t end = *lo + static_cast<int64_t>(tiles_per_split) * kCodes;
   *hi = end < k ? end : k;
@@ -102,10 +109,10 @@ __device__ __forceinline__ void split_range(int64_t k, int tiles_per_split, int6
 constexpr int kDepthF32 = 16;
 
 __global__ void __launch_bounds__(kThreads)
-search_fma_kernel(const void* __restrict__ z, int z_dtype, const void* __restrict__ codebook,
-                  int cb_dtype, int64_t n, int64_t k, int64_t d, const float* __restrict__ centre,
-                  const float* __restrict__ norms, int tiles_per_split, float* __restrict__ part_scores,
-                  int32_t* __restrict__ part_index) {
+    search_fma_kernel(const void* __restrict__ z, int z_dtype, const void* __restrict__ codebook, int cb_dtype,
+                      int64_t n, int64_t k, int64_t d, const float* __restrict__ centre,
+                      const float* __restrict__ norms, int tiles_per_split, float* __restrict__ part_scores,
+                      int32_t* __restrict__ part_index) {
   // Transposed tiles ([depth][row]) so the inner loop reads 16 consecutive codes per
   // half-warp; the +1 column spreads the loader's stores (consecutive depths) over banks.
   __shared__ float zs[kDepthF32][kRows + 1];
@@ -133,7 +140,10 @@ search_fma_kernel(const void* __restrict__ z, int z_dtype, const void* __restric
       for (int kk = 0; kk < kDepthF32; ++kk) {
         float a[4], b[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) { a[i] = zs[kk][ty + 16 * i]; b[i] = es[kk][tx + 16 * i]; }
+        for (int i = 0; i < 4; ++i) {
+          a[i] = zs[kk][ty + 16 * i];
+          b[i] = es[kk][tx + 16 * i];
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -158,14 +168,14 @@ search_fma_kernel(const void* __restrict__ z, int z_dtype, const void* __restric
 // with fp32 accumulation (products of 16-bit values are exact in fp32, so only the
 // accumulation order differs from an fp32 GEMM).
 constexpr int kDepthMma = 32;
-constexpr int kPadMma = 8;    // keeps ldm a multiple of 8 elements and staggers banks
-constexpr int kLdScores = 80; // 80 floats: rows ty and ty+1 land on disjoint bank halves
+constexpr int kPadMma = 8;     // keeps ldm a multiple of 8 elements and staggers banks
+constexpr int kLdScores = 80;  // 80 floats: rows ty and ty+1 land on disjoint bank halves
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-search_mma_kernel(const T* __restrict__ z, const T* __restrict__ codebook, int64_t n, int64_t k,
-                  int64_t d, const float* __restrict__ norms, int tiles_per_split, bool vec16,
-                  float* __restrict__ part_scores, int32_t* __restrict__ part_index) {
+    search_mma_kernel(const T* __restrict__ z, const T* __restrict__ codebook, int64_t n, int64_t k, int64_t d,
+                      const float* __restrict__ norms, int tiles_per_split, bool vec16, float* __restrict__ part_scores,
+                      int32_t* __restrict__ part_index) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bf16 WMMA needs sm_80; the host only selects this kernel there
 #else
@@ -244,10 +254,9 @@ search_mma_kernel(const T* __restrict__ z, const T* __restrict__ codebook, int64
 
 }  // namespace
 
-void launch_search_epilogue(const void* z, int z_dtype, const void* codebook, int cb_dtype,
-                            int64_t n, int64_t k, int64_t d, const float* part_scores,
-                            const int32_t* part_index, int splits, int64_t* indices,
-                            float* distances, void* quantized, cudaStream_t stream);
+void launch_search_epilogue(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k,
+                            int64_t d, const float* part_scores, const int32_t* part_index, int splits,
+                            int64_t* indices, float* distances, void* quantized, cudaStream_t stream);
 
 std::string probe() {
   // cudaFuncGetAttributes fails when the binary holds no image (SASS or PTX) that
@@ -256,15 +265,13 @@ std::string probe() {
   VQ_CUDA_CHECK(cudaFuncGetAttributes(&fma, search_fma_kernel));
   VQ_CUDA_CHECK(cudaFuncGetAttributes(&mma_half, search_mma_kernel<__half>));
   VQ_CUDA_CHECK(cudaFuncGetAttributes(&mma_bf16, search_mma_kernel<__nv_bfloat16>));
-  return "search kernels: binary sm_" + std::to_string(fma.binaryVersion) + ", ptx " +
-         std::to_string(fma.ptxVersion) + ", registers fma/mma " + std::to_string(fma.numRegs) +
-         "/" + std::to_string(mma_half.numRegs);
+  return "search kernels: binary sm_" + std::to_string(fma.binaryVersion) + ", ptx " + std::to_string(fma.ptxVersion) +
+         ", registers fma/mma " + std::to_string(fma.numRegs) + "/" + std::to_string(mma_half.numRegs);
 }
 
-void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k,
-            int64_t d, const float* centre, float* norms, float* part_scores, int32_t* part_index,
-            int splits, bool use_tensor_cores, int64_t* indices, float* distances, void* quantized,
-            cudaStream_t stream) {
+void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k, int64_t d,
+            const float* centre, float* norms, float* part_scores, int32_t* part_index, int splits,
+            bool use_tensor_cores, int64_t* indices, float* distances, void* quantized, cudaStream_t stream) {
   check_dtype(z_dtype, "z");
   check_dtype(cb_dtype, "codebook");
   if (n < 0 || k < 1 || d < 1) throw std::invalid_argument("vqkern._C.search: need n >= 0, k >= 1, d >= 1");
@@ -275,8 +282,8 @@ void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int6
   if (!mma && centre == nullptr)
     throw std::invalid_argument("vqkern._C.search: the fp32 kernel needs the centre (d,) of the codebook");
 
-  code_norms_kernel<<<ceil_div_int(k * 32, 256), 256, 0, stream>>>(codebook, cb_dtype, k, d,
-                                                                   mma ? nullptr : centre, norms);
+  code_norms_kernel<<<ceil_div_int(k * 32, 256), 256, 0, stream>>>(codebook, cb_dtype, k, d, mma ? nullptr : centre,
+                                                                   norms);
   VQ_LAUNCH_CHECK("code_norms_kernel");
 
   // Whole tiles per split; the effective split count may come out below `splits`
@@ -293,22 +300,22 @@ void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int6
   const bool vec16 = d % 8 == 0 && reinterpret_cast<std::uintptr_t>(z) % 16 == 0 &&
                      reinterpret_cast<std::uintptr_t>(codebook) % 16 == 0;
   if (mma && z_dtype == kFloat16) {
-    search_mma_kernel<__half><<<grid, kThreads, 0, stream>>>(
-        static_cast<const __half*>(z), static_cast<const __half*>(codebook), n, k, d, norms,
-        tiles_per_split, vec16, part_scores, part_index);
+    search_mma_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(z),
+                                                             static_cast<const __half*>(codebook), n, k, d, norms,
+                                                             tiles_per_split, vec16, part_scores, part_index);
     VQ_LAUNCH_CHECK("search_mma_kernel<half>");
   } else if (mma) {
     search_mma_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(z), static_cast<const __nv_bfloat16*>(codebook), n, k, d,
-        norms, tiles_per_split, vec16, part_scores, part_index);
+        static_cast<const __nv_bfloat16*>(z), static_cast<const __nv_bfloat16*>(codebook), n, k, d, norms,
+        tiles_per_split, vec16, part_scores, part_index);
     VQ_LAUNCH_CHECK("search_mma_kernel<bfloat16>");
   } else {
-    search_fma_kernel<<<grid, kThreads, 0, stream>>>(z, z_dtype, codebook, cb_dtype, n, k, d, centre,
-                                                     norms, tiles_per_split, part_scores, part_index);
+    search_fma_kernel<<<grid, kThreads, 0, stream>>>(z, z_dtype, codebook, cb_dtype, n, k, d, centre, norms,
+                                                     tiles_per_split, part_scores, part_index);
     VQ_LAUNCH_CHECK("search_fma_kernel");
   }
-  launch_search_epilogue(z, z_dtype, codebook, cb_dtype, n, k, d, part_scores, part_index,
-                         eff_splits, indices, distances, quantized, stream);
+  launch_search_epilogue(z, z_dtype, codebook, cb_dtype, n, k, d, part_scores, part_index, eff_splits, indices,
+                         distances, quantized, stream);
 }
 
 }  // namespace vqkern

@@ -24,10 +24,10 @@ constexpr int kMaxTileWarps = 8;
 // fp32, and with grad_out also writes grad_out = grad_q - *scale * (base[code] - value)
 // in the value's dtype: the straight-through backward's one pass.
 __global__ void __launch_bounds__(kMaxTileWarps * 32)
-segment_tile_kernel(const int64_t* __restrict__ indices, const void* __restrict__ values, int v_dtype,
-                    const void* __restrict__ base, int base_dtype, const void* __restrict__ grad_q,
-                    int g_dtype, const float* __restrict__ scale_ptr, void* __restrict__ grad_out,
-                    int64_t n, int64_t d, float* __restrict__ counts, float* __restrict__ sums) {
+    segment_tile_kernel(const int64_t* __restrict__ indices, const void* __restrict__ values, int v_dtype,
+                        const void* __restrict__ base, int base_dtype, const void* __restrict__ grad_q, int g_dtype,
+                        const float* __restrict__ scale_ptr, void* __restrict__ grad_out, int64_t n, int64_t d,
+                        float* __restrict__ counts, float* __restrict__ sums) {
   __shared__ int64_t code[kTileRows];
   __shared__ int order[kTileRows];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
@@ -73,10 +73,10 @@ segment_tile_kernel(const int64_t* __restrict__ indices, const void* __restrict_
 // chunk's first run, slot 1 for its last, and summed in chunk order by pass 2.
 // With base, each row adds base[code] - value (the residual), formed in fp32.
 __global__ void __launch_bounds__(kChunkThreads)
-segment_chunk_kernel(const int64_t* __restrict__ sorted_idx, const int64_t* __restrict__ perm,
-                     const void* __restrict__ values, int v_dtype, const void* __restrict__ base,
-                     int base_dtype, int64_t n, int64_t d, float* __restrict__ counts,
-                     float* __restrict__ sums, float* __restrict__ partial) {
+    segment_chunk_kernel(const int64_t* __restrict__ sorted_idx, const int64_t* __restrict__ perm,
+                         const void* __restrict__ values, int v_dtype, const void* __restrict__ base, int base_dtype,
+                         int64_t n, int64_t d, float* __restrict__ counts, float* __restrict__ sums,
+                         float* __restrict__ partial) {
   const int64_t chunk = blockIdx.x;
   const int64_t begin = chunk * kChunk;
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;
@@ -100,8 +100,7 @@ segment_chunk_kernel(const int64_t* __restrict__ sorted_idx, const int64_t* __re
       const bool spans = (first && code == before) || (last && code == after);
       if (!spans) {
         if (active) sums[code * d + col] += acc.value();
-        if (counts != nullptr && col0 == 0 && threadIdx.x == 0)
-          counts[code] += static_cast<float>(p + 1 - run_start);
+        if (counts != nullptr && col0 == 0 && threadIdx.x == 0) counts[code] += static_cast<float>(p + 1 - run_start);
       } else if (active) {
         partial[(2 * chunk + (first ? 0 : 1)) * d + col] = acc.value();
       }
@@ -115,7 +114,8 @@ segment_chunk_kernel(const int64_t* __restrict__ sorted_idx, const int64_t* __re
 __device__ int64_t lower_bound(const int64_t* __restrict__ a, int64_t lo, int64_t hi, int64_t key) {
   while (lo < hi) {
     const int64_t mid = lo + ((hi - lo) >> 1);
-    if (a[mid] < key) lo = mid + 1; else hi = mid;
+    if (a[mid] < key) lo = mid + 1;
+    else hi = mid;
   }
   return lo;
 }
@@ -127,13 +127,12 @@ __device__ int64_t lower_bound(const int64_t* __restrict__ a, int64_t lo, int64_
 // ceil(n / kChunk) - 1 boundaries, however large k is: a grid over the boundaries,
 // not over all k codes with two binary searches each.
 __global__ void __launch_bounds__(kChunkThreads)
-segment_span_kernel(const int64_t* __restrict__ sorted_idx, int64_t n, int64_t d, int64_t chunks,
-                    float* __restrict__ counts, float* __restrict__ sums,
-                    const float* __restrict__ partial) {
+    segment_span_kernel(const int64_t* __restrict__ sorted_idx, int64_t n, int64_t d, int64_t chunks,
+                        float* __restrict__ counts, float* __restrict__ sums, const float* __restrict__ partial) {
   for (int64_t b = static_cast<int64_t>(blockIdx.x) + 1; b < chunks; b += gridDim.x) {
     const int64_t at = b * kChunk;
     const int64_t code = sorted_idx[at];
-    if (sorted_idx[at - 1] != code) continue;                   // no run spans b
+    if (sorted_idx[at - 1] != code) continue;                    // no run spans b
     if (b > 1 && sorted_idx[at - kChunk - 1] == code) continue;  // spans b - 1 too: not the owner
     // The code starts in chunk b - 1 and ends in the last chunk c1 whose first row is it.
     const int64_t c0 = b - 1;
@@ -158,10 +157,9 @@ segment_span_kernel(const int64_t* __restrict__ sorted_idx, int64_t n, int64_t d
 
 }  // namespace
 
-void launch_segment_tiles(const int64_t* indices, const void* values, int v_dtype, const void* base,
-                          int base_dtype, const void* grad_q, int g_dtype, const float* scale,
-                          void* grad_out, int64_t n, int64_t d, float* counts, float* sums,
-                          cudaStream_t stream) {
+void launch_segment_tiles(const int64_t* indices, const void* values, int v_dtype, const void* base, int base_dtype,
+                          const void* grad_q, int g_dtype, const float* scale, void* grad_out, int64_t n, int64_t d,
+                          float* counts, float* sums, cudaStream_t stream) {
   const int64_t warps = (d + 31) / 32;
   const int per_block = static_cast<int>(warps < kMaxTileWarps ? warps : kMaxTileWarps);
   const dim3 grid(ceil_div_int(n, kTileRows), ceil_div_int(warps, per_block));
@@ -171,22 +169,20 @@ void launch_segment_tiles(const int64_t* indices, const void* values, int v_dtyp
   VQ_LAUNCH_CHECK("segment_tile_kernel");
 }
 
-void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype, int64_t n,
-                        int64_t d, float* counts, float* sums, cudaStream_t stream) {
+void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype, int64_t n, int64_t d, float* counts,
+                        float* sums, cudaStream_t stream) {
   check_dtype(v_dtype, "values");
   if (n < 0 || d < 1) throw std::invalid_argument("vqkern._C.segment_sum: need n >= 0, d >= 1");
   if (n == 0) return;
-  launch_segment_tiles(indices, values, v_dtype, nullptr, 0, nullptr, 0, nullptr, nullptr, n, d, counts, sums,
-                       stream);
+  launch_segment_tiles(indices, values, v_dtype, nullptr, 0, nullptr, 0, nullptr, nullptr, n, d, counts, sums, stream);
 }
 
-void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const void* values,
-                        int v_dtype, const void* base, int base_dtype, int64_t n, int64_t d,
-                        int64_t k, float* counts, float* sums, float* partial, cudaStream_t stream) {
+void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const void* values, int v_dtype,
+                        const void* base, int base_dtype, int64_t n, int64_t d, int64_t k, float* counts, float* sums,
+                        float* partial, cudaStream_t stream) {
   check_dtype(v_dtype, "values");
   if (base != nullptr) check_dtype(base_dtype, "base");
-  if (n < 0 || d < 1 || k < 1)
-    throw std::invalid_argument("vqkern._C.segment_sum_sorted: need n >= 0, d >= 1, k >= 1");
+  if (n < 0 || d < 1 || k < 1) throw std::invalid_argument("vqkern._C.segment_sum_sorted: need n >= 0, d >= 1, k >= 1");
   if (n == 0) return;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   segment_chunk_kernel<<<static_cast<unsigned>(chunks), kChunkThreads, 0, stream>>>(
@@ -194,8 +190,8 @@ void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const vo
   VQ_LAUNCH_CHECK("segment_chunk_kernel");
   if (chunks < 2) return;
   const int64_t span_blocks = chunks - 1 < 65535 ? chunks - 1 : 65535;
-  segment_span_kernel<<<static_cast<unsigned>(span_blocks), kChunkThreads, 0, stream>>>(
-      sorted_idx, n, d, chunks, counts, sums, partial);
+  segment_span_kernel<<<static_cast<unsigned>(span_blocks), kChunkThreads, 0, stream>>>(sorted_idx, n, d, chunks,
+                                                                                        counts, sums, partial);
   VQ_LAUNCH_CHECK("segment_span_kernel");
 }
 

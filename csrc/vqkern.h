@@ -33,10 +33,9 @@ std::string probe();
 // kernel ranks |e - c|^2 - 2 (z - c).(e - c) with centre c (d,) fp32 (required there,
 // ignored by the MMA kernel), the mean of sampled finite rows: its rounding then scales
 // with the distance of the rows and their nearest codes from c, not with |z|^2 + |e|^2.
-void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k,
-            int64_t d, const float* centre, float* norms, float* part_scores, int32_t* part_index,
-            int splits, bool use_tensor_cores, int64_t* indices, float* distances, void* quantized,
-            cudaStream_t stream);
+void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int64_t n, int64_t k, int64_t d,
+            const float* centre, float* norms, float* part_scores, int32_t* part_index, int splits,
+            bool use_tensor_cores, int64_t* indices, float* distances, void* quantized, cudaStream_t stream);
 
 // The straight-through backward in one pass over the rows: with diff = codebook[idx] - z
 // formed once per element in fp32, grad_z (n, d) in z's dtype = grad_q - *scale * diff
@@ -44,14 +43,14 @@ void search(const void* z, int z_dtype, const void* codebook, int cb_dtype, int6
 // (skipped when null; zero-filled by the caller): the rows of one code in a tile of
 // kTileRows rows are summed first (in pieces, common.cuh PieceSum), then added with one
 // fp32 atomic per code and column. scale: one fp32 on the device.
-void backward(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook,
-              int cb_dtype, const int64_t* indices, int64_t n, int64_t d, const float* scale,
-              void* grad_z, float* diff_sums, cudaStream_t stream);
+void backward(const void* grad_q, int g_dtype, const void* z, int z_dtype, const void* codebook, int cb_dtype,
+              const int64_t* indices, int64_t n, int64_t d, const float* scale, void* grad_z, float* diff_sums,
+              cudaStream_t stream);
 
 // counts[idx[i]] += 1, sums[idx[i], :] += values[i, :]: per-code partial sums of each tile
 // of kTileRows rows, added with fp32 atomics (as the backward's diff_sums).
-void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype, int64_t n,
-                        int64_t d, float* counts, float* sums, cudaStream_t stream);
+void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype, int64_t n, int64_t d, float* counts,
+                        float* sums, cudaStream_t stream);
 
 // Deterministic segment sum over rows sorted by code: sorted_idx (n,) ascending,
 // perm (n,) the row of values for each sorted position. Fixed-order reduction:
@@ -60,8 +59,8 @@ void segment_sum_atomic(const int64_t* indices, const void* values, int v_dtype,
 // (2 * ceil(n / kSegmentChunkRows), d) fp32. counts may be null (not counted). With
 // base (k, d) given (non-null), the sums are of base[code] - values_i instead (the
 // codebook gradient's residual sums), each difference formed in fp32.
-void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const void* values,
-                        int v_dtype, const void* base, int base_dtype, int64_t n, int64_t d,
-                        int64_t k, float* counts, float* sums, float* partial, cudaStream_t stream);
+void segment_sum_sorted(const int64_t* sorted_idx, const int64_t* perm, const void* values, int v_dtype,
+                        const void* base, int base_dtype, int64_t n, int64_t d, int64_t k, float* counts, float* sums,
+                        float* partial, cudaStream_t stream);
 
 }  // namespace vqkern

@@ -29,8 +29,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -64,9 +64,8 @@ constexpr int64_t kPiece = kBackwardPieceRows;
 // (memory-bound: wider vectors would not move more bytes). With GRAD_Z, grad_z =
 // gq + scale * diff; with SUMS, sum += e - z (sum -= diff is exactly sum += (e - z)).
 template <bool GRAD_Z, bool SUMS, typename T>
-__attribute__((target("avx2,fma"))) void row_update(const T* __restrict g, const T* __restrict z,
-                                                    const T* __restrict e, float scale, T* __restrict gz,
-                                                    float* __restrict sum, int64_t d) {
+__attribute__((target("avx2,fma"))) void row_update(const T* __restrict g, const T* __restrict z, const T* __restrict e,
+                                                    float scale, T* __restrict gz, float* __restrict sum, int64_t d) {
   for (int64_t t = 0; t < d; ++t) {
     const float diff = to_f32(z[t]) - to_f32(e[t]);
     if constexpr (GRAD_Z) store_as(gz + t, to_f32(g[t]) + scale * diff);
@@ -105,8 +104,8 @@ void backward_rows(const T* gq, const T* z, const T* codebook, const int64_t* id
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = idx[i];
     if (c < 0 || c >= k)
-      throw std::out_of_range("vqkern._cpu.backward_l2: indices[" + std::to_string(i) + "] = " +
-                              std::to_string(c) + " is outside [0, " + std::to_string(k) + ")");
+      throw std::out_of_range("vqkern._cpu.backward_l2: indices[" + std::to_string(i) + "] = " + std::to_string(c) +
+                              " is outside [0, " + std::to_string(k) + ")");
     if (diff_sums) ++count[c];
   }
   if (!diff_sums) {  // rows are independent: a static row split

@@ -43,9 +43,13 @@ struct Features {
     if (max_leaf < 7 || !(l7.b & (1u << 5))) avx2 += "AVX2 (cpuid leaf 7 EBX bit 5); ";
     if ((x & 0x6) != 0x6) avx2 += "OS support for ymm state (XCR0 bits 1-2); ";
     std::string avx512 = avx2;
-    const struct { unsigned bit; const char* name; } need512[] = {
-        {16, "AVX512F (cpuid leaf 7 EBX bit 16)"}, {17, "AVX512DQ (cpuid leaf 7 EBX bit 17)"},
-        {30, "AVX512BW (cpuid leaf 7 EBX bit 30)"}, {31, "AVX512VL (cpuid leaf 7 EBX bit 31)"}};
+    const struct {
+      unsigned bit;
+      const char* name;
+    } need512[] = {{16, "AVX512F (cpuid leaf 7 EBX bit 16)"},
+                   {17, "AVX512DQ (cpuid leaf 7 EBX bit 17)"},
+                   {30, "AVX512BW (cpuid leaf 7 EBX bit 30)"},
+                   {31, "AVX512VL (cpuid leaf 7 EBX bit 31)"}};
     for (const auto& f : need512)
       if (max_leaf < 7 || !(l7.b & (1u << f.bit))) avx512 += std::string(f.name) + "; ";
     if ((x & 0xE6) != 0xE6) avx512 += "OS support for opmask/zmm state (XCR0 bits 5-7); ";
@@ -94,8 +98,7 @@ std::string isa_missing(Isa isa) {
 Isa best_isa() {
   for (int i = kIsaCount - 1; i >= 0; --i)
     if (features().missing[i].empty()) return static_cast<Isa>(i);
-  throw std::runtime_error("vqkern._cpu needs a CPU with AVX2 and FMA: missing " +
-                           features().missing[0]);
+  throw std::runtime_error("vqkern._cpu needs a CPU with AVX2 and FMA: missing " + features().missing[0]);
 }
 
 bool supported() { return features().missing[0].empty(); }

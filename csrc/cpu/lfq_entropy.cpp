@@ -122,7 +122,8 @@ __attribute__((target("avx2,fma"))) float clamped_dot(const float* pl, const flo
 __attribute__((target("avx2,fma"))) void axpy(float p, const float* x, float* y, int64_t L) {
   int64_t l = 0;
   const __m256 vp = _mm256_set1_ps(p);
-  for (; l + 8 <= L; l += 8) _mm256_storeu_ps(y + l, _mm256_fmadd_ps(vp, _mm256_loadu_ps(x + l), _mm256_loadu_ps(y + l)));
+  for (; l + 8 <= L; l += 8)
+    _mm256_storeu_ps(y + l, _mm256_fmadd_ps(vp, _mm256_loadu_ps(x + l), _mm256_loadu_ps(y + l)));
   for (; l < L; ++l) y[l] = std::fma(p, x[l], y[l]);
 }
 

@@ -14,8 +14,8 @@ namespace {
 void require(Isa isa, const char* what) {
   const std::string missing = isa_missing(isa);
   if (!missing.empty())
-    throw std::runtime_error(std::string("vqkern._cpu.") + what + ": the " + isa_name(isa) +
-                             " path needs " + missing + ", which this CPU or OS lacks");
+    throw std::runtime_error(std::string("vqkern._cpu.") + what + ": the " + isa_name(isa) + " path needs " + missing +
+                             ", which this CPU or OS lacks");
 }
 
 }  // namespace

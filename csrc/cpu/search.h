@@ -41,18 +41,17 @@ SearchTiles search_tiles(Isa isa, bool bf16);
 // kAvx512Bf16 runs the kAvx512 one). When not null, distances[i] = sum((z_i - e)^2)
 // of the chosen code (fp32, from the residual) and row i of quantized (row stride
 // ldq) = the chosen code. Extra memory: the packed codebook, about k * d * 4 bytes.
-void search_l2(const float* z, int64_t n, int64_t ldz, const float* codebook, int64_t k,
-               int64_t ldc, int64_t d, int64_t* indices, float* distances, float* quantized,
-               int64_t ldq, int threads, Isa isa);
+void search_l2(const float* z, int64_t n, int64_t ldz, const float* codebook, int64_t k, int64_t ldc, int64_t d,
+               int64_t* indices, float* distances, float* quantized, int64_t ldq, int threads, Isa isa);
 
 // The same for bf16 z and codebook (raw 16-bit patterns): products of bf16 values
 // are exact in fp32 and summed in fp32 (AVX512-BF16 vdpbf16ps), so the ranking is
 // that of the fp32 search on the widened values up to accumulation order. distances
 // are fp32 from the residual, quantized rows are bf16. isa: kAvx512Bf16 (vdpbf16ps)
 // or kAmx (tdpbf16ps tiles).
-void search_l2_bf16(const uint16_t* z, int64_t n, int64_t ldz, const uint16_t* codebook,
-                    int64_t k, int64_t ldc, int64_t d, int64_t* indices, float* distances,
-                    uint16_t* quantized, int64_t ldq, int threads, Isa isa);
+void search_l2_bf16(const uint16_t* z, int64_t n, int64_t ldz, const uint16_t* codebook, int64_t k, int64_t ldc,
+                    int64_t d, int64_t* indices, float* distances, uint16_t* quantized, int64_t ldq, int threads,
+                    Isa isa);
 
 // Rows per piece of a code's sum in backward_l2 (backward.cpp).
 constexpr int64_t kBackwardPieceRows = 16;
@@ -68,13 +67,12 @@ constexpr int64_t kBackwardPieceRows = 16;
 // interface; every run is deterministic). Extra memory O(threads + k) int64 and the
 // full pieces of the codes of more than one piece (at most n / kBackwardPieceRows rows).
 // Throws std::out_of_range, before writing anything, if an index is outside [0, k).
-void backward_l2(const float* gq, const float* z, const float* codebook, const int64_t* idx,
-                 int64_t n, int64_t d, int64_t k, float scale, float* grad_z, float* diff_sums,
-                 bool deterministic, int threads);
+void backward_l2(const float* gq, const float* z, const float* codebook, const int64_t* idx, int64_t n, int64_t d,
+                 int64_t k, float scale, float* grad_z, float* diff_sums, bool deterministic, int threads);
 // The same for bf16 gq, z, codebook and grad_z: every element widened exactly to fp32,
 // the arithmetic and diff_sums (fp32) as above, grad_z rounded once to bf16.
-void backward_l2_bf16(const uint16_t* gq, const uint16_t* z, const uint16_t* codebook, const int64_t* idx,
-                      int64_t n, int64_t d, int64_t k, float scale, uint16_t* grad_z, float* diff_sums,
-                      bool deterministic, int threads);
+void backward_l2_bf16(const uint16_t* gq, const uint16_t* z, const uint16_t* codebook, const int64_t* idx, int64_t n,
+                      int64_t d, int64_t k, float scale, uint16_t* grad_z, float* diff_sums, bool deterministic,
+                      int threads);
 
 }  // namespace vqkern_cpu

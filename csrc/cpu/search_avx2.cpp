@@ -5,8 +5,8 @@
 // One d step of the micro-kernel is two 8-wide loads of codes, six broadcasts of z
 // and twelve FMAs (the usual 6 x 16 register block of AVX2 GEMM kernels: 12
 // accumulators, 2 code vectors, 1 broadcast, of 16 ymm registers).
-#include <cmath>
 #include <immintrin.h>
+#include <cmath>
 
 #define VQ_DRIVER_TARGET __attribute__((target("avx2,fma")))
 #include "search_driver.h"
@@ -34,17 +34,17 @@ struct Avx2F32 {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t t = 0; t < d; ++t) zc[r * d + t] = z0[r * ldz + t] - centre[t];
   }
-  static void run_block(const float* z0, int64_t ldz, int64_t rows, int64_t d, const float* packed,
-                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, float* scratch);
+  static void run_block(const float* z0, int64_t ldz, int64_t rows, int64_t d, const float* packed, const float* norms,
+                        int64_t p0, int64_t p1, Lanes<kNr>* lanes, float* scratch);
   static float residual(const float* z, const float* e, int64_t d) { return residual_f32(z, e, d); }
   static void best_lane(const Lanes<kNr>& l, float& val, int32_t& idx) { driver::best_lane_scalar(l, val, idx); }
 };
 
 // Scores of MR rows x 16 codes of one panel, folded into the rows' lane state.
 template <int MR>
-__attribute__((target("avx2,fma"), always_inline)) inline void micro_kernel(const float* const* zrow, const float* panel,
-                                                             const float* norms, int64_t d, int32_t base,
-                                                             Lanes<16>* lanes) {
+__attribute__((target("avx2,fma"), always_inline)) inline void micro_kernel(const float* const* zrow,
+                                                                            const float* panel, const float* norms,
+                                                                            int64_t d, int32_t base, Lanes<16>* lanes) {
   __m256 acc0[MR], acc1[MR];
   for (int r = 0; r < MR; ++r) {
     acc0[r] = _mm256_setzero_ps();
@@ -75,17 +75,15 @@ __attribute__((target("avx2,fma"), always_inline)) inline void micro_kernel(cons
     _mm256_store_ps(lanes[r].val + 8, _mm256_blendv_ps(b1, s1, lt1));
     const __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[r].idx));
     const __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes[r].idx + 8));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[r].idx),
-                       _mm256_blendv_epi8(c0, i0, _mm256_castps_si256(lt0)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[r].idx), _mm256_blendv_epi8(c0, i0, _mm256_castps_si256(lt0)));
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[r].idx + 8),
                        _mm256_blendv_epi8(c1, i1, _mm256_castps_si256(lt1)));
   }
 }
 
 template <int MR>
-__attribute__((target("avx2,fma"))) void run_panels(const float* const* zrow, const float* packed,
-                                                    const float* norms, int64_t d, int64_t p0, int64_t p1,
-                                                    Lanes<16>* lanes) {
+__attribute__((target("avx2,fma"))) void run_panels(const float* const* zrow, const float* packed, const float* norms,
+                                                    int64_t d, int64_t p0, int64_t p1, Lanes<16>* lanes) {
   _mm256_zeroupper();
   for (int64_t p = p0; p < p1; ++p)
     micro_kernel<MR>(zrow, packed + p * d * 16, norms + p * 16, d, static_cast<int32_t>(p * 16), lanes);
@@ -98,9 +96,8 @@ void Avx2F32::run_block(const float*, int64_t, int64_t rows, int64_t d, const fl
     const int mr = static_cast<int>(std::min<int64_t>(kMr, rows - m));
     for (int r = 0; r < mr; ++r) zrow[r] = zc + (m + r) * d;
     Lanes<kNr>* l = lanes + m;
-    driver::with_rows<kMr>(mr, [&](auto rows_c) {
-      run_panels<decltype(rows_c)::value>(zrow, packed, norms, d, p0, p1, l);
-    });
+    driver::with_rows<kMr>(
+        mr, [&](auto rows_c) { run_panels<decltype(rows_c)::value>(zrow, packed, norms, d, p0, p1, l); });
   }
 }
 

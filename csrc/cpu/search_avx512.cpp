@@ -75,10 +75,8 @@ VQ_TARGET_512 inline void best_lane_512(const Lanes<kNr>& l, float& val, int32_t
   const float best = _mm512_reduce_min_ps(_mm512_min_ps(v0, v1));  // lane scores are never NaN
   const __m512 b = _mm512_set1_ps(best);
   const __m512i none = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
-  const __m512i c0 = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(v0, b, _CMP_EQ_OQ),
-                                           _mm512_load_si512(l.idx));
-  const __m512i c1 = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(v1, b, _CMP_EQ_OQ),
-                                           _mm512_load_si512(l.idx + 16));
+  const __m512i c0 = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(v0, b, _CMP_EQ_OQ), _mm512_load_si512(l.idx));
+  const __m512i c1 = _mm512_mask_mov_epi32(none, _mm512_cmp_ps_mask(v1, b, _CMP_EQ_OQ), _mm512_load_si512(l.idx + 16));
   val = best;
   idx = _mm512_reduce_min_epi32(_mm512_min_epi32(c0, c1));
 }
@@ -98,8 +96,8 @@ struct Avx512Policy {
 // (rows m .. m + MR - 1) starts at element m * width of the prepared scratch, width
 // being the T elements of one prepared row.
 template <class K, typename T>
-void run_blocks(int64_t rows, int64_t d, int64_t width, const T* packed, const float* norms, int64_t p0,
-                int64_t p1, Lanes<kNr>* lanes, const T* scratch) {
+void run_blocks(int64_t rows, int64_t d, int64_t width, const T* packed, const float* norms, int64_t p0, int64_t p1,
+                Lanes<kNr>* lanes, const T* scratch) {
   for (int64_t m = 0; m < rows; m += kMr) {
     driver::with_rows<kMr>(static_cast<int>(std::min<int64_t>(kMr, rows - m)), [&](auto mr) {
       K::template block<decltype(mr)::value>(scratch + m * width, d, packed, norms, p0, p1, lanes + m);
@@ -148,7 +146,7 @@ VQ_TARGET_512 void panels_f32(const float* zp, const float* packed, const float*
 }
 
 struct Avx512F32 : Avx512Policy<float> {
-  static constexpr int64_t kRowBlock = 8 * kMr;  // 112 rows, ~28 KB of z at D = 64
+  static constexpr int64_t kRowBlock = 8 * kMr;                      // 112 rows, ~28 KB of z at D = 64
   static int64_t scratch_elems(int64_t d) { return kRowBlock * d; }  // the item's rows, transposed
   static int64_t panel_elems(int64_t d) { return d * kNr; }
   static constexpr bool kCentred = true;
@@ -219,8 +217,8 @@ inline void code_rows(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t 
 }
 
 // Panel p: (d + 1) / 2 rows of 32 words, W[u][j] for codes 32 p + j.
-VQ_TARGET_512 void pack_panels_bf16(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
-                                    int64_t p1, uint16_t* packed, float* norms) {
+VQ_TARGET_512 void pack_panels_bf16(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
+                                    uint16_t* packed, float* norms) {
   const int64_t pairs = (d + 1) / 2;
   for (int64_t p = p0; p < p1; ++p) {
     uint32_t* panel = reinterpret_cast<uint32_t*>(packed + p * pairs * 2 * kNr);
@@ -267,8 +265,8 @@ struct Avx512Bf16 : Avx512Policy<uint16_t> {
   static int64_t scratch_elems(int64_t d) { return kRowBlock * 2 * ((d + 1) / 2); }  // pairs as uint32
   static int64_t panel_elems(int64_t d) { return (d + 1) / 2 * 2 * kNr; }
   static constexpr bool kCentred = false;  // bf16 products of the inputs as they are
-  static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                          const float*, uint16_t* packed, float* norms) {
+  static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1, const float*,
+                          uint16_t* packed, float* norms) {
     pack_panels_bf16(cb, ldc, k, d, p0, p1, packed, norms);
   }
 
@@ -288,12 +286,11 @@ struct Avx512Bf16 : Avx512Policy<uint16_t> {
     panels_bf16<MR>(reinterpret_cast<const uint32_t*>(scratch), packed, norms, (d + 1) / 2, p0, p1, lanes);
   }
 
-  static void run_block(const uint16_t*, int64_t, int64_t rows, int64_t d, const uint16_t* packed,
-                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
+  static void run_block(const uint16_t*, int64_t, int64_t rows, int64_t d, const uint16_t* packed, const float* norms,
+                        int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
     run_blocks<Avx512Bf16>(rows, d, 2 * ((d + 1) / 2), packed, norms, p0, p1, lanes, scratch);
   }
 };
-
 
 // ---- bf16 on AMX ----------------------------------------------------------------------
 // A 32-row x 32-code block per step: A tiles tmm0/tmm1 hold 16 rows x 32 bf16 of z each,
@@ -304,7 +301,6 @@ struct Avx512Bf16 : Avx512Policy<uint16_t> {
 // L1 and are folded into the lane state by fold<16, true>: at small d that fold, not
 // the tile unit, bounds the rate. Folding two panels' products together (64 codes,
 // half the lane state's stores) was measured 0.86-0.94x of this (benchmarks/NOTES.md).
-
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -317,8 +313,8 @@ inline int64_t amx_chunks(int64_t d) { return (d + 31) / 32; }
 
 // Panel p, chunk c, half h (codes 16h..16h+15): a 16 x 32 bf16 B tile, row u holding
 // (e_j[32c + 2u], e_j[32c + 2u + 1]) for j = 0..15, i.e. the words W[16c + u][16h + j].
-VQ_TARGET_512 void pack_panels_amx(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
-                                   int64_t p1, uint16_t* packed, float* norms) {
+VQ_TARGET_512 void pack_panels_amx(const uint16_t* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
+                                   uint16_t* packed, float* norms) {
   const int64_t chunks = amx_chunks(d);
   for (int64_t p = p0; p < p1; ++p) {
     uint32_t* panel = reinterpret_cast<uint32_t*>(packed + p * chunks * 1024);
@@ -396,8 +392,8 @@ struct AmxBf16 : Avx512Policy<uint16_t> {
   static int64_t scratch_elems(int64_t d) { return kRowBlock * amx_chunks(d) * 32 + 2048 + 32; }
   static int64_t panel_elems(int64_t d) { return amx_chunks(d) * 1024; }
   static constexpr bool kCentred = false;  // bf16 products of the inputs as they are
-  static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
-                          const float*, uint16_t* packed, float* norms) {
+  static void pack_panels(const uint16_t* cb, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1, const float*,
+                          uint16_t* packed, float* norms) {
     pack_panels_amx(cb, ldc, k, d, p0, p1, packed, norms);
   }
 
@@ -414,16 +410,15 @@ struct AmxBf16 : Avx512Policy<uint16_t> {
     }
   }
 
-  static void run_block(const uint16_t*, int64_t, int64_t rows, int64_t d, const uint16_t* packed,
-                        const float* norms, int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
+  static void run_block(const uint16_t*, int64_t, int64_t rows, int64_t d, const uint16_t* packed, const float* norms,
+                        int64_t p0, int64_t p1, Lanes<kNr>* lanes, uint16_t* scratch) {
     const int64_t chunks = amx_chunks(d), width = chunks * 32;
     const int64_t groups = (rows + kAmxRows - 1) / kAmxRows;
     // The C buffer follows the row block's z; the scratch is this thread's alone.
     float* cbuf = reinterpret_cast<float*>(scratch + ((kRowBlock * width + 31) / 32) * 32);
     amx_configure();
     for (int64_t g = 0; g < groups; ++g)
-      panels_amx(scratch + g * kAmxRows * width, width * 2, chunks, packed, norms, p0, p1, lanes + g * kAmxRows,
-                 cbuf);
+      panels_amx(scratch + g * kAmxRows * width, width * 2, chunks, packed, norms, p0, p1, lanes + g * kAmxRows, cbuf);
     amx_release();
   }
 };
@@ -431,9 +426,7 @@ struct AmxBf16 : Avx512Policy<uint16_t> {
 }  // namespace
 
 void search_f32_avx512(const driver::Problem<float>& pb, int threads) { driver::search<Avx512F32>(pb, threads); }
-void search_bf16_avx512(const driver::Problem<uint16_t>& pb, int threads) {
-  driver::search<Avx512Bf16>(pb, threads);
-}
+void search_bf16_avx512(const driver::Problem<uint16_t>& pb, int threads) { driver::search<Avx512Bf16>(pb, threads); }
 void search_bf16_amx(const driver::Problem<uint16_t>& pb, int threads) { driver::search<AmxBf16>(pb, threads); }
 SearchTiles tiles_f32_avx512() { return driver::tiles<Avx512F32>(); }
 SearchTiles tiles_bf16_avx512() { return driver::tiles<Avx512Bf16>(); }

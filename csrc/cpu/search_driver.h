@@ -77,16 +77,15 @@ namespace driver {
 
 constexpr int64_t kMinSplitPanelCodes = 256;  // a split of the codes is at least this many
 
-using buffers::AlignedFree;
 using buffers::aligned_array;
-using buffers::KeptBuffer;
+using buffers::AlignedFree;
 using buffers::kept_array;
+using buffers::KeptBuffer;
 
 template <class K>
 SearchTiles tiles() {
   return {K::kRowBlock, K::kNr, kMinSplitPanelCodes};
 }
-
 
 // fn(std::integral_constant<int, rows>) for a runtime rows in [1, MAX]: the
 // micro-kernels are compiled for each row count of a block's remainder.
@@ -137,8 +136,8 @@ VQ_DRIVER_TARGET void epilogue(const Problem<typename K::T>& pb, int64_t row, in
 // panels is stored there (row r at offset r) for a merge across panel ranges.
 template <class K>
 VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, int64_t r1, const typename K::T* packed,
-                 const float* norms, const float* centre, int64_t q0, int64_t q1, Lanes<K::kNr>* lanes,
-                 typename K::T* scratch, float* part_val, int32_t* part_idx) {
+                                  const float* norms, const float* centre, int64_t q0, int64_t q1, Lanes<K::kNr>* lanes,
+                                  typename K::T* scratch, float* part_val, int32_t* part_idx) {
   constexpr int NR = K::kNr;
   const int64_t rows = r1 - r0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -151,8 +150,7 @@ VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, 
   const int64_t step = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, panel_bytes));
   K::prepare(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, centre, scratch);
   for (int64_t p0 = q0; p0 < q1; p0 += step)
-    K::run_block(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, packed, norms, p0, std::min(q1, p0 + step), lanes,
-                 scratch);
+    K::run_block(pb.z + r0 * pb.ldz, pb.ldz, rows, pb.d, packed, norms, p0, std::min(q1, p0 + step), lanes, scratch);
   for (int64_t r = 0; r < rows; ++r) {
     float best;
     int32_t idx;
@@ -218,8 +216,9 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
       K::pack_panels(pb.codebook, pb.ldc, k, d, p0, std::min(panels, p0 + pack_chunk), centre, packed, norms);
   });
   const int64_t min_split = std::max<int64_t>(1, kMinSplitPanelCodes / NR);
-  const int64_t splits = blocks >= threads ? 1
-      : std::max<int64_t>(1, std::min<int64_t>((threads + blocks - 1) / blocks, panels / min_split));
+  const int64_t splits =
+      blocks >= threads ? 1
+                        : std::max<int64_t>(1, std::min<int64_t>((threads + blocks - 1) / blocks, panels / min_split));
   const int64_t items = blocks * splits;
   std::vector<float> part_val(splits > 1 ? static_cast<size_t>(splits * n) : 0);
   std::vector<int32_t> part_idx(part_val.size());
@@ -232,8 +231,7 @@ VQ_DRIVER_TARGET void search(const Problem<typename K::T>& pb, int threads) {
       const int64_t r0 = b * K::kRowBlock;
       search_rows<K>(pb, r0, std::min(n, r0 + K::kRowBlock), packed, norms, centre, sp * panels / splits,
                      (sp + 1) * panels / splits, lanes.data(), scratch.get(),
-                     splits > 1 ? part_val.data() + sp * n : nullptr,
-                     splits > 1 ? part_idx.data() + sp * n : nullptr);
+                     splits > 1 ? part_val.data() + sp * n : nullptr, splits > 1 ? part_idx.data() + sp * n : nullptr);
     }
   });
   for (int64_t row = 0; splits > 1 && row < n; ++row) {
@@ -270,16 +268,15 @@ VQ_DRIVER_TARGET inline void panel_norms(int64_t p, int64_t k, int64_t d, Value&
       const float v = value(j, t);
       acc[j] = std::fma(v, v, acc[j]);
     }
-  for (int j = 0; j < NR; ++j)
-    norms[p * NR + j] = p * NR + j < k ? acc[j] : std::numeric_limits<float>::infinity();
+  for (int j = 0; j < NR; ++j) norms[p * NR + j] = p * NR + j < k ? acc[j] : std::numeric_limits<float>::infinity();
 }
 
 // fp32 codes [NR p0, NR p1) minus the centre into d-major panels (panel[t][j] =
 // e_{NR p + j}[t] - centre[t]) with their squared norms (panel_norms); padding codes get
 // zeros and a +inf norm.
 template <int NR>
-VQ_DRIVER_TARGET void pack_panels_f32(const float* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0,
-                                      int64_t p1, const float* centre, float* packed, float* norms) {
+VQ_DRIVER_TARGET void pack_panels_f32(const float* codebook, int64_t ldc, int64_t k, int64_t d, int64_t p0, int64_t p1,
+                                      const float* centre, float* packed, float* norms) {
   for (int64_t p = p0; p < p1; ++p) {
     float* panel = packed + p * d * NR;
     // t outer, codes inner: each panel row is written whole, in order, while the NR
