@@ -34,7 +34,7 @@
 // from the origin loses its ranking in the rounding: 50 standard deviations out (N = 4000,
 // K = 1024, D = 128) the fp32 expansion picked a farther code on 48 rows, up to 0.21%
 // farther. |z - e|^2 is unchanged by a common shift, so the fp32 kernels (kCentred)
-// rank |e - c|^2 - 2 (z - c).(e - c) with c the mean of sampled finite rows (row_centre):
+// rank |e - c|^2 - 2 (z - c).(e - c) with c the median of sampled finite rows (row_centre):
 // the rounding then scales with the distance of the rows and their nearest codes from c. The bf16 kernels keep the
 // origin: z - c and e - c rounded back to bf16 lose 2^-9 of the spread, while 128 exact
 // products of bf16 values (16 bits each) summed in fp32 chose the nearest code on every
@@ -164,28 +164,45 @@ VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, 
   }
 }
 
-// The centre of the ranking frame: the mean of the finite rows among min(n, kCentreRows)
-// evenly spaced rows of z (row j * n / m), in fp64 in row order, rounded to fp32; zeros
-// when none is finite. The same rows as vqkern.backends._frame.frame_centre, so the
-// same centre up to the order of the fp64 sums; one thread (at most 4096 x d elements).
-// The rows' mean, not the codebook's: codes the rows never reach, far away, would pull
-// a codebook mean off the data and round the scores of the codes near it coarsely.
-constexpr int64_t kCentreRows = 4096;
+// The centre of the ranking frame: per coordinate, the lower median of the finite rows
+// among min(n, kCentreRows) evenly spaced rows of z (row j * n / m); zeros when none is
+// finite. The same rows and the same order statistic as
+// vqkern.backends._frame.frame_centre, so the same centre (both pick one of the values).
+// One thread: the sample is copied column by column (at most 1024 x d floats), then one
+// nth_element per column.
+// Rows, not codes: codes the rows never reach, far away, would pull a codebook centre
+// off the data and round the scores of the codes near it coarsely. A median, not a mean:
+// padding or outlier rows (less than half the sample) do not move it off the data.
+constexpr int64_t kCentreRows = 1024;
 
 template <typename T>
 VQ_DRIVER_TARGET void row_centre(const Problem<T>& pb, float* centre) {
   const int64_t n = pb.n, d = pb.d, m = std::min<int64_t>(n, kCentreRows);
-  std::vector<double> sum(static_cast<size_t>(d), 0.0);
-  int64_t count = 0;
+  std::vector<int64_t> rows;
+  rows.reserve(static_cast<size_t>(m));
   for (int64_t j = 0; j < m; ++j) {
     const T* z = pb.z + (j * n / m) * pb.ldz;
     bool ok = true;
     for (int64_t t = 0; t < d; ++t) ok &= std::isfinite(to_f32(z[t]));
-    if (!ok) continue;
-    for (int64_t t = 0; t < d; ++t) sum[t] += to_f32(z[t]);
-    ++count;
+    if (ok) rows.push_back(j * n / m);
   }
-  for (int64_t t = 0; t < d; ++t) centre[t] = count ? static_cast<float>(sum[t] / count) : 0.0f;
+  const int64_t count = static_cast<int64_t>(rows.size());
+  if (count == 0) {
+    std::fill(centre, centre + d, 0.0f);
+    return;
+  }
+  // Column-major copy of the finite sampled rows: each column's order statistic in place.
+  std::vector<float> cols(static_cast<size_t>(count * d));
+  for (int64_t r = 0; r < count; ++r) {
+    const T* z = pb.z + rows[r] * pb.ldz;
+    for (int64_t t = 0; t < d; ++t) cols[t * count + r] = to_f32(z[t]);
+  }
+  const int64_t mid = (count - 1) / 2;  // the lower of the two middle values, as torch.median
+  for (int64_t t = 0; t < d; ++t) {
+    float* col = cols.data() + t * count;
+    std::nth_element(col, col + mid, col + count);
+    centre[t] = col[mid];
+  }
 }
 
 template <class K>

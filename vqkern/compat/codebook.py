@@ -109,8 +109,18 @@ class Codebook(nn.Module):
         embed = self.embed if self.learnable_codebook else self.embed.detach()
         metric = "cosine" if self.use_cosine_sim else "l2"
         search_embed = embed.detach()
+        searched = flatten.detach()
+        if mask is not None:
+            # Padding takes no part in the search either: the fp32 searches rank in a frame
+            # centred on the median of the rows (vqkern.backends._frame), which padding rows
+            # far out (half the rows or more) would move off the data. They are searched at
+            # the real rows' mean instead; their codes are dropped afterwards.
+            keep = mask.unsqueeze(-1)
+            mean = (torch.where(keep, searched, 0.0).sum(dim=1, keepdim=True)
+                    / keep.sum(dim=1, keepdim=True).clamp_min(1))
+            searched = torch.where(keep, searched, mean)
         if transform is not None:
-            quantize, indices = self._search_transformed(flatten, transform(embed))
+            quantize, indices = self._search_transformed(searched, transform(embed))
             effective = self.ema_update if ema_update is None else ema_update
             if update and (effective or self.has_dead_code_replacement):
                 self.update_codebook(flatten, indices, mask=mask, ema_update=ema_update,
@@ -118,18 +128,18 @@ class Codebook(nn.Module):
             return quantize, indices
         if topk is not None and (topk > 1 or sample_temp > 0):
             indices = torch.stack([
-                sampling.topk_codes(flatten[c].detach(), search_embed[c], topk, cosine=self.use_cosine_sim,
+                sampling.topk_codes(searched[c], search_embed[c], topk, cosine=self.use_cosine_sim,
                                     temperature=sample_temp) for c in range(flatten.shape[0])])
             c, m, k = indices.shape
             return self.gather(embed, indices.reshape(c, m * k)).reshape(c, m, k, -1), indices
         if sample_temp > 0:
             indices = torch.stack([
-                sampling.gumbel_sample_codes(flatten[c].detach(), search_embed[c], sample_temp,
+                sampling.gumbel_sample_codes(searched[c], search_embed[c], sample_temp,
                                              cosine=self.use_cosine_sim, backend=self.backend)
                 for c in range(flatten.shape[0])])
         else:
             indices = torch.stack([
-                nearest_code(flatten[c], search_embed[c], metric=metric, backend=self.backend)[0]
+                nearest_code(searched[c], search_embed[c], metric=metric, backend=self.backend)[0]
                 for c in range(flatten.shape[0])
             ])
         quantize = self.gather(embed, indices)
