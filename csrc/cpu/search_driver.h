@@ -169,7 +169,7 @@ VQ_DRIVER_TARGET void search_rows(const Problem<typename K::T>& pb, int64_t r0, 
 // finite. The same rows and the same order statistic as
 // vqkern.backends._frame.frame_centre, so the same centre (both pick one of the values).
 // One thread: the sample is copied column by column (at most 1024 x d floats), then one
-// nth_element per column.
+// nth_element per column. Zeros too when |c|^2 is at most the rows' median |z - c|^2.
 // Rows, not codes: codes the rows never reach, far away, would pull a codebook centre
 // off the data and round the scores of the codes near it coarsely. A median, not a mean:
 // padding or outlier rows (less than half the sample) do not move it off the data.
@@ -203,6 +203,24 @@ VQ_DRIVER_TARGET void row_centre(const Problem<T>& pb, float* centre) {
     std::nth_element(col, col + mid, col + count);
     centre[t] = col[mid];
   }
+  // Centre only data that sit off the origin: when |c|^2 is at most the lower median of the
+  // rows' |z - c|^2 the origin's frame rounds no coarser, and it keeps the plain expansion
+  // (and the fine structure near 0, which moving by c would round away). In fp64, as
+  // frame_centre.
+  std::vector<double> spread(static_cast<size_t>(count));
+  for (int64_t r = 0; r < count; ++r) {
+    const T* z = pb.z + rows[r] * pb.ldz;
+    double s = 0.0;
+    for (int64_t t = 0; t < d; ++t) {
+      const double v = static_cast<double>(to_f32(z[t])) - static_cast<double>(centre[t]);
+      s += v * v;
+    }
+    spread[r] = s;
+  }
+  std::nth_element(spread.begin(), spread.begin() + mid, spread.end());
+  double c2 = 0.0;
+  for (int64_t t = 0; t < d; ++t) c2 += static_cast<double>(centre[t]) * static_cast<double>(centre[t]);
+  if (!(c2 > spread[mid])) std::fill(centre, centre + d, 0.0f);
 }
 
 template <class K>

@@ -29,8 +29,9 @@ CENTRE_ROWS = 1024
 def frame_centre(z: torch.Tensor) -> torch.Tensor:
     """The centre of the ranking frame: (D,) fp32 on z's device, per coordinate the lower
     median of the finite rows among ``m = min(N, CENTRE_ROWS)`` evenly spaced rows of z
-    (N, D) (row ``j * N // m``); zeros when no sampled row is finite. One of the rows'
-    values, so exact and the same on every backend; no host sync."""
+    (N, D) (row ``j * N // m``); zeros when no sampled row is finite, or when the centre's
+    squared norm is at most the lower median of the sampled rows' squared distances to it
+    (data about the origin keep the origin's frame). No host sync."""
     n, d = z.shape
     m = min(n, CENTRE_ROWS)
     if m == 0:
@@ -40,5 +41,12 @@ def frame_centre(z: torch.Tensor) -> torch.Tensor:
     finite = torch.isfinite(rows).all(dim=1)
     # Rows holding a non-finite value become NaN rows, which sort after every number.
     ordered = torch.where(finite[:, None], rows, float("nan")).sort(dim=0).values
-    mid = ((finite.sum() - 1).clamp_min(0) // 2).reshape(1, 1).expand(1, d)
-    return ordered.gather(0, mid).squeeze(0).nan_to_num(0.0)
+    count = finite.sum()
+    mid = ((count - 1).clamp_min(0) // 2).reshape(1, 1).expand(1, d)
+    centre = ordered.gather(0, mid).squeeze(0).nan_to_num(0.0)
+    # Centre only data that sit off the origin: when |c|^2 is at most the median of the
+    # rows' |z - c|^2, the origin's frame rounds no coarser, and it keeps the expansion
+    # plain PyTorch uses (and its fine structure near 0, which moving by c would round away).
+    spread = torch.where(finite, (rows.double() - centre.double()).square().sum(dim=1), float("nan"))
+    spread = spread.sort().values.gather(0, mid[0, :1]).squeeze(0)
+    return torch.where(centre.double().square().sum() > spread, centre, 0.0)
