@@ -281,6 +281,31 @@ def _kernel_search(ext, isa, z, codebook, indices, distances, quantized) -> bool
     return fused
 
 
+def _to_first_copies(codebook, indices) -> None:
+    """Map each index to the lowest index of a code identical to it, in place.
+
+    The tiled paths score codes with BLAS, which may round identical columns differently
+    (MKL's sgemm did, for a column past its micro-kernel's width: 21 of 61 rows scored a
+    copy lower), so the lowest-index rule for identical codes is enforced here. Identical
+    codes have bitwise-equal squared norms, so only codes sharing a norm are compared:
+    one sort of K norms, usually nothing more."""
+    norms = codebook.float().square().sum(dim=1)
+    order = torch.argsort(norms, stable=True)
+    same = norms[order][1:] == norms[order][:-1]
+    if not bool(same.any()):
+        return
+    in_run = torch.zeros(order.shape[0], dtype=torch.bool, device=order.device)
+    in_run[1:] |= same
+    in_run[:-1] |= same
+    cand = order[in_run]
+    _, group = torch.unique(codebook[cand], dim=0, return_inverse=True)
+    first = torch.full((cand.shape[0],), codebook.shape[0], dtype=torch.int64, device=cand.device)
+    first = first.scatter_reduce(0, group, cand, "amin")
+    mapping = torch.arange(codebook.shape[0], device=cand.device)
+    mapping[cand] = first[group]
+    indices.copy_(mapping[indices])
+
+
 @torch.no_grad()  # out= ops refuse inputs that require grad; the search has no gradient
 def search(z, codebook, indices, distances, quantized) -> None:
     ext, isa, _ = _active_cpu_ext() if z.device.type == "cpu" else (None, None, "")
@@ -291,8 +316,10 @@ def search(z, codebook, indices, distances, quantized) -> None:
         centre = frame_centre(z)
         cb = codebook.float() - centre
         _search_cpu(z, cb, (cb * cb).sum(dim=1), indices, centre)
+        _to_first_copies(codebook, indices)
     else:
         _search_blocked(z, codebook, indices)
+        _to_first_copies(codebook, indices)
     chosen = codebook.index_select(0, indices)
     distances.copy_(residual_distance(z, chosen))
     quantized.copy_(chosen)
